@@ -1,0 +1,46 @@
+// Pointwise epilogues applied to the batch-norm output inside the same loop:
+// `vf::identity` (plain BatchNorm3d) and `vf::relu` (BatchNorm3d -> ReLU fused).
+// Each knows its forward on a vector and how a gradient passes through it.
+#pragma once
+
+#include <string_view>
+
+#include "../simd/vec.hpp"
+
+namespace volfuse::expr {
+
+struct identity_t {
+    static constexpr std::string_view name = "identity";
+    simd::fvec operator()(simd::fvec v) const noexcept { return v; }
+    /// Gradient w.r.t. the pre-activation `pre`, given the gradient `g` of the output.
+    simd::fvec grad(simd::fvec /*pre*/, simd::fvec g) const noexcept { return g; }
+};
+
+struct relu_t {
+    static constexpr std::string_view name = "relu";
+    /// PyTorch's relu is `x < 0 ? 0 : x`: keeps -0.0 and NaN (std::max would not).
+    simd::fvec operator()(simd::fvec v) const noexcept
+    {
+        return xsimd::select(v < simd::fvec(0.f), simd::fvec(0.f), v);
+    }
+    /// threshold_backward(g, out, 0): zero where out <= 0.  out <= 0 exactly when
+    /// pre <= 0 (including -0.0); NaN outputs pass their gradient, as in PyTorch.
+    simd::fvec grad(simd::fvec pre, simd::fvec g) const noexcept
+    {
+        return xsimd::select(pre <= simd::fvec(0.f), simd::fvec(0.f), g);
+    }
+};
+
+template <class E>
+concept epilogue = requires(const E& e, simd::fvec v) {
+    { e(v) } -> std::same_as<simd::fvec>;
+    { e.grad(v, v) } -> std::same_as<simd::fvec>;
+    E::name;
+};
+
+} // namespace volfuse::expr
+
+namespace volfuse {
+inline constexpr expr::identity_t identity{};
+inline constexpr expr::relu_t relu{};
+} // namespace volfuse

@@ -1,0 +1,356 @@
+// volfuse::BatchNorm3d: torch.nn.BatchNorm3d's semantics (PyTorch 1.13) over
+// volfuse views.  The module owns parameters, running statistics, gradients and
+// what backward needs from forward; it validates every call before touching
+// anything, then hands the work to the kernels.
+#pragma once
+
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/format.hpp"
+#include "../kernels/batch_norm.hpp"
+#include "../shape/view.hpp"
+#include "batch_norm_rules.hpp"
+
+namespace volfuse {
+
+/// Batch normalization over (N, D, H, W) per channel of a 5-D tensor.
+/// @tparam StaticC  channel count fixed at compile time (kernels specialized
+///                  for it), or `dynamic` (the default) for a run-time count.
+template <index_t StaticC = dynamic>
+class BatchNorm3d {
+    static_assert(StaticC == dynamic || StaticC >= 0, "BatchNorm3d<C>: C must be >= 0 or vf::dynamic");
+
+public:
+    static constexpr index_t static_channels = StaticC;
+
+    /// Same arguments and defaults as torch.nn.BatchNorm3d; momentum = nullopt is
+    /// PyTorch's momentum=None (cumulative moving average).
+    explicit BatchNorm3d(index_t num_features, double eps = 1e-5, std::optional<double> momentum = 0.1,
+                         bool affine = true, bool track_running_stats = true)
+        : C_(num_features), eps_(eps), momentum_(momentum), affine_(affine), track_(track_running_stats)
+    {
+        if (num_features < 0)
+            throw error("Trying to create tensor with negative dimension " + std::to_string(num_features) + ": [" +
+                        std::to_string(num_features) + "]");
+        if (StaticC != dynamic && num_features != StaticC)
+            throw error("BatchNorm3d<" + std::to_string(StaticC) + "> has " + std::to_string(StaticC) +
+                        " channels, not num_features=" + std::to_string(num_features));
+        if (affine_) {
+            weight_.resize(C_);
+            bias_.resize(C_);
+            weight_grad_.assign(C_, 0.f);
+            bias_grad_.assign(C_, 0.f);
+        }
+        if (track_) {
+            running_mean_.resize(C_);
+            running_var_.resize(C_);
+        }
+        reserve(C_);
+        reset_parameters();
+    }
+    /// `BatchNorm3d<64>{}`: num_features taken from the template argument.
+    BatchNorm3d() requires(StaticC != dynamic) : BatchNorm3d(StaticC) {}
+
+    // --- mode ---------------------------------------------------------------
+    void train(bool mode = true) noexcept { training_ = mode; }
+    void eval() noexcept { training_ = false; }
+    bool training() const noexcept { return training_; }
+
+    // --- configuration ------------------------------------------------------
+    index_t num_features() const noexcept { return C_; }
+    double eps() const noexcept { return eps_; }
+    std::optional<double> momentum() const noexcept { return momentum_; }
+    bool affine() const noexcept { return affine_; }
+    bool track_running_stats() const noexcept { return track_; }
+
+    /// `BatchNorm3d(64, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)`.
+    std::string repr() const
+    {
+        auto b = [](bool v) { return v ? std::string("True") : std::string("False"); };
+        return "BatchNorm3d(" + std::to_string(C_) + ", eps=" + detail::python_repr(eps_) +
+               ", momentum=" + (momentum_ ? detail::python_repr(*momentum_) : std::string("None")) +
+               ", affine=" + b(affine_) + ", track_running_stats=" + b(track_) + ")";
+    }
+
+    // --- parameters and buffers (size C; empty when not affine / not tracking) ---
+    std::span<float> weight() noexcept { return weight_; }
+    std::span<float> bias() noexcept { return bias_; }
+    std::span<float> running_mean() noexcept { return running_mean_; }
+    std::span<float> running_var() noexcept { return running_var_; }
+    std::span<const float> weight() const noexcept { return weight_; }
+    std::span<const float> bias() const noexcept { return bias_; }
+    std::span<const float> running_mean() const noexcept { return running_mean_; }
+    std::span<const float> running_var() const noexcept { return running_var_; }
+    std::int64_t num_batches_tracked() const noexcept { return nbt_; }
+    /// For loading a checkpoint (PyTorch's num_batches_tracked buffer).
+    void set_num_batches_tracked(std::int64_t v) noexcept { nbt_ = v; }
+
+    std::span<const float> weight_grad() const noexcept { return weight_grad_; }
+    std::span<const float> bias_grad() const noexcept { return bias_grad_; }
+    void zero_grad() noexcept
+    {
+        std::fill(weight_grad_.begin(), weight_grad_.end(), 0.f);
+        std::fill(bias_grad_.begin(), bias_grad_.end(), 0.f);
+    }
+
+    void reset_running_stats() noexcept
+    {
+        std::fill(running_mean_.begin(), running_mean_.end(), 0.f);
+        std::fill(running_var_.begin(), running_var_.end(), 1.f);
+        nbt_ = 0;
+    }
+    void reset_parameters() noexcept
+    {
+        reset_running_stats();
+        std::fill(weight_.begin(), weight_.end(), 1.f);
+        std::fill(bias_.begin(), bias_.end(), 0.f);
+    }
+
+    // --- compute -------------------------------------------------------------
+
+    /// Y = epi(BatchNorm3d(X)).  Y may be X itself (in place).  Training (or eval
+    /// without running statistics) normalizes with batch statistics; training with
+    /// tracking updates running_mean/var and num_batches_tracked.
+    template <class VX, class VY, expr::epilogue Epi = expr::identity_t>
+    void forward(const VX& X, const VY& Y, Epi epi = {})
+    {
+        check_views<VX, VY>("forward");
+        static_assert(!std::is_const_v<typename VY::value_type>, "BatchNorm3d::forward: Y must be writable");
+        check_io(X, "input", {{Y.data(), Y.sizes(), "output"}});
+        const auto sz = X.sizes();
+        const bool batch_stats = training_ || !track_;
+        if (batch_stats) check_batch_size(sz);
+        const index_t C = sz[1];
+        if (X.shape().numel() == 0) {
+            if (affine_ && C_ == 0)
+                throw error("select(): index 0 out of range for tensor of size [0] at dimension 0");
+            if (training_ && track_) ++nbt_;
+            remember(X.data(), Y.data(), sz, VX::layout_name(), batch_stats);
+            return;
+        }
+        check_channels(C);
+        reserve(C);
+        run_forward(specialize(X.as_const()), Y.data(), batch_stats, epi);
+        remember(X.data(), Y.data(), sz, VX::layout_name(), batch_stats);
+    }
+
+    /// Backward of the last forward on X (through `epi` when given): writes dX and
+    /// accumulates weight_grad()/bias_grad().  dX may be the same memory as dY.
+    template <class VX, class VDY, class VDX, expr::epilogue Epi = expr::identity_t>
+    void backward(const VX& X, const VDY& dY, const VDX& dX, Epi epi = {})
+    {
+        check_views<VX, VDY>("backward");
+        check_views<VX, VDX>("backward");
+        static_assert(!std::is_const_v<typename VDX::value_type>, "BatchNorm3d::backward: dX must be writable");
+        if (!saved_.valid)
+            throw error("BatchNorm3d::backward called without a matching forward: run forward(X, Y) first");
+        check_io(X, "input", {{dY.data(), dY.sizes(), "grad_output"}, {dX.data(), dX.sizes(), "grad_input"}});
+        if (X.sizes() != saved_.sizes || VX::layout_name() != saved_.layout)
+            throw error("BatchNorm3d::backward: input " + std::string(VX::layout_name()) + " " + X.shape().str() +
+                        " does not match the last forward's input " + std::string(saved_.layout) + " " +
+                        detail::sizes_str(saved_.sizes));
+        if (saved_.in_place && static_cast<const void*>(X.data()) == saved_.x)
+            throw error("BatchNorm3d::backward: the last forward ran in place and overwrote its input; "
+                        "backward needs the forward's input X (run forward out of place when training)");
+        if (static_cast<const void*>(X.data()) != saved_.x)
+            throw error("BatchNorm3d::backward: X is not the input of the last forward");
+        if (dX.data() != dY.data() && overlaps(dX.data(), dY.data(), X.shape().numel()))
+            throw error("BatchNorm3d::backward: grad_input partially overlaps grad_output");
+        if (X.shape().numel() == 0) return;
+        run_backward(specialize(X.as_const()), dY.data(), dX.data(), epi);
+    }
+
+private:
+    struct io_arg {
+        const void* data;
+        std::array<index_t, 5> sizes;
+        const char* name;
+    };
+    struct saved_t {
+        bool valid = false;
+        bool in_place = false;
+        bool batch_stats = true;
+        const void* x = nullptr;
+        std::array<index_t, 5> sizes{};
+        std::string_view layout;
+    };
+
+    template <class VA, class VB>
+    static constexpr void check_views(const char*)
+    {
+        static_assert(is_view_v<VA> && is_view_v<VB>, "BatchNorm3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
+        static_assert(std::is_same_v<typename VA::layout_type, typename VB::layout_type>,
+                      "BatchNorm3d: all tensors of one call must have the same layout");
+        static_assert(std::is_same_v<std::remove_const_t<typename VA::value_type>, float> &&
+                          std::is_same_v<std::remove_const_t<typename VB::value_type>, float>,
+                      "BatchNorm3d: float32 tensors only");
+        if constexpr (StaticC != dynamic) {
+            constexpr index_t vc = VA::shape_type::static_sizes[1];
+            static_assert(vc == dynamic || vc == StaticC, "BatchNorm3d<C>: the view's static C differs from C");
+        }
+    }
+
+    static bool overlaps(const void* a, const void* b, index_t n) noexcept
+    {
+        const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
+        const auto bytes = static_cast<std::uintptr_t>(n) * sizeof(float);
+        return pa < pb + bytes && pb < pa + bytes;
+    }
+
+    /// Shapes equal, pointers non-null, outputs either exactly the input or disjoint from it.
+    template <class VX>
+    static void check_io(const VX& X, const char* xname, std::initializer_list<io_arg> others)
+    {
+        const index_t n = X.shape().numel();
+        if (n > 0 && X.data() == nullptr) throw error(std::string(xname) + " data pointer is null");
+        for (const io_arg& a : others) {
+            if (a.sizes != X.sizes())
+                throw error(std::string(a.name) + " has shape " + detail::sizes_str(a.sizes) + " but " + xname +
+                            " has shape " + X.shape().str());
+            if (n > 0 && a.data == nullptr) throw error(std::string(a.name) + " data pointer is null");
+            if (a.data != X.data() && overlaps(a.data, X.data(), n))
+                throw error(std::string(a.name) + " partially overlaps " + xname +
+                            " (it must be the same memory or disjoint)");
+        }
+    }
+
+    static void check_batch_size(const std::array<index_t, 5>& sz)
+    {
+        if (sz[0] * sz[2] * sz[3] * sz[4] == 1)
+            throw error("Expected more than 1 value per channel when training, got input size " +
+                        detail::sizes_str(sz));
+    }
+
+    /// ATen's check_dims_match_num_input_features, in its order.
+    void check_channels(index_t C) const
+    {
+        auto msg = [&](const char* name) {
+            return std::string(name) + " should contain " + std::to_string(C) + " elements not " + std::to_string(C_);
+        };
+        if (track_ && C != C_) throw error(msg("running_mean"));
+        if (affine_ && C != C_) throw error(msg("weight"));
+        if (StaticC != dynamic && C != StaticC)
+            throw error("BatchNorm3d<" + std::to_string(StaticC) + ">: kernels are specialized for " +
+                        std::to_string(StaticC) + " channels, got input with " + std::to_string(C) + " channels");
+    }
+
+    /// Per-channel scratch for C channels (allocates only when C grows: a module
+    /// without affine or running statistics accepts any C, as PyTorch's does).
+    void reserve(index_t C)
+    {
+        if (static_cast<index_t>(mean_.size()) >= C && !mean_.empty()) return;
+        const auto c = static_cast<std::size_t>(std::max<index_t>(C, 1));
+        for (auto* v : {&mean_, &mean_lo_, &alpha_, &beta_, &invstd_, &gamma_, &grad_mean_, &k_}) v->resize(c);
+        work_.resize(2 * static_cast<std::size_t>(kernels::reduce_stride(static_cast<index_t>(c))));
+    }
+
+    template <class V>
+    static auto specialize(const V& v) noexcept
+    {
+        if constexpr (StaticC != dynamic) return v.with_channels(fix<StaticC>);
+        else return v;
+    }
+
+    void remember(const void* x, const void* y, const std::array<index_t, 5>& sz, std::string_view layout,
+                  bool batch_stats) noexcept
+    {
+        const bool empty = sz[0] * sz[1] * sz[2] * sz[3] * sz[4] == 0;
+        saved_ = {true, x == y && !empty, batch_stats, x, sz, layout};
+    }
+
+    kernels::bn_coeffs_out coeffs() noexcept { return {mean_.data(), mean_lo_.data(), alpha_.data(), beta_.data()}; }
+
+    float gamma_of(index_t c) const noexcept { return affine_ ? weight_[c] : 1.f; }
+    float bias_of(index_t c) const noexcept { return affine_ ? bias_[c] : 0.f; }
+
+    template <class V, class Epi>
+    void run_forward(const V& X, float* y, bool batch_stats, Epi epi)
+    {
+        const auto f = X.form();
+        const index_t C = value_of(f.channels);
+        for (index_t c = 0; c < C; ++c) gamma_[c] = gamma_of(c);
+        if (batch_stats) {
+            const index_t n = f.count();
+            const bool update = training_ && track_;
+            float m = 0.f;
+            if (update) {
+                ++nbt_;
+                m = static_cast<float>(momentum_ ? *momentum_ : 1.0 / static_cast<double>(nbt_));
+            }
+            kernels::batch_norm_train(
+                f, X.data(), y, coeffs(), work_.data(),
+                [&](index_t c, float mean, float var_sum, float& alpha, float& beta) {
+                    const float invstd = nn::rules::train_invstd(var_sum, n, eps_);
+                    invstd_[c] = invstd;
+                    alpha = nn::rules::scale(invstd, gamma_[c]);
+                    beta = bias_of(c);
+                    if (update) {
+                        running_mean_[c] = nn::rules::update_running_mean(running_mean_[c], mean, m);
+                        running_var_[c] = nn::rules::update_running_var(running_var_[c], var_sum, n, m);
+                    }
+                },
+                epi);
+        } else {
+            for (index_t c = 0; c < C; ++c) {
+                mean_[c] = running_mean_[c];
+                mean_lo_[c] = 0.f;
+                alpha_[c] = nn::rules::scale(nn::rules::eval_invstd(running_var_[c], eps_), gamma_[c]);
+                beta_[c] = bias_of(c);
+                invstd_[c] = nn::rules::eval_backward_invstd(running_var_[c], eps_);
+            }
+            kernels::normalize(f, 0, C, X.data(), y, coeffs(), epi);
+        }
+    }
+
+    template <class V, class Epi>
+    void run_backward(const V& X, const float* dy, float* dx, Epi epi)
+    {
+        const auto f = X.form();
+        const index_t n = f.count();
+        const kernels::bn_backward_coeffs cf{coeffs(), invstd_.data(), gamma_.data(), grad_mean_.data(), k_.data()};
+        auto accumulate = [&](index_t c, double sum, double dotp, float invstd) {
+            if (!affine_) return;
+            bias_grad_[c] += static_cast<float>(sum);
+            weight_grad_[c] += static_cast<float>(dotp * static_cast<double>(invstd));
+        };
+        if (saved_.batch_stats) {
+            kernels::batch_norm_backward<true>(
+                f, X.data(), dy, dx, cf, work_.data(),
+                [&](index_t c, double sum, double dotp) {
+                    const float invstd = invstd_[c];
+                    accumulate(c, sum, dotp, invstd);
+                    grad_mean_[c] = static_cast<float>(sum / static_cast<double>(n));
+                    k_[c] = nn::rules::rounded(nn::rules::rounded(static_cast<float>(dotp) * invstd) * invstd) /
+                            static_cast<float>(n);
+                },
+                epi);
+        } else {
+            kernels::batch_norm_backward<false>(
+                f, X.data(), dy, dx, cf, work_.data(),
+                [&](index_t c, double sum, double dotp) { accumulate(c, sum, dotp, invstd_[c]); }, epi);
+        }
+    }
+
+    index_t C_;
+    double eps_;
+    std::optional<double> momentum_;
+    bool affine_;
+    bool track_;
+    bool training_ = true;
+    std::int64_t nbt_ = 0;
+
+    std::vector<float> weight_, bias_, running_mean_, running_var_, weight_grad_, bias_grad_;
+    // Saved by forward for backward (per channel): statistics, coefficients, weight.
+    std::vector<float> mean_, mean_lo_, alpha_, beta_, invstd_, gamma_;
+    // Backward scratch.
+    std::vector<float> grad_mean_, k_;
+    std::vector<double> work_;
+    saved_t saved_;
+};
+
+} // namespace volfuse

@@ -1,0 +1,113 @@
+// SIMD primitives on xsimd 8.1 for the architecture the TU is compiled for, plus
+// the pieces 8.1 lacks: float->double widening, partial (tail) loads and stores,
+// and an FMA that is a real fused multiply-add whenever the hardware has one.
+#pragma once
+
+#include <array>
+#include <cstring>
+
+#include <xsimd/xsimd.hpp>
+
+#include "../core/config.hpp"
+
+namespace volfuse::simd {
+
+using arch = xsimd::default_arch;
+using fvec = xsimd::batch<float, arch>;
+using dvec = xsimd::batch<double, arch>;
+using fmask = typename fvec::batch_bool_type;
+
+/// Floats per vector (4 SSE2, 8 AVX2, 16 AVX-512).
+inline constexpr index_t width = static_cast<index_t>(fvec::size);
+static_assert(fvec::size == 2 * dvec::size, "a float vector widens to exactly two double vectors");
+
+/// Two double vectors holding the low and high halves of a float vector.
+struct dpair {
+    dvec lo, hi;
+};
+
+/// Exact float -> double widening of all lanes (xsimd 8.1 only has a slow generic path).
+inline dpair widen(fvec v) noexcept
+{
+#if XSIMD_WITH_AVX512F
+    const __m512 r = v;
+    return {dvec(_mm512_cvtps_pd(_mm512_castps512_ps256(r))),
+            dvec(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1))))};
+#elif XSIMD_WITH_AVX
+    const __m256 r = v;
+    return {dvec(_mm256_cvtps_pd(_mm256_castps256_ps128(r))), dvec(_mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)))};
+#elif XSIMD_WITH_SSE2
+    const __m128 r = v;
+    return {dvec(_mm_cvtps_pd(r)), dvec(_mm_cvtps_pd(_mm_movehl_ps(r, r)))};
+#else
+    alignas(64) float f[fvec::size];
+    alignas(64) double d[fvec::size];
+    v.store_aligned(f);
+    for (std::size_t i = 0; i < fvec::size; ++i) d[i] = f[i];
+    return {dvec::load_aligned(d), dvec::load_aligned(d + dvec::size)};
+#endif
+}
+
+/// a*b + c, rounded once where the ISA has FMA (8.1's avx512f kernel leaves that to
+/// the compiler's contraction, so call the intrinsic), twice on plain SSE2.
+/// The same expression in forward and backward therefore gives the same bits.
+inline fvec fma(fvec a, fvec b, fvec c) noexcept
+{
+#if XSIMD_WITH_AVX512F
+    return fvec(_mm512_fmadd_ps(a, b, c));
+#else
+    return xsimd::fma(a, b, c);
+#endif
+}
+/// c - a*b, rounded once where the ISA has FMA.
+inline fvec fnma(fvec a, fvec b, fvec c) noexcept
+{
+#if XSIMD_WITH_AVX512F
+    return fvec(_mm512_fnmadd_ps(a, b, c));
+#else
+    return xsimd::fnma(a, b, c);
+#endif
+}
+
+inline fvec load(const float* p) noexcept { return fvec::load_unaligned(p); }
+inline void store(float* p, fvec v) noexcept { v.store_unaligned(p); }
+
+/// Loads the first n (< width) floats at p; other lanes are `fill`.  Never reads past p + n.
+inline fvec load_partial(const float* p, index_t n, float fill = 0.f) noexcept
+{
+    alignas(64) std::array<float, fvec::size> buf;
+    buf.fill(fill);
+    std::memcpy(buf.data(), p, static_cast<std::size_t>(n) * sizeof(float));
+    return fvec::load_aligned(buf.data());
+}
+
+/// Stores the first n (< width) lanes of v at p.  Never writes past p + n.
+inline void store_partial(float* p, fvec v, index_t n) noexcept
+{
+    alignas(64) std::array<float, fvec::size> buf;
+    v.store_aligned(buf.data());
+    std::memcpy(p, buf.data(), static_cast<std::size_t>(n) * sizeof(float));
+}
+
+/// Lanes [0, n) set.
+inline fmask first_lanes(index_t n) noexcept
+{
+    alignas(64) std::array<float, fvec::size> idx;
+    for (std::size_t i = 0; i < fvec::size; ++i) idx[i] = static_cast<float>(i);
+    return fvec::load_aligned(idx.data()) < fvec(static_cast<float>(n));
+}
+
+/// Double-precision accumulator of float vectors: each lane widened exactly, summed in double.
+struct dacc {
+    dvec lo = dvec::broadcast(0.0), hi = dvec::broadcast(0.0);
+    void add(fvec v) noexcept
+    {
+        const dpair p = widen(v);
+        lo += p.lo;
+        hi += p.hi;
+    }
+    /// Fixed order: lanes of (lo + hi), then xsimd's horizontal sum.
+    double sum() const noexcept { return xsimd::hadd(lo + hi); }
+};
+
+} // namespace volfuse::simd

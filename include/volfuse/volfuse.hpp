@@ -1,0 +1,12 @@
+// volfuse: compile-time specialized, fused batch-norm kernels for volumetric CNN layers.
+// Umbrella header: includes the public pieces and nothing else.
+#pragma once
+
+#include "core/config.hpp"
+#include "core/error.hpp"
+#include "expr/pointwise.hpp"
+#include "nn/batchnorm3d.hpp"
+#include "shape/extent.hpp"
+#include "shape/layout.hpp"
+#include "shape/shape.hpp"
+#include "shape/view.hpp"

@@ -1,0 +1,101 @@
+// The shape/layout DSL: what is known at compile time stays known, offsets match
+// PyTorch's strides for both layouts, bad shapes are rejected.
+#include <type_traits>
+
+#include <boost/hana/at.hpp>
+
+#include "support.hpp"
+
+namespace hana = boost::hana;
+using vf::dynamic;
+template <class T>
+using bare = std::remove_cvref_t<T>;
+
+// --- compile time ------------------------------------------------------------
+static_assert(vf::static_extent<vf::fixed_t<64>>);
+static_assert(vf::static_extent<decltype(hana::int_c<8>)>);
+static_assert(vf::static_extent<std::integral_constant<int, 8>>);
+static_assert(!vf::static_extent<index_t>);
+static_assert(std::is_same_v<vf::extent_t<dynamic>, index_t>);
+static_assert(std::is_same_v<vf::extent_t<64>, vf::fixed_t<64>>);
+
+using partly = vf::shape_t<dynamic, 64, dynamic, dynamic, dynamic>;
+static_assert(partly::static_channels && !partly::is_static);
+static_assert(partly::static_sizes[1] == 64 && partly::static_sizes[0] == dynamic);
+
+using full = vf::shape_t<2, 16, 4, 8, 8>;
+static_assert(full::is_static);
+// A fully static shape's element count and strides are types, not values.
+static_assert(decltype(full{}.numel())::value == 2 * 16 * 4 * 8 * 8);
+static_assert(bare<decltype(hana::at_c<1>(vf::ncdhw_t::strides(full{})))>::value == 4 * 8 * 8);
+static_assert(bare<decltype(hana::at_c<0>(vf::ndhwc_t::strides(full{})))>::value == 4 * 8 * 8 * 16);
+static_assert(bare<decltype(hana::at_c<3>(vf::ndhwc_t::strides(full{})))>::value == 8 * 16);
+// NDHWC with only C static: the W and C strides are static, the rest dynamic.
+static_assert(vf::static_extent<bare<decltype(hana::at_c<4>(vf::ndhwc_t::strides(partly{})))>>);
+static_assert(bare<decltype(hana::at_c<4>(vf::ndhwc_t::strides(partly{})))>::value == 64);
+static_assert(std::is_same_v<bare<decltype(hana::at_c<3>(vf::ndhwc_t::strides(partly{})))>, index_t>);
+// The channel form tells kernels how to vectorize, at compile time.
+static_assert(decltype(vf::ndhwc_t::form(partly{}))::channel_minor);
+static_assert(!decltype(vf::ncdhw_t::form(partly{}))::channel_minor);
+static_assert(vf::offset<vf::ncdhw_t>(full{}, 1, 2, 3, 4, 5) == (((1 * 16 + 2) * 4 + 3) * 8 + 4) * 8 + 5);
+static_assert(vf::offset<vf::ndhwc_t>(full{}, 1, 2, 3, 4, 5) == (((1 * 4 + 3) * 8 + 4) * 8 + 5) * 16 + 2);
+// Static extents cost no storage.
+static_assert(sizeof(vf::view_t<float, vf::ncdhw_t, full>) <= sizeof(float*) + 8);
+
+TEST_CASE("views spell static and dynamic extents in one call", "[shape]")
+{
+    float buf[1];
+    auto v = vf::ncdhw_view(buf, 2, vf::fix<64>, 3, 4, 5);
+    STATIC_REQUIRE(std::is_same_v<decltype(v.shape().c()), vf::fixed_t<64>>);
+    STATIC_REQUIRE(std::is_same_v<decltype(v.shape().n()), index_t>);
+    REQUIRE(v.sizes() == sizes5{2, 64, 3, 4, 5});
+    REQUIRE(v.numel() == 2 * 64 * 3 * 4 * 5);
+    auto h = vf::ndhwc_view(buf, hana::int_c<1>, 3, hana::int_c<1>, 1, 1);
+    STATIC_REQUIRE(std::is_same_v<decltype(h.shape().n()), vf::fixed_t<1>>);
+    auto d = v.with_channels(index_t{64});
+    STATIC_REQUIRE(std::is_same_v<decltype(d.shape().c()), index_t>);
+    REQUIRE(v.layout_name() == "ncdhw");
+    REQUIRE(h.layout_name() == "ndhwc");
+}
+
+TEST_CASE("layouts map logical (n,c,d,h,w) to PyTorch's memory order", "[shape]")
+{
+    const sizes5 s{2, 3, 4, 5, 6};
+    std::vector<float> mem(static_cast<std::size_t>(numel(s)));
+    auto a = view_of<vf::ncdhw_t>(mem.data(), s);
+    auto b = view_of<vf::ndhwc_t>(mem.data(), s);
+    for_each_index(s, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t i) {
+        // NCDHW is the logical order; NDHWC is torch's channels_last_3d strides (DHWC, HWC, WC, C, 1).
+        REQUIRE(&a(n, c, d, h, w) - mem.data() == i);
+        REQUIRE(&b(n, c, d, h, w) - mem.data() == n * 4 * 5 * 6 * 3 + c + d * 5 * 6 * 3 + h * 6 * 3 + w * 3);
+    });
+    auto f = b.form();
+    REQUIRE(vf::value_of(f.outer) == 2 * 4 * 5 * 6);
+    REQUIRE(vf::value_of(f.channels) == 3);
+    REQUIRE(a.form().count() == 2 * 4 * 5 * 6);
+}
+
+TEST_CASE("views from run-time size lists check the rank like PyTorch", "[shape][errors]")
+{
+    float buf[1];
+    const std::vector<index_t> four{1, 2, 3, 4};
+    REQUIRE_THROWS_WITH(vf::ncdhw_view(buf, std::span<const index_t>(four)), "expected 5D input (got 4D input)");
+    REQUIRE_THROWS_WITH(vf::ndhwc_view(buf, {1, 2, 3, 4, 5, 6}), "expected 5D input (got 6D input)");
+    REQUIRE_THROWS_AS(vf::ncdhw_view(buf, {1, 2}), vf::error);
+    auto v = vf::ncdhw_view(buf, {1, 1, 1, 1, 1});
+    REQUIRE(v.numel() == 1);
+}
+
+TEST_CASE("negative extents and overflowing element counts are rejected", "[shape][errors]")
+{
+    float buf[1];
+    REQUIRE_THROWS_WITH(vf::ncdhw_view(buf, 1, -1, 1, 1, 1),
+                        "Trying to create tensor with negative dimension -1: [1, -1, 1, 1, 1]");
+    const index_t big = index_t{1} << 40;
+    REQUIRE_THROWS_WITH(vf::ndhwc_view(buf, big, big, 1, 1, 1),
+                        "shape [1099511627776, 1099511627776, 1, 1, 1] has more elements than an int64 index can address");
+    // Large but representable: fine (64-bit index arithmetic).
+    auto v = vf::ncdhw_view(buf, index_t{1} << 20, 1 << 10, 1 << 10, 1, 1);
+    REQUIRE(v.numel() == index_t{1} << 40);
+    REQUIRE(&v((index_t{1} << 20) - 1, 0, 0, 0, 0) - buf == (index_t{1} << 40) - (1 << 20));
+}
