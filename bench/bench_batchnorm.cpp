@@ -1,0 +1,207 @@
+// BatchNorm3d(+ReLU) micro-benchmarks on the seed's shapes: forward train/eval,
+// with and without the fused ReLU, backward, per layout, static vs dynamic C.
+// Each kernel is reported in bytes/s of its minimal DRAM traffic (forward: read x,
+// write y = 8 B/element; backward: read x and dy, write dx = 12 B/element) next to a
+// STREAM-style copy (read a, write b = 8 B/element) of the same size measured in
+// the same run.  At the end a table summarizes time, GB/s and % of copy.
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <benchmark/benchmark.h>
+#include <volfuse/volfuse.hpp>
+
+namespace vf = volfuse;
+using vf::index_t;
+
+namespace {
+
+using sizes5 = std::array<index_t, 5>;
+const std::vector<sizes5> shapes = {
+    {8, 32, 8, 16, 16},    // cache-resident (4 MiB per tensor)
+    {4, 64, 32, 32, 32},   // seed: bn_standard's volume
+    {2, 64, 64, 64, 64},   // seed: frozen-BN fine-tuning volume
+    {8, 64, 16, 112, 112}, // seed: the video net's first conv output
+};
+
+std::string shape_str(const sizes5& s)
+{
+    return std::to_string(s[0]) + "x" + std::to_string(s[1]) + "x" + std::to_string(s[2]) + "x" +
+           std::to_string(s[3]) + "x" + std::to_string(s[4]);
+}
+index_t numel(const sizes5& s) { return s[0] * s[1] * s[2] * s[3] * s[4]; }
+
+/// Page-aligned, first-touched buffers, allocated once per shape and shared by all benchmarks.
+struct buffers {
+    std::unique_ptr<float[], void (*)(void*)> x{nullptr, std::free}, y{nullptr, std::free}, dy{nullptr, std::free},
+        dx{nullptr, std::free};
+};
+float* alloc_random(index_t n, unsigned seed, float mean)
+{
+    auto* p = static_cast<float*>(std::aligned_alloc(4096, (static_cast<std::size_t>(n) * 4 + 4095) / 4096 * 4096));
+    std::mt19937 g(seed);
+    std::normal_distribution<float> nd(mean, 1.f);
+    // A short random pattern repeated: realistic values without minutes of RNG on 100M elements.
+    std::vector<float> pattern(4099);
+    for (auto& v : pattern) v = nd(g);
+    for (index_t i = 0; i < n; ++i) p[i] = pattern[static_cast<std::size_t>(i % 4099)];
+    return p;
+}
+buffers& get(const sizes5& s)
+{
+    static std::map<sizes5, buffers> cache;
+    auto it = cache.find(s);
+    if (it != cache.end()) return it->second;
+    if (!cache.empty()) cache.clear(); // benchmarks run shape by shape: keep one shape resident
+    buffers& b = cache[s];
+    const index_t n = numel(s);
+    b.x.reset(alloc_random(n, 1, 0.5f));
+    b.y.reset(alloc_random(n, 2, 0.f));
+    b.dy.reset(alloc_random(n, 3, 0.f));
+    b.dx.reset(alloc_random(n, 4, 0.f));
+    return b;
+}
+
+enum class op { train, train_relu, eval, eval_relu, backward, backward_relu };
+const char* op_name(op o)
+{
+    switch (o) {
+    case op::train: return "fwd_train";
+    case op::train_relu: return "fwd_train_relu";
+    case op::eval: return "fwd_eval";
+    case op::eval_relu: return "fwd_eval_relu";
+    case op::backward: return "bwd";
+    case op::backward_relu: return "bwd_relu";
+    }
+    return "";
+}
+bool has_relu(op o) { return o == op::train_relu || o == op::eval_relu || o == op::backward_relu; }
+
+void set_rate(benchmark::State& st, double bytes_per_iter)
+{
+    st.counters["GB/s"] = benchmark::Counter(bytes_per_iter * static_cast<double>(st.iterations()),
+                                             benchmark::Counter::kIsRate, benchmark::Counter::OneK::kIs1000);
+    st.counters["bytes"] = bytes_per_iter;
+}
+
+template <class L, index_t SC>
+void bm_bn(benchmark::State& st, sizes5 s, op o)
+{
+    auto& b = get(s);
+    vf::BatchNorm3d<SC> bn(s[1]);
+    auto X = vf::make_view<L>(b.x.get(), s[0], s[1], s[2], s[3], s[4]);
+    auto Y = vf::make_view<L>(b.y.get(), s[0], s[1], s[2], s[3], s[4]);
+    auto DY = vf::make_view<L>(b.dy.get(), s[0], s[1], s[2], s[3], s[4]);
+    auto DX = vf::make_view<L>(b.dx.get(), s[0], s[1], s[2], s[3], s[4]);
+    const bool relu = has_relu(o);
+    auto fwd = [&] {
+        if (relu) bn.forward(X, Y, vf::relu);
+        else bn.forward(X, Y);
+    };
+    if (o == op::eval || o == op::eval_relu) bn.eval();
+    if (o == op::backward || o == op::backward_relu) fwd();
+    for (auto _ : st) {
+        switch (o) {
+        case op::backward:
+        case op::backward_relu:
+            if (relu) bn.backward(X, DY, DX, vf::relu);
+            else bn.backward(X, DY, DX);
+            break;
+        default: fwd();
+        }
+        benchmark::ClobberMemory();
+    }
+    const double n = static_cast<double>(numel(s));
+    set_rate(st, (o == op::backward || o == op::backward_relu ? 12.0 : 8.0) * n);
+}
+
+/// The roofline: copy a -> b (8 B/element), ordinary stores, as memcpy.
+void bm_copy(benchmark::State& st, sizes5 s)
+{
+    auto& b = get(s);
+    const auto bytes = static_cast<std::size_t>(numel(s)) * sizeof(float);
+    for (auto _ : st) {
+        std::memcpy(b.y.get(), b.x.get(), bytes);
+        benchmark::ClobberMemory();
+    }
+    set_rate(st, 2.0 * static_cast<double>(bytes));
+}
+
+/// Collects the runs and prints the summary table after Google Benchmark's own output.
+class table_reporter : public benchmark::ConsoleReporter {
+public:
+    void ReportRuns(const std::vector<Run>& runs) override
+    {
+        ConsoleReporter::ReportRuns(runs);
+        for (const auto& r : runs)
+            if (r.run_type == Run::RT_Iteration && !r.error_occurred) rows_.push_back(r);
+    }
+    void Finalize() override
+    {
+        ConsoleReporter::Finalize();
+        std::map<std::string, double> copy_gbs;
+        for (const auto& r : rows_) {
+            const auto name = r.benchmark_name();
+            if (name.rfind("copy/", 0) == 0) copy_gbs[name.substr(5)] = r.counters.at("GB/s").value / 1e9;
+        }
+        std::printf("\nvolfuse BatchNorm3d, 1 thread, fp32.  GB/s counts minimal traffic (fwd 8 B, bwd 12 B per "
+                    "element);\ncopy = memcpy of the same size in this run (8 B per element).\n\n");
+        std::printf("%-15s %-6s %-4s %-15s %10s %8s %9s\n", "shape", "layout", "C", "op", "time ms", "GB/s",
+                    "% copy");
+        for (const auto& r : rows_) {
+            const auto name = r.benchmark_name();
+            if (name.rfind("bn/", 0) != 0) continue;
+            // bn/<shape>/<layout>/<C>/<op>
+            std::vector<std::string> part;
+            std::size_t pos = 0, next;
+            while ((next = name.find('/', pos)) != std::string::npos) {
+                part.push_back(name.substr(pos, next - pos));
+                pos = next + 1;
+            }
+            part.push_back(name.substr(pos));
+            const double gbs = r.counters.at("GB/s").value / 1e9;
+            const double ms = r.GetAdjustedRealTime() * 1e3 / benchmark::GetTimeUnitMultiplier(r.time_unit);
+            const auto c = copy_gbs.find(part[1]);
+            std::printf("%-15s %-6s %-4s %-15s %10.3f %8.2f %8.0f%%\n", part[1].c_str(), part[2].c_str(),
+                        part[3].c_str(), part[4].c_str(), ms, gbs,
+                        c == copy_gbs.end() ? 0.0 : 100.0 * gbs / c->second);
+        }
+        for (const auto& [shape, gbs] : copy_gbs) std::printf("copy %-15s %8.2f GB/s\n", shape.c_str(), gbs);
+    }
+
+private:
+    std::vector<Run> rows_;
+};
+
+template <class L>
+void register_layout(const sizes5& s, const std::string& layout)
+{
+    const op ops[] = {op::train, op::train_relu, op::eval, op::eval_relu, op::backward, op::backward_relu};
+    for (op o : ops) {
+        const std::string base = "bn/" + shape_str(s) + "/" + layout + "/";
+        if (s[1] == 64) benchmark::RegisterBenchmark((base + "64/" + op_name(o)).c_str(), bm_bn<L, 64>, s, o);
+        else benchmark::RegisterBenchmark((base + "32/" + op_name(o)).c_str(), bm_bn<L, 32>, s, o);
+        benchmark::RegisterBenchmark((base + "dyn/" + op_name(o)).c_str(), bm_bn<L, vf::dynamic>, s, o);
+    }
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    for (const auto& s : shapes) {
+        benchmark::RegisterBenchmark(("copy/" + shape_str(s)).c_str(), bm_copy, s);
+        register_layout<vf::ncdhw_t>(s, "ncdhw");
+        register_layout<vf::ndhwc_t>(s, "ndhwc");
+    }
+    benchmark::Initialize(&argc, argv);
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+    table_reporter reporter;
+    benchmark::RunSpecifiedBenchmarks(&reporter);
+    benchmark::Shutdown();
+}
