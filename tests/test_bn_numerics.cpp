@@ -336,3 +336,33 @@ TEST_CASE("hard data: a channel of 1e7 elements", "[bn][numerics][hard]")
     for (std::size_t i = 0; i < dx.size(); ++i) dmax = std::max(dmax, std::abs(dx[i] - gr.dx[i]));
     CHECK(dmax < 1e-5);
 }
+
+TEST_CASE("unaligned base pointers give the same bits", "[bn][numerics][alignment]")
+{
+    std::mt19937 g(16);
+    const sizes5 s{2, 17, 2, 3, 5};
+    const auto x = randn(numel(s), g, 1.0, 2.0), dy = randn(numel(s), g);
+    for (const bool ndhwc : {false, true}) {
+        std::vector<std::vector<float>> results;
+        for (const index_t shift : {0, 1, 3}) {
+            // Buffers whose data starts `shift` floats past an allocation's (aligned) start.
+            std::vector<float> xb(x.size() + 4), yb(x.size() + 4), dyb(x.size() + 4), dxb(x.size() + 4);
+            const auto xm = ndhwc ? to_layout<vf::ndhwc_t>(x, s) : to_layout<vf::ncdhw_t>(x, s);
+            const auto dym = ndhwc ? to_layout<vf::ndhwc_t>(dy, s) : to_layout<vf::ncdhw_t>(dy, s);
+            std::copy(xm.begin(), xm.end(), xb.begin() + shift);
+            std::copy(dym.begin(), dym.end(), dyb.begin() + shift);
+            vf::BatchNorm3d<17> bn(17);
+            auto run = [&](auto layout) {
+                using L = decltype(layout);
+                auto X = view_of<L>(xb.data() + shift, s);
+                bn.forward(X, view_of<L>(yb.data() + shift, s), vf::relu);
+                bn.backward(X, view_of<L>(dyb.data() + shift, s), view_of<L>(dxb.data() + shift, s), vf::relu);
+            };
+            if (ndhwc) run(vf::ndhwc_t{});
+            else run(vf::ncdhw_t{});
+            results.push_back(std::vector<float>(yb.begin() + shift, yb.begin() + shift + numel(s)));
+            results.push_back(std::vector<float>(dxb.begin() + shift, dxb.begin() + shift + numel(s)));
+        }
+        for (std::size_t k = 2; k < results.size(); ++k) REQUIRE(same_bits(results[k], results[k % 2]));
+    }
+}

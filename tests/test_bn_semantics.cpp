@@ -267,6 +267,16 @@ TEST_CASE("NaN in one channel poisons only that channel", "[bn][semantics]")
     REQUIRE(std::isnan(bn.running_mean()[1]));
     REQUIRE(std::isfinite(bn.running_mean()[0]));
     REQUIRE(std::isfinite(bn.running_var()[2]));
+    // ReLU's backward passes the gradient where the output is NaN (threshold_backward: NaN <= 0 is
+    // false), so the poisoned channel's bias gradient is the plain sum of dy.
+    const auto dy = randn(numel(s), g);
+    r.backward(bn, dy, true);
+    double sum = 0;
+    for_each_index(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
+        if (c == 1) sum += dy[i];
+    });
+    CHECK_NEAR(bn.bias_grad()[1], sum, 1e-5);
+    REQUIRE(std::isfinite(bn.bias_grad()[0]));
 }
 
 TEST_CASE("fused ReLU: keeps -0.0, gradient is 0 where the output is 0 or -0.0", "[bn][semantics][relu]")

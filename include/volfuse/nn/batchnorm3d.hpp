@@ -119,7 +119,7 @@ public:
     template <class VX, class VY, expr::epilogue Epi = expr::identity_t>
     void forward(const VX& X, const VY& Y, Epi epi = {})
     {
-        check_views<VX, VY>("forward");
+        check_views<VX, VY>();
         static_assert(!std::is_const_v<typename VY::value_type>, "BatchNorm3d::forward: Y must be writable");
         check_io(X, "input", {{Y.data(), Y.sizes(), "output"}});
         const auto sz = X.sizes();
@@ -144,8 +144,8 @@ public:
     template <class VX, class VDY, class VDX, expr::epilogue Epi = expr::identity_t>
     void backward(const VX& X, const VDY& dY, const VDX& dX, Epi epi = {})
     {
-        check_views<VX, VDY>("backward");
-        check_views<VX, VDX>("backward");
+        check_views<VX, VDY>();
+        check_views<VX, VDX>();
         static_assert(!std::is_const_v<typename VDX::value_type>, "BatchNorm3d::backward: dX must be writable");
         if (!saved_.valid)
             throw error("BatchNorm3d::backward called without a matching forward: run forward(X, Y) first");
@@ -181,7 +181,7 @@ private:
     };
 
     template <class VA, class VB>
-    static constexpr void check_views(const char*)
+    static constexpr void check_views()
     {
         static_assert(is_view_v<VA> && is_view_v<VB>, "BatchNorm3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
         static_assert(std::is_same_v<typename VA::layout_type, typename VB::layout_type>,
@@ -221,7 +221,11 @@ private:
 
     static void check_batch_size(const std::array<index_t, 5>& sz)
     {
-        if (sz[0] * sz[2] * sz[3] * sz[4] == 1)
+        // N*D*H*W (C may be 0, so this product may not fit even when numel does).
+        index_t values = 1;
+        bool overflow = false;
+        for (int d : {0, 2, 3, 4}) overflow |= __builtin_mul_overflow(values, sz[d], &values);
+        if (!overflow && values == 1)
             throw error("Expected more than 1 value per channel when training, got input size " +
                         detail::sizes_str(sz));
     }
