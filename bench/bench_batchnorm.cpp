@@ -2,8 +2,9 @@
 // with and without the fused ReLU, backward, per layout, static vs dynamic C.
 // Each kernel is reported in bytes/s of its minimal DRAM traffic (forward: read x,
 // write y = 8 B/element; backward: read x and dy, write dx = 12 B/element) next to a
-// STREAM-style copy (read a, write b = 8 B/element) of the same size measured in
-// the same run.  At the end a table summarizes time, GB/s and % of copy.
+// roofline of the same size measured in the same run: a STREAM-style copy (read a,
+// write b) for out-of-place ops, an in-place read+write of one array for in-place ones.
+// At the end a table summarizes time, GB/s and % of the roofline.
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
@@ -67,12 +68,14 @@ buffers& get(const sizes5& s)
     return b;
 }
 
-enum class op { train, train_relu, eval, eval_relu, backward, backward_relu };
+enum class op { train, train_relu, train_relu_inplace, eval, eval_relu, eval_relu_inplace, backward, backward_relu };
 const char* op_name(op o)
 {
     switch (o) {
     case op::train: return "fwd_train";
     case op::train_relu: return "fwd_train_relu";
+    case op::train_relu_inplace: return "fwd_train_relu_inplace";
+    case op::eval_relu_inplace: return "fwd_eval_relu_inplace";
     case op::eval: return "fwd_eval";
     case op::eval_relu: return "fwd_eval_relu";
     case op::backward: return "bwd";
@@ -80,7 +83,12 @@ const char* op_name(op o)
     }
     return "";
 }
-bool has_relu(op o) { return o == op::train_relu || o == op::eval_relu || o == op::backward_relu; }
+bool has_relu(op o)
+{
+    return o == op::train_relu || o == op::train_relu_inplace || o == op::eval_relu || o == op::eval_relu_inplace ||
+           o == op::backward_relu;
+}
+bool in_place(op o) { return o == op::train_relu_inplace || o == op::eval_relu_inplace; }
 
 void set_rate(benchmark::State& st, double bytes_per_iter)
 {
@@ -100,10 +108,11 @@ void bm_bn(benchmark::State& st, sizes5 s, op o)
     auto DX = vf::make_view<L>(b.dx.get(), s[0], s[1], s[2], s[3], s[4]);
     const bool relu = has_relu(o);
     auto fwd = [&] {
-        if (relu) bn.forward(X, Y, vf::relu);
+        if (in_place(o)) bn.forward(Y, Y, vf::relu); // Y holds finite data from the previous iteration
+        else if (relu) bn.forward(X, Y, vf::relu);
         else bn.forward(X, Y);
     };
-    if (o == op::eval || o == op::eval_relu) bn.eval();
+    if (o == op::eval || o == op::eval_relu || o == op::eval_relu_inplace) bn.eval();
     if (o == op::backward || o == op::backward_relu) fwd();
     for (auto _ : st) {
         switch (o) {
@@ -120,16 +129,43 @@ void bm_bn(benchmark::State& st, sizes5 s, op o)
     set_rate(st, (o == op::backward || o == op::backward_relu ? 12.0 : 8.0) * n);
 }
 
-/// The roofline: copy a -> b (8 B/element), ordinary stores, as memcpy.
+/// The in-place roofline: read and write every element of one array once (8 B/element),
+/// what BN+ReLU applied in place to a conv output must at least cost.
+/// Splits [0, n) into one contiguous chunk per thread (the kernels' thread count).
+template <class F>
+void chunked(index_t n, F&& f)
+{
+    const int t = vf::get_num_threads();
+#pragma omp parallel for num_threads(t) schedule(static)
+    for (int i = 0; i < t; ++i) f(n * i / t, n * (i + 1) / t);
+}
+
+void bm_inplace(benchmark::State& st, sizes5 s)
+{
+    auto& b = get(s);
+    float* p = b.y.get();
+    const index_t n = numel(s);
+    for (auto _ : st) {
+        chunked(n, [&](index_t lo, index_t hi) {
+            for (index_t i = lo; i < hi; ++i) p[i] = p[i] * 0.5f + 0.25f; // vectorized by the compiler
+        });
+        benchmark::ClobberMemory();
+    }
+    set_rate(st, 8.0 * static_cast<double>(n));
+}
+
+/// The out-of-place roofline: copy a -> b (8 B/element), as memcpy.
 void bm_copy(benchmark::State& st, sizes5 s)
 {
     auto& b = get(s);
-    const auto bytes = static_cast<std::size_t>(numel(s)) * sizeof(float);
+    const index_t n = numel(s);
     for (auto _ : st) {
-        std::memcpy(b.y.get(), b.x.get(), bytes);
+        chunked(n, [&](index_t lo, index_t hi) {
+            std::memcpy(b.y.get() + lo, b.x.get() + lo, static_cast<std::size_t>(hi - lo) * sizeof(float));
+        });
         benchmark::ClobberMemory();
     }
-    set_rate(st, 2.0 * static_cast<double>(bytes));
+    set_rate(st, 8.0 * static_cast<double>(n));
 }
 
 /// Collects the runs and prints the summary table after Google Benchmark's own output.
@@ -144,15 +180,19 @@ public:
     void Finalize() override
     {
         ConsoleReporter::Finalize();
-        std::map<std::string, double> copy_gbs;
+        std::map<std::string, double> copy_gbs, inplace_gbs;
         for (const auto& r : rows_) {
             const auto name = r.benchmark_name();
             if (name.rfind("copy/", 0) == 0) copy_gbs[name.substr(5)] = r.counters.at("GB/s").value / 1e9;
+            if (name.rfind("inplace/", 0) == 0) inplace_gbs[name.substr(8)] = r.counters.at("GB/s").value / 1e9;
         }
-        std::printf("\nvolfuse BatchNorm3d, 1 thread, fp32.  GB/s counts minimal traffic (fwd 8 B, bwd 12 B per "
-                    "element);\ncopy = memcpy of the same size in this run (8 B per element).\n\n");
-        std::printf("%-15s %-6s %-4s %-15s %10s %8s %9s\n", "shape", "layout", "C", "op", "time ms", "GB/s",
-                    "% copy");
+        std::printf("\nvolfuse BatchNorm3d, %d thread(s), fp32.  GB/s counts minimal traffic (fwd 8 B, bwd 12 B per "
+                    "element).\nroofline: for in-place ops, reading and writing one array of the same size; for\n"
+                    "the others, memcpy of the same size (8 B per element); both measured in this run\n"
+                    "with the same number of threads.\n\n",
+                    vf::get_num_threads());
+        std::printf("%-15s %-6s %-4s %-22s %10s %8s %11s\n", "shape", "layout", "C", "op", "time ms", "GB/s",
+                    "% roofline");
         for (const auto& r : rows_) {
             const auto name = r.benchmark_name();
             if (name.rfind("bn/", 0) != 0) continue;
@@ -166,12 +206,13 @@ public:
             part.push_back(name.substr(pos));
             const double gbs = r.counters.at("GB/s").value / 1e9;
             const double ms = r.GetAdjustedRealTime() * 1e3 / benchmark::GetTimeUnitMultiplier(r.time_unit);
-            const auto c = copy_gbs.find(part[1]);
-            std::printf("%-15s %-6s %-4s %-15s %10.3f %8.2f %8.0f%%\n", part[1].c_str(), part[2].c_str(),
-                        part[3].c_str(), part[4].c_str(), ms, gbs,
-                        c == copy_gbs.end() ? 0.0 : 100.0 * gbs / c->second);
+            const auto& roof = part[4].find("inplace") != std::string::npos ? inplace_gbs : copy_gbs;
+            const auto c = roof.find(part[1]);
+            std::printf("%-15s %-6s %-4s %-22s %10.3f %8.2f %10.0f%%\n", part[1].c_str(), part[2].c_str(),
+                        part[3].c_str(), part[4].c_str(), ms, gbs, c == roof.end() ? 0.0 : 100.0 * gbs / c->second);
         }
-        for (const auto& [shape, gbs] : copy_gbs) std::printf("copy %-15s %8.2f GB/s\n", shape.c_str(), gbs);
+        for (const auto& [shape, gbs] : copy_gbs)
+            std::printf("roofline %-15s copy %6.2f GB/s, in place %6.2f GB/s\n", shape.c_str(), gbs, inplace_gbs[shape]);
     }
 
 private:
@@ -181,7 +222,8 @@ private:
 template <class L>
 void register_layout(const sizes5& s, const std::string& layout)
 {
-    const op ops[] = {op::train, op::train_relu, op::eval, op::eval_relu, op::backward, op::backward_relu};
+    const op ops[] = {op::train,     op::train_relu,        op::train_relu_inplace, op::eval,
+                      op::eval_relu, op::eval_relu_inplace, op::backward,           op::backward_relu};
     for (op o : ops) {
         const std::string base = "bn/" + shape_str(s) + "/" + layout + "/";
         if (s[1] == 64) benchmark::RegisterBenchmark((base + "64/" + op_name(o)).c_str(), bm_bn<L, 64>, s, o);
@@ -194,8 +236,19 @@ void register_layout(const sizes5& s, const std::string& layout)
 
 int main(int argc, char** argv)
 {
+    // --threads=N (default 1): threads for the kernels and for the rooflines.
+    int threads = 1;
+    for (int i = 1; i < argc; ++i)
+        if (std::strncmp(argv[i], "--threads=", 10) == 0) {
+            threads = std::atoi(argv[i] + 10);
+            for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+            --argc;
+            --i;
+        }
+    vf::set_num_threads(threads);
     for (const auto& s : shapes) {
         benchmark::RegisterBenchmark(("copy/" + shape_str(s)).c_str(), bm_copy, s);
+        benchmark::RegisterBenchmark(("inplace/" + shape_str(s)).c_str(), bm_inplace, s);
         register_layout<vf::ncdhw_t>(s, "ncdhw");
         register_layout<vf::ndhwc_t>(s, "ndhwc");
     }

@@ -6,6 +6,7 @@
 #include "core/error.hpp"
 #include "expr/pointwise.hpp"
 #include "nn/batchnorm3d.hpp"
+#include "parallel/threads.hpp"
 #include "shape/extent.hpp"
 #include "shape/layout.hpp"
 #include "shape/shape.hpp"

@@ -54,7 +54,7 @@ void normalize(const Form& f, index_t c0, index_t c1, const float* x, float* y, 
 /// into its scale and shift (and updates running statistics).
 /// ATen's rounding: mean = float(double sum / n); var_sum = double sum of
 /// float((x - mean_f)^2): the mean is rounded to float before the second pass.
-/// work: 2 * reduce_stride(C) doubles; k's arrays: C floats each, written here.
+/// work: reduce_workspace(f, 1) doubles; k's arrays: C floats each, written here.
 template <class Form, class Finalize, class Epi>
 void batch_norm_train(const Form& f, const float* x, float* y, const bn_coeffs_out& k, double* work,
                       Finalize&& finalize, Epi epi) noexcept

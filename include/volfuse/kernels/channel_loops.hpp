@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <array>
+#include <utility>
 
+#include "../parallel/threads.hpp"
 #include "../shape/layout.hpp"
 #include "../simd/vec.hpp"
 
@@ -26,12 +28,28 @@ using fvecs = std::array<fvec, N>;
 template <std::size_t N>
 using srcs = std::array<const float*, N>;
 
-/// Work size (doubles) a reduction of K terms over C channels needs.
+/// Pixels per block of a channel-minor reduction.  Blocks are fixed by the shape,
+/// never by the thread count, and their partial sums are added in block order: the
+/// result is the same for any number of threads.
+inline constexpr index_t reduce_block = 2048;
+
+/// Per-term stride (doubles) of reduction results over C channels.
 constexpr index_t reduce_stride(index_t channels) noexcept { return (channels + 15) / 16 * 16; }
 
+/// Doubles of workspace a K-term reduction over form f needs: the results, plus one
+/// partial per pixel block for channel-minor forms.
+template <class Form>
+constexpr index_t reduce_workspace(const Form& f, index_t K) noexcept
+{
+    const index_t per = K * reduce_stride(value_of(f.channels));
+    if constexpr (Form::channel_minor) return per * (1 + (value_of(f.outer) + reduce_block - 1) / reduce_block);
+    else return per;
+}
+
 /// Channel groups processed as a unit: one channel at a time for channel-major
-/// forms (its slice is still in cache between the passes), all channels at once
-/// for channel-minor forms (a pixel holds every channel).
+/// forms (its slice is still in cache between the passes; channels run in parallel),
+/// all channels at once for channel-minor forms (a pixel holds every channel; the
+/// kernels inside run in parallel over pixel blocks).
 template <class Form, class Body>
 void for_channel_groups(const Form& f, Body&& body)
 {
@@ -39,7 +57,7 @@ void for_channel_groups(const Form& f, Body&& body)
     if constexpr (Form::channel_minor) {
         body(index_t{0}, C);
     } else {
-        for (index_t c = 0; c < C; ++c) body(c, c + 1);
+        parallel::parallel_for(C, C * f.count(), [&](index_t c) { body(c, c + 1); });
     }
 }
 
@@ -50,27 +68,65 @@ struct vec_pos {
     index_t offset, c, lanes;
 };
 
-/// The loop nest over channels [c0, c1) of a channel form, written once:
-///   channel-major: for c { begin(c, c+1); for o { vectors along the inner run, then its tail }; end(c, c+1) }
-///   channel-minor: begin(c0, c1); for o { vectors across channels, then the channel tail }; end(c0, c1)
-/// Extents that are static make the trip counts compile-time constants.
+template <int U>
+using slot = std::integral_constant<int, U>;
+
+/// How many channel vectors a channel-minor walk unrolls at compile time (static C only):
+/// enough for C = 64 in AVX-512 (4 vectors) or AVX2 (8), few enough that per-channel
+/// double accumulators stay in registers.
+inline constexpr index_t max_unrolled_channel_vectors = 8;
+
+template <class Form>
+inline constexpr bool unrolled_channels =
+    Form::channel_minor && static_value_v<decltype(Form::channels)> != dynamic &&
+    (static_value_v<decltype(Form::channels)> + width - 1) / width <= max_unrolled_channel_vectors;
+
+/// The loop nest over channels [c0, c1) and outer indices [o0, o1) of a channel form, written once:
+///   channel-major: for c { begin(c, c+1); for o { the inner run two vectors at a time
+///                  (visit's slot 0 and 1: independent accumulator chains), then its tail }; end(c, c+1) }
+///   channel-minor: begin(0, C); for o { vectors across all C channels }; end(0, C).  With
+///                  static C the channel loop is unrolled at compile time and visit gets the
+///                  vector's index as slot<j>; otherwise slot is the run-time index.
+/// Static extents make every trip count a compile-time constant.
 template <class Form, class Begin, class Visit, class End>
-void walk(const Form& f, index_t c0, index_t c1, Begin&& begin, Visit&& visit, End&& end) noexcept
+void walk(const Form& f, index_t c0, index_t c1, index_t o0, index_t o1, Begin&& begin, Visit&& visit,
+          End&& end) noexcept
 {
-    const index_t C = value_of(f.channels), I = value_of(f.inner), O = value_of(f.outer);
+    const index_t C = value_of(f.channels), I = value_of(f.inner);
     if constexpr (Form::channel_minor) {
-        begin(c0, c1);
-        for (index_t o = 0; o < O; ++o)
-            for (index_t cv = c0; cv < c1; cv += width) visit(vec_pos{o * C + cv, cv, std::min<index_t>(width, c1 - cv)});
-        end(c0, c1);
+        // A pixel holds every channel: channel-minor walks always cover [0, C).
+        (void)c0, (void)c1;
+        begin(index_t{0}, C);
+        if constexpr (unrolled_channels<Form>) {
+            constexpr index_t CS = static_value_v<decltype(Form::channels)>;
+            constexpr index_t nv = (CS + width - 1) / width;
+            for (index_t o = o0; o < o1; ++o) {
+                const index_t base = o * CS;
+                [&]<int... J>(std::integer_sequence<int, J...>) {
+                    (visit(vec_pos{base + J * width, J * width, std::min<index_t>(width, CS - J * width)}, slot<J>{}), ...);
+                }(std::make_integer_sequence<int, static_cast<int>(nv)>{});
+            }
+        } else {
+            for (index_t o = o0; o < o1; ++o)
+                for (index_t cv = 0; cv < C; cv += width)
+                    visit(vec_pos{o * C + cv, cv, std::min<index_t>(width, C - cv)}, cv / width);
+        }
+        end(index_t{0}, C);
     } else {
         for (index_t c = c0; c < c1; ++c) {
             begin(c, c + 1);
-            for (index_t o = 0; o < O; ++o) {
+            for (index_t o = o0; o < o1; ++o) {
                 const index_t base = (o * C + c) * I;
                 index_t i = 0;
-                for (; i + width <= I; i += width) visit(vec_pos{base + i, c, width});
-                if (i < I) visit(vec_pos{base + i, c, I - i});
+                for (; i + 2 * width <= I; i += 2 * width) {
+                    visit(vec_pos{base + i, c, width}, slot<0>{});
+                    visit(vec_pos{base + i + width, c, width}, slot<1>{});
+                }
+                if (i + width <= I) {
+                    visit(vec_pos{base + i, c, width}, slot<0>{});
+                    i += width;
+                }
+                if (i < I) visit(vec_pos{base + i, c, I - i}, slot<1>{});
             }
             end(c, c + 1);
         }
@@ -113,62 +169,111 @@ struct channel_params {
 };
 
 /// out[k * stride + c] = sum over the channel's elements of term(x..., p...)[k], c in [c0, c1),
-/// each float term widened and summed in double.
+/// each float term widened and summed in double.  `out` is reduce_workspace(f, K) doubles.
 /// `term(const fvecs<S>& in, const fvecs<P>& prm) -> fvecs<K>`.
+/// Accumulators: channel-major, two chains per term in registers; channel-minor with
+/// static C, one per channel in registers; channel-minor with dynamic C, in memory.
+/// Channel-minor forms reduce fixed pixel blocks in parallel into partials after
+/// `out`, then add the partials in block order.
 template <std::size_t K, std::size_t S, std::size_t P, class Form, class Term>
 void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, const srcs<P>& prm, Term&& term,
                      double* out, index_t stride) noexcept
 {
-    channel_params<Form, P> params{prm};
-    std::array<simd::dacc, K> acc{}; // channel-major: one channel's sums, in registers
-    walk(
-        f, c0, c1,
-        [&](index_t a, index_t b) {
-            params.begin(a);
-            if constexpr (Form::channel_minor) // per-channel accumulators in `out`, padded to whole vectors
-                for (std::size_t k = 0; k < K; ++k)
-                    std::fill(out + k * stride + a, out + k * stride + a + (b - a + width - 1) / width * width, 0.0);
-            else
+    constexpr bool in_memory = Form::channel_minor && !unrolled_channels<Form>;
+    constexpr std::size_t slots = !Form::channel_minor ? 2
+                                  : in_memory          ? 1
+                                                       : static_cast<std::size_t>(
+                                                    (static_value_v<decltype(Form::channels)> + width - 1) / width);
+    const index_t O = value_of(f.outer);
+    // One walk over outer [o0, o1) into `dst` (stride as out); channel-major: per channel.
+    auto reduce_range = [&](index_t o0, index_t o1, double* dst) {
+        channel_params<Form, P> params{prm};
+        std::array<std::array<simd::dacc, K>, slots> acc{};
+        walk(
+            f, c0, c1, o0, o1,
+            [&](index_t a, index_t b) {
+                params.begin(a);
                 acc = {};
-        },
-        [&](const vec_pos& p) {
-            fvecs<K> t = term(load_sources(in, p), params.at(p));
-            if (p.lanes != width) {
-                const auto m = simd::first_lanes(p.lanes);
-                for (auto& tk : t) tk = xsimd::select(m, tk, fvec(0.f));
-            }
-            for (std::size_t k = 0; k < K; ++k) {
-                if constexpr (Form::channel_minor) {
-                    double* a = out + k * stride + p.c;
-                    const simd::dpair w = simd::widen(t[k]);
-                    (simd::dvec::load_unaligned(a) + w.lo).store_unaligned(a);
-                    (simd::dvec::load_unaligned(a + simd::dvec::size) + w.hi).store_unaligned(a + simd::dvec::size);
-                } else {
-                    acc[k].add(t[k]);
+                if constexpr (in_memory) // per-channel accumulators padded to whole vectors
+                    for (std::size_t k = 0; k < K; ++k)
+                        std::fill(dst + k * stride + a, dst + k * stride + a + (b - a + width - 1) / width * width, 0.0);
+            },
+            [&](const vec_pos& p, auto u) {
+                fvecs<K> t = term(load_sources(in, p), params.at(p));
+                if (p.lanes != width) {
+                    const auto m = simd::first_lanes(p.lanes);
+                    for (auto& tk : t) tk = xsimd::select(m, tk, fvec(0.f));
                 }
-            }
-        },
-        [&](index_t a, index_t) {
-            if constexpr (!Form::channel_minor)
-                for (std::size_t k = 0; k < K; ++k) out[k * stride + a] = acc[k].sum();
+                for (std::size_t k = 0; k < K; ++k) {
+                    if constexpr (in_memory) {
+                        double* a = dst + k * stride + p.c;
+                        const simd::dpair w = simd::widen(t[k]);
+                        (simd::dvec::load_unaligned(a) + w.lo).store_unaligned(a);
+                        (simd::dvec::load_unaligned(a + simd::dvec::size) + w.hi).store_unaligned(a + simd::dvec::size);
+                    } else {
+                        acc[decltype(u)::value][k].add(t[k]);
+                    }
+                }
+            },
+            [&](index_t a, index_t) {
+                if constexpr (!Form::channel_minor) {
+                    for (std::size_t k = 0; k < K; ++k) dst[k * stride + a] = simd::dacc::total(acc[0][k], acc[1][k]);
+                } else if constexpr (!in_memory) {
+                    for (std::size_t j = 0; j < slots; ++j)
+                        for (std::size_t k = 0; k < K; ++k) {
+                            double* d = dst + k * stride + static_cast<index_t>(j) * width;
+                            acc[j][k].lo.store_unaligned(d);
+                            acc[j][k].hi.store_unaligned(d + simd::dvec::size);
+                        }
+                }
+            });
+    };
+    if constexpr (Form::channel_minor) {
+        const index_t blocks = (O + reduce_block - 1) / reduce_block;
+        const index_t per = static_cast<index_t>(K) * stride;
+        double* partial = out + per;
+        parallel::parallel_for(blocks, O * value_of(f.channels), [&](index_t b) {
+            reduce_range(b * reduce_block, std::min(O, (b + 1) * reduce_block), partial + b * per);
         });
+        // The fixed reduction tree: partials added in block order, every channel the same way.
+        std::fill(out, out + per, 0.0);
+        for (index_t b = 0; b < blocks; ++b)
+            for (index_t i = 0; i < per; i += simd::dvec::size)
+                (simd::dvec::load_unaligned(out + i) + simd::dvec::load_unaligned(partial + b * per + i))
+                    .store_unaligned(out + i);
+    } else {
+        reduce_range(0, O, out);
+    }
 }
 
-/// out = fn(in..., prm...) elementwise over channels [c0, c1).  An output may be
-/// the same memory as an input (each element is read before it is written).
+/// out = fn(in..., prm...) elementwise over channels [c0, c1), in parallel over channels
+/// (channel-major) or pixel blocks (channel-minor).  An output may be the same memory
+/// as an input (each element is read before it is written).
 template <std::size_t S, std::size_t P, class Form, class Fn>
 void transform_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, const srcs<P>& prm, float* out,
                         Fn&& fn) noexcept
 {
-    channel_params<Form, P> params{prm};
-    walk(
-        f, c0, c1, [&](index_t a, index_t) { params.begin(a); },
-        [&](const vec_pos& p) {
-            const fvec r = fn(load_sources(in, p), params.at(p));
-            if (p.lanes == width) simd::store(out + p.offset, r);
-            else simd::store_partial(out + p.offset, r, p.lanes);
-        },
-        [](index_t, index_t) {});
+    auto transform_range = [&](index_t ca, index_t cb, index_t o0, index_t o1) {
+        channel_params<Form, P> params{prm};
+        walk(
+            f, ca, cb, o0, o1, [&](index_t a, index_t) { params.begin(a); },
+            [&](const vec_pos& p, auto) {
+                const fvec r = fn(load_sources(in, p), params.at(p));
+                if (p.lanes == width) simd::store(out + p.offset, r);
+                else simd::store_partial(out + p.offset, r, p.lanes);
+            },
+            [](index_t, index_t) {});
+    };
+    const index_t O = value_of(f.outer);
+    if constexpr (Form::channel_minor) {
+        const index_t blocks = (O + reduce_block - 1) / reduce_block;
+        parallel::parallel_for(blocks, O * value_of(f.channels), [&](index_t b) {
+            transform_range(c0, c1, b * reduce_block, std::min(O, (b + 1) * reduce_block));
+        });
+    } else {
+        parallel::parallel_for(c1 - c0, (c1 - c0) * f.count(),
+                               [&](index_t i) { transform_range(c0 + i, c0 + i + 1, 0, O); });
+    }
 }
 
 } // namespace volfuse::kernels

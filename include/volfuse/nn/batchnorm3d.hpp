@@ -250,7 +250,6 @@ private:
         if (static_cast<index_t>(mean_.size()) >= C && !mean_.empty()) return;
         const auto c = static_cast<std::size_t>(std::max<index_t>(C, 1));
         for (auto* v : {&mean_, &mean_lo_, &alpha_, &beta_, &invstd_, &gamma_, &grad_mean_, &k_}) v->resize(c);
-        work_.resize(2 * static_cast<std::size_t>(kernels::reduce_stride(static_cast<index_t>(c))));
     }
 
     template <class V>
@@ -272,10 +271,20 @@ private:
     float gamma_of(index_t c) const noexcept { return affine_ ? weight_[c] : 1.f; }
     float bias_of(index_t c) const noexcept { return affine_ ? bias_[c] : 0.f; }
 
+    /// Kernel workspace for a form (grows, never shrinks: no allocation once warm).
+    template <class Form>
+    double* workspace(const Form& f)
+    {
+        const auto need = static_cast<std::size_t>(kernels::reduce_workspace(f, 2));
+        if (work_.size() < need) work_.resize(need);
+        return work_.data();
+    }
+
     template <class V, class Epi>
     void run_forward(const V& X, float* y, bool batch_stats, Epi epi)
     {
         const auto f = X.form();
+        double* work = workspace(f); // the one step that may allocate: before any state changes
         const index_t C = value_of(f.channels);
         for (index_t c = 0; c < C; ++c) gamma_[c] = gamma_of(c);
         if (batch_stats) {
@@ -287,7 +296,7 @@ private:
                 m = static_cast<float>(momentum_ ? *momentum_ : 1.0 / static_cast<double>(nbt_));
             }
             kernels::batch_norm_train(
-                f, X.data(), y, coeffs(), work_.data(),
+                f, X.data(), y, coeffs(), work,
                 [&](index_t c, float mean, float var_sum, float& alpha, float& beta) {
                     const float invstd = nn::rules::train_invstd(var_sum, n, eps_);
                     invstd_[c] = invstd;
@@ -315,6 +324,7 @@ private:
     void run_backward(const V& X, const float* dy, float* dx, Epi epi)
     {
         const auto f = X.form();
+        double* work = workspace(f);
         const index_t n = f.count();
         const kernels::bn_backward_coeffs cf{coeffs(), invstd_.data(), gamma_.data(), grad_mean_.data(), k_.data()};
         auto accumulate = [&](index_t c, double sum, double dotp, float invstd) {
@@ -324,7 +334,7 @@ private:
         };
         if (saved_.batch_stats) {
             kernels::batch_norm_backward<true>(
-                f, X.data(), dy, dx, cf, work_.data(),
+                f, X.data(), dy, dx, cf, work,
                 [&](index_t c, double sum, double dotp) {
                     const float invstd = invstd_[c];
                     accumulate(c, sum, dotp, invstd);
@@ -335,7 +345,7 @@ private:
                 epi);
         } else {
             kernels::batch_norm_backward<false>(
-                f, X.data(), dy, dx, cf, work_.data(),
+                f, X.data(), dy, dx, cf, work,
                 [&](index_t c, double sum, double dotp) { accumulate(c, sum, dotp, invstd_[c]); }, epi);
         }
     }

@@ -30,9 +30,11 @@ struct dpair {
 inline dpair widen(fvec v) noexcept
 {
 #if XSIMD_WITH_AVX512F
-    const __m512 r = v;
-    return {dvec(_mm512_cvtps_pd(_mm512_castps512_ps256(r))),
-            dvec(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(r), 1))))};
+    // maskz forms throughout: GCC 12's plain cvtps_pd/extract/cast intrinsics start from
+    // _mm512_undefined_*, which -Wmaybe-uninitialized reports (a false positive).
+    const __m512d r = _mm512_castps_pd(v);
+    return {dvec(_mm512_maskz_cvtps_pd(0xFF, _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, r, 0)))),
+            dvec(_mm512_maskz_cvtps_pd(0xFF, _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xF, r, 1))))};
 #elif XSIMD_WITH_AVX
     const __m256 r = v;
     return {dvec(_mm256_cvtps_pd(_mm256_castps256_ps128(r))), dvec(_mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)))};
@@ -106,8 +108,20 @@ struct dacc {
         lo += p.lo;
         hi += p.hi;
     }
-    /// Fixed order: lanes of (lo + hi), then xsimd's horizontal sum.
-    double sum() const noexcept { return xsimd::hadd(lo + hi); }
+    /// Fixed order: lanes of (lo + hi), then the lanes left to right.
+    double sum() const noexcept { return lanes_sum(lo + hi); }
+    /// Two accumulators (independent chains) combined in a fixed order.
+    static double total(const dacc& a, const dacc& b) noexcept { return lanes_sum((a.lo + b.lo) + (a.hi + b.hi)); }
+    /// Horizontal sum, lane 0 first (once per channel: order matters more than speed;
+    /// also keeps GCC 12's false -Wmaybe-uninitialized of xsimd's AVX-512 hadd away).
+    static double lanes_sum(dvec v) noexcept
+    {
+        alignas(64) std::array<double, dvec::size> l;
+        v.store_aligned(l.data());
+        double s = 0.0;
+        for (double x : l) s += x;
+        return s;
+    }
 };
 
 } // namespace volfuse::simd
