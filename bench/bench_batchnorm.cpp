@@ -181,8 +181,15 @@ public:
     {
         ConsoleReporter::Finalize();
         std::map<std::string, double> copy_gbs, inplace_gbs;
+        auto name_of = [](const Run& r) {
+            std::string name = r.benchmark_name();
+            // drop Google Benchmark's option suffixes ("/min_warmup_time:0.2/real_time")
+                if (const auto cut = name.find("/min_warmup_time"); cut != std::string::npos) name.erase(cut);
+                if (const auto cut = name.find("/real_time"); cut != std::string::npos) name.erase(cut);
+            return name;
+        };
         for (const auto& r : rows_) {
-            const auto name = r.benchmark_name();
+            const auto name = name_of(r);
             if (name.rfind("copy/", 0) == 0) copy_gbs[name.substr(5)] = r.counters.at("GB/s").value / 1e9;
             if (name.rfind("inplace/", 0) == 0) inplace_gbs[name.substr(8)] = r.counters.at("GB/s").value / 1e9;
         }
@@ -194,7 +201,7 @@ public:
         std::printf("%-15s %-6s %-4s %-22s %10s %8s %11s\n", "shape", "layout", "C", "op", "time ms", "GB/s",
                     "% roofline");
         for (const auto& r : rows_) {
-            const auto name = r.benchmark_name();
+            const auto name = name_of(r);
             if (name.rfind("bn/", 0) != 0) continue;
             // bn/<shape>/<layout>/<C>/<op>
             std::vector<std::string> part;
@@ -219,6 +226,13 @@ private:
     std::vector<Run> rows_;
 };
 
+/// Every benchmark: wall time (threads) and a short warm-up (page-in, caches).
+template <class... A>
+void add(const std::string& name, A&&... a)
+{
+    benchmark::RegisterBenchmark(name.c_str(), std::forward<A>(a)...)->UseRealTime()->MinWarmUpTime(0.05);
+}
+
 template <class L>
 void register_layout(const sizes5& s, const std::string& layout)
 {
@@ -226,9 +240,9 @@ void register_layout(const sizes5& s, const std::string& layout)
                       op::eval_relu, op::eval_relu_inplace, op::backward,           op::backward_relu};
     for (op o : ops) {
         const std::string base = "bn/" + shape_str(s) + "/" + layout + "/";
-        if (s[1] == 64) benchmark::RegisterBenchmark((base + "64/" + op_name(o)).c_str(), bm_bn<L, 64>, s, o);
-        else benchmark::RegisterBenchmark((base + "32/" + op_name(o)).c_str(), bm_bn<L, 32>, s, o);
-        benchmark::RegisterBenchmark((base + "dyn/" + op_name(o)).c_str(), bm_bn<L, vf::dynamic>, s, o);
+        if (s[1] == 64) add(base + "64/" + op_name(o), bm_bn<L, 64>, s, o);
+        else add(base + "32/" + op_name(o), bm_bn<L, 32>, s, o);
+        add(base + "dyn/" + op_name(o), bm_bn<L, vf::dynamic>, s, o);
     }
 }
 
@@ -247,8 +261,8 @@ int main(int argc, char** argv)
         }
     vf::set_num_threads(threads);
     for (const auto& s : shapes) {
-        benchmark::RegisterBenchmark(("copy/" + shape_str(s)).c_str(), bm_copy, s);
-        benchmark::RegisterBenchmark(("inplace/" + shape_str(s)).c_str(), bm_inplace, s);
+        add("copy/" + shape_str(s), bm_copy, s);
+        add("inplace/" + shape_str(s), bm_inplace, s);
         register_layout<vf::ncdhw_t>(s, "ncdhw");
         register_layout<vf::ndhwc_t>(s, "ndhwc");
     }

@@ -4,9 +4,12 @@
 
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "expr/evaluate.hpp"
+#include "expr/nodes.hpp"
 #include "expr/pointwise.hpp"
 #include "nn/batchnorm3d.hpp"
 #include "parallel/threads.hpp"
+#include "schedule/schedule.hpp"
 #include "shape/extent.hpp"
 #include "shape/layout.hpp"
 #include "shape/shape.hpp"

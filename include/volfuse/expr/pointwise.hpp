@@ -4,14 +4,22 @@
 #pragma once
 
 #include <string_view>
+#include <type_traits>
 
 #include "../simd/vec.hpp"
 
 namespace volfuse::expr {
 
+template <class T>
+concept operand_like = !std::is_same_v<std::remove_cvref_t<T>, simd::fvec>;
+
 struct identity_t {
     static constexpr std::string_view name = "identity";
     simd::fvec operator()(simd::fvec v) const noexcept { return v; }
+    /// Applied to a view or an expression: builds a node (expr/nodes.hpp).
+    template <class A>
+        requires operand_like<A>
+    constexpr auto operator()(const A& a) const;
     /// Gradient w.r.t. the pre-activation `pre`, given the gradient `g` of the output.
     simd::fvec grad(simd::fvec /*pre*/, simd::fvec g) const noexcept { return g; }
 };
@@ -23,6 +31,10 @@ struct relu_t {
     {
         return xsimd::select(v < simd::fvec(0.f), simd::fvec(0.f), v);
     }
+    /// Applied to a view or an expression: builds a node (expr/nodes.hpp).
+    template <class A>
+        requires operand_like<A>
+    constexpr auto operator()(const A& a) const;
     /// threshold_backward(g, out, 0): zero where out <= 0.  out <= 0 exactly when
     /// pre <= 0 (including -0.0); NaN outputs pass their gradient, as in PyTorch.
     simd::fvec grad(simd::fvec pre, simd::fvec g) const noexcept

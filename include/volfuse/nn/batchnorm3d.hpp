@@ -12,6 +12,7 @@
 
 #include "../core/error.hpp"
 #include "../core/format.hpp"
+#include "../expr/nodes.hpp"
 #include "../kernels/batch_norm.hpp"
 #include "../shape/view.hpp"
 #include "batch_norm_rules.hpp"
@@ -112,6 +113,15 @@ public:
     }
 
     // --- compute -------------------------------------------------------------
+
+    /// `bn(X)`: the batch norm of X as an expression node, for vf::evaluate / vf::describe
+    /// (`vf::evaluate(Y, vf::relu(bn(X)))` runs the same kernels as forward(X, Y, vf::relu)).
+    template <class V>
+        requires is_view_v<V>
+    expr::batch_norm<BatchNorm3d, expr::tensor<V>> operator()(const V& X) noexcept
+    {
+        return {this, {X}};
+    }
 
     /// Y = epi(BatchNorm3d(X)).  Y may be X itself (in place).  Training (or eval
     /// without running statistics) normalizes with batch statistics; training with

@@ -1,0 +1,169 @@
+// The evaluator: turns an expression plus an output view into kernel calls.  Each
+// supported expression shape lowers to one fused pass (or, for batch norm in
+// training, the statistics passes plus one normalize pass); anything else is a
+// compile-time error naming what is supported.
+//   vf::evaluate(Y, vf::relu(bn(X)))        == bn.forward(X, Y, vf::relu)
+//   vf::evaluate(Y, bn(X))                  == bn.forward(X, Y)
+//   vf::evaluate(Y, vf::relu(vf::channel_affine(X, scale, shift)))
+//   vf::evaluate(Y, vf::relu(X))
+#pragma once
+
+#include <string>
+
+#include "../core/error.hpp"
+#include "../kernels/channel_loops.hpp"
+#include "../schedule/schedule.hpp"
+#include "nodes.hpp"
+
+namespace volfuse {
+
+namespace detail {
+template <class T>
+inline constexpr bool is_bn_v = false;
+template <class M, class I>
+inline constexpr bool is_bn_v<expr::batch_norm<M, I>> = true;
+template <class T>
+inline constexpr bool is_affine_v = false;
+template <class I>
+inline constexpr bool is_affine_v<expr::channel_affine<I>> = true;
+template <class T>
+inline constexpr bool is_leaf_v = false;
+template <class V>
+inline constexpr bool is_leaf_v<expr::tensor<V>> = true;
+
+/// Splits an expression into its epilogue and the node under it.
+template <class E>
+struct split {
+    using epilogue = expr::identity_t;
+    static const E& inner(const E& e) { return e; }
+    static epilogue op(const E&) { return {}; }
+};
+template <class Op, class In>
+struct split<expr::pointwise<Op, In>> {
+    using epilogue = Op;
+    static const In& inner(const expr::pointwise<Op, In>& e) { return e.in; }
+    static Op op(const expr::pointwise<Op, In>& e) { return e.op; }
+};
+
+template <class VX, class VY>
+void check_pointwise_io(const VX& X, const VY& Y)
+{
+    static_assert(std::is_same_v<typename VX::layout_type, typename VY::layout_type>,
+                  "vf::evaluate: input and output must have the same layout");
+    if (X.sizes() != Y.sizes())
+        throw error("output has shape " + Y.shape().str() + " but input has shape " + X.shape().str());
+    if (X.shape().numel() > 0 && (X.data() == nullptr || Y.data() == nullptr))
+        throw error("vf::evaluate: null data pointer");
+}
+} // namespace detail
+
+/// Evaluates `e` into Y.
+template <class VY, expr::node E>
+void evaluate(const VY& Y, const E& e)
+{
+    using S = detail::split<E>;
+    using In = std::remove_cvref_t<decltype(S::inner(e))>;
+    const auto& in = S::inner(e);
+    const auto op = S::op(e);
+    if constexpr (detail::is_bn_v<In>) {
+        static_assert(detail::is_leaf_v<std::remove_cvref_t<decltype(in.in)>>,
+                      "vf::evaluate: batch norm applies to a tensor (conv-output nodes come later)");
+        in.module->forward(in.in.view, Y, op);
+    } else if constexpr (detail::is_affine_v<In>) {
+        static_assert(detail::is_leaf_v<std::remove_cvref_t<decltype(in.in)>>,
+                      "vf::evaluate: channel_affine applies to a tensor");
+        const auto& X = in.in.view;
+        detail::check_pointwise_io(X, Y);
+        const index_t C = X.sizes()[1];
+        if (static_cast<index_t>(in.scale.size()) != C || static_cast<index_t>(in.shift.size()) != C)
+            throw error("channel_affine: scale and shift should contain " + std::to_string(C) + " elements not " +
+                        std::to_string(in.scale.size()) + " and " + std::to_string(in.shift.size()));
+        const auto f = X.form();
+        kernels::transform_channels<1, 2>(f, 0, C, kernels::srcs<1>{X.data()},
+                                          kernels::srcs<2>{in.scale.data(), in.shift.data()}, Y.data(),
+                                          [op](const kernels::fvecs<1>& v, const kernels::fvecs<2>& p) {
+                                              return op(simd::fma(v[0], p[0], p[1]));
+                                          });
+    } else if constexpr (detail::is_leaf_v<In>) {
+        const auto& X = in.view;
+        detail::check_pointwise_io(X, Y);
+        const auto f = X.form();
+        kernels::transform_channels<1, 0>(f, 0, value_of(f.channels), kernels::srcs<1>{X.data()}, kernels::srcs<0>{},
+                                          Y.data(),
+                                          [op](const kernels::fvecs<1>& v, const kernels::fvecs<0>&) { return op(v[0]); });
+    } else {
+        static_assert(detail::is_leaf_v<In>, "vf::evaluate: supported expressions are [epilogue](bn(X)), "
+                                             "[epilogue](channel_affine(X, scale, shift)) and epilogue(X)");
+    }
+}
+
+/// The loop nest `evaluate(Y, e)` runs, as text (for micro-benchmarking layouts).
+template <class VY, expr::node E>
+std::string describe(const VY& Y, const E& e)
+{
+    using S = detail::split<E>;
+    using In = std::remove_cvref_t<decltype(S::inner(e))>;
+    const auto& in = S::inner(e);
+    const std::string epi(S::epilogue::name);
+    // The form the kernels run on: a static-C module specializes a dynamic-C view.
+    const auto f = [&] {
+        if constexpr (detail::is_bn_v<In>) {
+            constexpr index_t SC = std::remove_pointer_t<decltype(in.module)>::static_channels;
+            if constexpr (SC != dynamic) return Y.with_channels(fix<SC>).form();
+            else return Y.form();
+        } else {
+            return Y.form();
+        }
+    }();
+    const schedule s = schedule_for(f);
+    using Form = decltype(f);
+    const bool minor = Form::channel_minor;
+    const std::string C = std::to_string(value_of(f.channels)) + (s.static_channels ? " (static)" : " (dynamic)");
+    std::string out;
+    auto line = [&](int depth, const std::string& t) { out += std::string(2 * depth, ' ') + t + "\n"; };
+    std::string what;
+    bool train = false;
+    if constexpr (detail::is_bn_v<In>) {
+        train = in.module->training() || !in.module->track_running_stats();
+        what = "batch_norm[" + std::string(train ? "batch statistics" : "running statistics") + "]";
+    } else if constexpr (detail::is_affine_v<In>) {
+        what = "channel_affine";
+    } else {
+        what = "x";
+    }
+    line(0, "evaluate: " + epi + "(" + what + ") -> " + std::string(VY::layout_name()) + " " + Y.shape().str() +
+                ", C = " + C);
+    line(0, "schedule: " + std::string(s.arch) + ", vector " + std::to_string(s.vector_width) + " x f32, unroll " +
+                std::to_string(s.unroll) + ", channel block " + std::to_string(s.channel_block) + ", threads " +
+                std::to_string(s.threads) + (minor ? ", pixel block " + std::to_string(s.pixel_block) : std::string()));
+    const std::string vec = std::to_string(s.vector_width);
+    const std::string inner = minor ? (s.channels_unrolled ? "for c in [0, C) step " + vec + " (unrolled at compile time):"
+                                                           : "for c in [0, C) step " + vec + ":")
+                                    : "for i in [0, D*H*W) step " + vec + " (x" + std::to_string(s.unroll) + "):";
+    const std::string outer = minor ? "parallel for block in [0, N*D*H*W / " + std::to_string(s.pixel_block) +
+                                          "): for p in block:"
+                                    : "for n in [0, N):";
+    auto pass = [&](int depth, const std::string& body) {
+        line(depth, outer);
+        line(depth + 1, inner);
+        line(depth + 2, body);
+    };
+    int d = 0;
+    if (!minor) {
+        line(0, "parallel for c in [0, C):   # one channel's slice stays in cache across its passes");
+        d = 1;
+    }
+    if (train) {
+        pass(d, "sum += widen(x)                      # double accumulators");
+        if (minor) line(d, "sum = block partials added in block order   # same bits for any thread count");
+        line(d, "mean = float(sum / n)");
+        pass(d, "var_sum += widen((x - mean)^2)       # double accumulators");
+        line(d, "invstd, alpha = invstd * gamma, running statistics   # PyTorch's rounding");
+    }
+    if constexpr (detail::is_bn_v<In>) pass(d, "y = " + epi + "(((x - mean_hi) - mean_lo) * alpha + beta)   # one fma");
+    else if constexpr (detail::is_affine_v<In>) pass(d, "y = " + epi + "(x * scale + shift)   # one fma");
+    else pass(d, "y = " + epi + "(x)");
+    return out;
+}
+
+} // namespace volfuse
