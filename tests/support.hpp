@@ -213,6 +213,26 @@ struct bn_run {
     }
 };
 
+/// Runs forward then backward for each mode in `modes` (true: training) and returns
+/// everything the module produced: outputs, input gradients, running stats, parameter grads.
+template <class L, class BN>
+std::vector<std::vector<float>> trace(BN& bn, const std::vector<float>& x, const std::vector<float>& dy,
+                                      const sizes5& s, bool relu, std::initializer_list<bool> modes = {true, true, false})
+{
+    std::vector<std::vector<float>> out;
+    for (const bool train : modes) {
+        bn.train(train);
+        bn_run<L> r(x, s);
+        out.push_back(r.forward(bn, relu));
+        out.push_back(r.backward(bn, dy, relu));
+        out.push_back(vec(bn.running_mean()));
+        out.push_back(vec(bn.running_var()));
+        out.push_back(vec(bn.weight_grad()));
+        out.push_back(vec(bn.bias_grad()));
+    }
+    return out;
+}
+
 /// Everything a module holds that a failed call must leave as it was.
 template <class BN>
 struct module_state {

@@ -76,25 +76,6 @@ void check_against_reference(const config& cf, std::mt19937& g)
     }
 }
 
-/// Runs forward/backward with a module and returns everything it produced.
-template <class L, class BN>
-std::vector<std::vector<float>> trace(BN& bn, const std::vector<float>& x, const std::vector<float>& dy,
-                                      const sizes5& s, bool relu)
-{
-    std::vector<std::vector<float>> out;
-    for (const bool train : {true, true, false}) {
-        bn.train(train);
-        bn_run<L> r(x, s);
-        out.push_back(r.forward(bn, relu));
-        out.push_back(r.backward(bn, dy, relu));
-        out.push_back(vec(bn.running_mean()));
-        out.push_back(vec(bn.running_var()));
-        out.push_back(vec(bn.weight_grad()));
-        out.push_back(vec(bn.bias_grad()));
-    }
-    return out;
-}
-
 template <index_t C, class L>
 void static_equals_dynamic(std::mt19937& g)
 {

@@ -9,24 +9,6 @@ struct restore_threads {
     ~restore_threads() { vf::set_num_threads(saved); }
 };
 
-template <class L, class BN>
-std::vector<std::vector<float>> everything(BN& bn, const std::vector<float>& x, const std::vector<float>& dy,
-                                           const sizes5& s)
-{
-    std::vector<std::vector<float>> out;
-    for (const bool train : {true, false}) {
-        bn.train(train);
-        bn_run<L> r(x, s);
-        out.push_back(r.forward(bn, true));
-        out.push_back(r.backward(bn, dy, true));
-        out.push_back(vec(bn.running_mean()));
-        out.push_back(vec(bn.running_var()));
-        out.push_back(vec(bn.weight_grad()));
-        out.push_back(vec(bn.bias_grad()));
-    }
-    return out;
-}
-
 template <class L, index_t SC>
 void same_for_any_thread_count(const sizes5& s)
 {
@@ -37,7 +19,7 @@ void same_for_any_thread_count(const sizes5& s)
         vf::set_num_threads(threads);
         REQUIRE(vf::get_num_threads() == threads);
         vf::BatchNorm3d<SC> bn(s[1]);
-        results.push_back(everything<L>(bn, x, dy, s));
+        results.push_back(trace<L>(bn, x, dy, s, true, {true, false}));
     }
     for (std::size_t t = 1; t < results.size(); ++t)
         for (std::size_t k = 0; k < results[0].size(); ++k) {
