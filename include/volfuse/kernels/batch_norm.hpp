@@ -1,7 +1,7 @@
 // Batch-norm kernels: training forward (statistics + normalize + epilogue),
-// normalize-only (inference), and backward.  The arithmetic that must match
-// ATen bit for bit is spelled out here; the per-channel scalar rules (running
-// statistics, invstd) are callbacks supplied by the module.
+// normalize-only (inference), and backward.  The statistics arithmetic, which
+// matches ATen bit for bit, is spelled out here; the per-channel scalar rules
+// (running statistics, invstd) are callbacks supplied by the module.
 //
 // Traffic per element (fp32): training forward reads x three times (sum, squared
 // deviations, normalize) and writes y once; for NCDHW the three reads of a
