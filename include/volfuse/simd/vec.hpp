@@ -108,9 +108,8 @@ struct dacc {
         lo += p.lo;
         hi += p.hi;
     }
-    /// Fixed order: lanes of (lo + hi), then the lanes left to right.
-    double sum() const noexcept { return lanes_sum(lo + hi); }
-    /// Two accumulators (independent chains) combined in a fixed order.
+    /// Two accumulators (independent chains) combined in a fixed order: lanes of
+    /// (a.lo + b.lo) + (a.hi + b.hi), then the lanes left to right.
     static double total(const dacc& a, const dacc& b) noexcept { return lanes_sum((a.lo + b.lo) + (a.hi + b.hi)); }
     /// Horizontal sum, lane 0 first (once per channel: order matters more than speed;
     /// also keeps GCC 12's false -Wmaybe-uninitialized of xsimd's AVX-512 hadd away).
