@@ -1,7 +1,7 @@
 // volfuse, oneDNN 2.6 and libtorch 1.13 side by side, in one process, on the seed's
 // BatchNorm3d(+ReLU) shapes: forward train + ReLU and forward eval + ReLU in place (the
-// case after a conv), backward through ReLU; 1 and 2 threads; every layout each library
-// has a fast path for.  Rooflines (in-place read+write of one array, copy) are measured
+// case after a conv), backward through ReLU; 1 and 2 threads; ncdhw, ndhwc and nCdhw16c
+// for volfuse and oneDNN, ncdhw for libtorch (its channels_last_3d path is generic in 1.13).  Rooflines (in-place read+write of one array, copy) are measured
 // in the same run with the same threads.  Built when meson finds Debian's libdnnl-dev
 // and libtorch-dev (option `peers`).
 //
@@ -290,8 +290,9 @@ public:
         ConsoleReporter::Finalize();
         std::printf("\nBatchNorm3d(+ReLU) peers, fp32, times in ms (lower is better).  roofline: in-place read+write\n"
                     "of one array for the forward ops, copy (read a, write b) + a read for backward (12 B/element).\n\n");
-        std::printf("%-16s %-3s %-15s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "shape", "thr", "op", "roofline",
-                    "vf_ncdhw", "vf_ndhwc", "dnnl_nc", "dnnl_nd", "dnnl_16c", "torch", "vf/roof", "dnnl/vf", "torch/vf");
+        std::printf("%-16s %-3s %-15s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "shape", "thr", "op", "roofline",
+                    "vf_ncdhw", "vf_ndhwc", "vf_16c", "dnnl_nc", "dnnl_nd", "dnnl_16c", "torch", "vf/roof", "dnnl/vf",
+                    "torch/vf");
         for (const auto& s : shapes)
             for (int t : {1, 2})
                 for (op o : {op::train, op::eval, op::backward}) {
@@ -302,18 +303,21 @@ public:
                     };
                     const double roof = o == op::backward ? get("roofline_copy") * 1.5 : get("roofline_inplace");
                     const double v1 = get(std::string(op_name(o)) + "/volfuse_ncdhw"),
-                                 v2 = get(std::string(op_name(o)) + "/volfuse_ndhwc");
+                                 v2 = get(std::string(op_name(o)) + "/volfuse_ndhwc"),
+                                 v3 = get(std::string(op_name(o)) + "/volfuse_nCdhw16c");
                     const double d1 = get(std::string(op_name(o)) + "/onednn_ncdhw"),
                                  d2 = get(std::string(op_name(o)) + "/onednn_ndhwc"),
                                  d3 = get(std::string(op_name(o)) + "/onednn_nCdhw16c");
                     const double tt = get(std::string(op_name(o)) + "/torch_ncdhw");
                     if (v1 == 0) continue;
-                    const double vbest = v2 > 0 ? std::min(v1, v2) : v1;
+                    double vbest = v1;
+                    for (double v : {v2, v3})
+                        if (v > 0) vbest = std::min(vbest, v);
                     double dbest = 1e30;
                     for (double d : {d1, d2, d3})
                         if (d > 0) dbest = std::min(dbest, d);
-                    std::printf("%-16s %-3d %-15s %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.2f %9.2f %9.2f\n",
-                                shape_str(s).c_str(), t, op_name(o), roof, v1, v2, d1, d2, d3, tt, vbest / roof,
+                    std::printf("%-16s %-3d %-15s %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.2f %9.2f %9.2f\n",
+                                shape_str(s).c_str(), t, op_name(o), roof, v1, v2, v3, d1, d2, d3, tt, vbest / roof,
                                 dbest / vbest, tt / vbest);
                 }
     }
@@ -355,9 +359,11 @@ int main(int argc, char** argv)
                 if (s[1] == 64) {
                     add(name + "volfuse_ncdhw", run_volfuse<vf::ncdhw_t, 64>, s, t, o);
                     add(name + "volfuse_ndhwc", run_volfuse<vf::ndhwc_t, 64>, s, t, o);
+                    add(name + "volfuse_nCdhw16c", run_volfuse<vf::nCdhw16c_t, 64>, s, t, o);
                 } else {
                     add(name + "volfuse_ncdhw", run_volfuse<vf::ncdhw_t, 32>, s, t, o);
                     add(name + "volfuse_ndhwc", run_volfuse<vf::ndhwc_t, 32>, s, t, o);
+                    add(name + "volfuse_nCdhw16c", run_volfuse<vf::nCdhw16c_t, 32>, s, t, o);
                 }
                 using tag = dnnl::memory::format_tag;
                 add(name + "onednn_ncdhw", run_onednn, s, t, o, tag::ncdhw);

@@ -28,6 +28,7 @@ for r in runs:
 
 ops = ["fwd_train_relu", "fwd_eval_relu", "bwd_relu"]
 impls = [("volfuse_ncdhw", "volfuse NCDHW", "tab:red"), ("volfuse_ndhwc", "volfuse NDHWC", "tab:orange"),
+         ("volfuse_nCdhw16c", "volfuse nCdhw16c", "tab:brown"),
          ("onednn_nCdhw16c", "oneDNN nCdhw16c", "tab:blue"), ("onednn_ndhwc", "oneDNN NDHWC", "tab:cyan"),
          ("onednn_ncdhw", "oneDNN NCDHW", "tab:purple"), ("torch_ncdhw", "libtorch NCDHW", "tab:green")]
 def volume(shape):
@@ -43,10 +44,10 @@ for row, threads in enumerate(["1T", "2T"]):
     for col, op in enumerate(ops):
         ax = axes[row][col]
         xs = range(len(shapes))
-        width = 0.13
+        width = 0.115
         for k, (key, lab, color) in enumerate(impls):
             vals = [gbs.get("peers/%s/%s/%s/%s" % (s, threads, op, key), 0.0) for s in shapes]
-            ax.bar([x + (k - 2.5) * width for x in xs], vals, width, label=lab, color=color)
+            ax.bar([x + (k - 3) * width for x in xs], vals, width, label=lab, color=color)
         roof = "roofline_copy" if op == "bwd_relu" else "roofline_inplace"
         for x, s in zip(xs, shapes):
             v = gbs.get("peers/%s/%s/%s" % (s, threads, roof), 0.0)
@@ -65,17 +66,18 @@ fig.savefig(out, dpi=110)
 print("wrote", out)
 
 # The same run as a Markdown table (times in ms): what docs/performance.md shows.
-print("\n| shape | threads | op | roofline | volfuse NCDHW | volfuse NDHWC | oneDNN NCDHW | oneDNN NDHWC | "
-      "oneDNN nCdhw16c | libtorch NCDHW | volfuse / roofline | oneDNN best / volfuse | libtorch / volfuse |")
-print("|" + "---|" * 13)
+print("\n| shape | threads | op | roofline | volfuse NCDHW | volfuse NDHWC | volfuse nCdhw16c | oneDNN NCDHW | "
+      "oneDNN NDHWC | oneDNN nCdhw16c | libtorch NCDHW | volfuse / roofline | oneDNN best / volfuse | libtorch / volfuse |")
+print("|" + "---|" * 14)
 for s in shapes:
     for threads in ["1T", "2T"]:
         for op in ops:
             base = "peers/%s/%s/" % (s, threads)
             roof = ms.get(base + "roofline_copy", 0) * 1.5 if op == "bwd_relu" else ms.get(base + "roofline_inplace", 0)
             t = {k: ms.get(base + op + "/" + k, 0.0) for k, _, _ in impls}
-            v = min(x for x in (t["volfuse_ncdhw"], t["volfuse_ndhwc"]) if x > 0)
+            v = min(x for x in (t["volfuse_ncdhw"], t["volfuse_ndhwc"], t["volfuse_nCdhw16c"]) if x > 0)
             d = min(x for x in (t["onednn_ncdhw"], t["onednn_ndhwc"], t["onednn_nCdhw16c"]) if x > 0)
-            print("| [%s] | %s | %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.2f | %.2f | %.1f |" % (
-                s.replace("x", ","), threads[0], op, roof, t["volfuse_ncdhw"], t["volfuse_ndhwc"], t["onednn_ncdhw"],
+            print("| [%s] | %s | %s | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.3f | %.2f | %.2f | %.1f |" % (
+                s.replace("x", ","), threads[0], op, roof, t["volfuse_ncdhw"], t["volfuse_ndhwc"], t["volfuse_nCdhw16c"],
+                t["onednn_ncdhw"],
                 t["onednn_ndhwc"], t["onednn_nCdhw16c"], t["torch_ncdhw"], v / roof, d / v, t["torch_ncdhw"] / v))

@@ -40,11 +40,15 @@ auto view_of(float* p, const sizes5& s)
     return vf::make_view<L>(p, s[0], s[1], s[2], s[3], s[4]);
 }
 
-/// Logical NCDHW data -> memory in layout L, and back.
+/// Value blocked layouts' padding lanes hold in tests (kernels must neither read nor write it).
+constexpr float padding_sentinel = -12345.f;
+
+/// Logical NCDHW data -> memory in layout L (padding lanes = padding_sentinel), and back.
 template <class L>
 std::vector<float> to_layout(const std::vector<float>& logical, const sizes5& s)
 {
-    std::vector<float> out(logical.size());
+    std::vector<float> out(static_cast<std::size_t>(vf::storage_size<L>(view_of<L>(static_cast<float*>(nullptr), s).shape())),
+                           padding_sentinel);
     auto v = view_of<L>(out.data(), s);
     for_each_index(s, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t i) { v(n, c, d, h, w) = logical[i]; });
     return out;
@@ -52,7 +56,7 @@ std::vector<float> to_layout(const std::vector<float>& logical, const sizes5& s)
 template <class L>
 std::vector<float> from_layout(std::vector<float>& mem, const sizes5& s)
 {
-    std::vector<float> out(mem.size());
+    std::vector<float> out(static_cast<std::size_t>(numel(s)));
     auto v = view_of<L>(mem.data(), s);
     for_each_index(s, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t i) { out[i] = v(n, c, d, h, w); });
     return out;
@@ -189,10 +193,27 @@ struct bn_run {
 
     bn_run(const std::vector<float>& x_logical, const sizes5& sz) : s(sz), x(to_layout<L>(x_logical, sz)) {}
 
+    /// Blocked layouts: every padding lane of every buffer still holds the sentinel.
+    bool padding_untouched() const
+    {
+        if constexpr (!std::is_same_v<L, vf::nCdhw16c_t>) return true;
+        else {
+            const index_t C = s[1], CB = (C + 15) / 16, S = s[2] * s[3] * s[4];
+            for (const auto* buf : {&x, &y, &dy, &dx})
+                if (!buf->empty())
+                    for (index_t n = 0; n < s[0]; ++n)
+                        for (index_t i = 0; i < S; ++i)
+                            for (index_t l = C - (CB - 1) * 16; l < 16; ++l)
+                                if ((*buf)[static_cast<std::size_t>(((n * CB + CB - 1) * S + i) * 16 + l)] != padding_sentinel)
+                                    return false;
+            return true;
+        }
+    }
+
     template <class BN>
     std::vector<float> forward(BN& bn, bool relu)
     {
-        y.assign(x.size(), std::numeric_limits<float>::quiet_NaN());
+        y = to_layout<L>(std::vector<float>(static_cast<std::size_t>(numel(s)), std::numeric_limits<float>::quiet_NaN()), s);
         auto X = view_of<L>(x.data(), s);
         auto Y = view_of<L>(y.data(), s);
         if (relu) bn.forward(X, Y, vf::relu);
@@ -203,7 +224,7 @@ struct bn_run {
     std::vector<float> backward(BN& bn, const std::vector<float>& dy_logical, bool relu)
     {
         dy = to_layout<L>(dy_logical, s);
-        dx.assign(x.size(), std::numeric_limits<float>::quiet_NaN());
+        dx = to_layout<L>(std::vector<float>(static_cast<std::size_t>(numel(s)), std::numeric_limits<float>::quiet_NaN()), s);
         auto X = view_of<L>(x.data(), s);
         auto DY = view_of<L>(dy.data(), s);
         auto DX = view_of<L>(dx.data(), s);

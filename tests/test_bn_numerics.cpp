@@ -62,6 +62,7 @@ void check_against_reference(const config& cf, std::mt19937& g)
             if (cf.relu) mask.push_back(y[i] > 0.f);
         });
         const auto dx = r.backward(bn, dy, cf.relu);
+        REQUIRE(r.padding_untouched());
         const auto gr = ref.backward(x, dy, w, train, mask);
         double gmax = 0;
         for (double v : gr.gw) gmax = std::max(gmax, std::abs(v));
@@ -107,6 +108,7 @@ TEST_CASE("forward and backward match a float64 reference over random shapes", "
     for (const auto& cf : random_configs(40, 99)) {
         check_against_reference<vf::ncdhw_t>(cf, g);
         check_against_reference<vf::ndhwc_t>(cf, g);
+        check_against_reference<vf::nCdhw16c_t>(cf, g);
     }
 }
 
@@ -121,20 +123,27 @@ TEST_CASE("static C and dynamic C give identical bits", "[bn][numerics][static]"
     static_equals_dynamic<3, vf::ndhwc_t>(g);
     static_equals_dynamic<17, vf::ndhwc_t>(g);
     static_equals_dynamic<64, vf::ndhwc_t>(g);
+    static_equals_dynamic<3, vf::nCdhw16c_t>(g);
+    static_equals_dynamic<17, vf::nCdhw16c_t>(g);
+    static_equals_dynamic<64, vf::nCdhw16c_t>(g);
 }
 
-TEST_CASE("NCDHW and NDHWC agree", "[bn][numerics][layout]")
+TEST_CASE("NCDHW, NDHWC and nCdhw16c agree", "[bn][numerics][layout]")
 {
     std::mt19937 g(8);
     for (const auto& cf : random_configs(15, 5)) {
         const auto x = randn(numel(cf.s), g, -2.0, 3.0), dy = randn(numel(cf.s), g);
-        vf::BatchNorm3d<> a(cf.s[1]), b(cf.s[1]);
+        vf::BatchNorm3d<> a(cf.s[1]), b(cf.s[1]), c(cf.s[1]);
         const auto ta = trace<vf::ncdhw_t>(a, x, dy, cf.s, cf.relu);
         const auto tb = trace<vf::ndhwc_t>(b, x, dy, cf.s, cf.relu);
+        const auto tc = trace<vf::nCdhw16c_t>(c, x, dy, cf.s, cf.relu);
         for (std::size_t k = 0; k < ta.size(); ++k) {
             double scale = 1e-30;
             for (float v : ta[k]) scale = std::max(scale, static_cast<double>(std::abs(v)));
-            for (std::size_t i = 0; i < ta[k].size(); ++i) CHECK_NEAR(ta[k][i], tb[k][i], 2e-6 * scale);
+            for (std::size_t i = 0; i < ta[k].size(); ++i) {
+                CHECK_NEAR(ta[k][i], tb[k][i], 2e-6 * scale);
+                CHECK_NEAR(ta[k][i], tc[k][i], 2e-6 * scale);
+            }
         }
     }
 }

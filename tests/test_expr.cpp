@@ -40,6 +40,8 @@ TEST_CASE("evaluate(Y, relu(bn(X))) is bn.forward(X, Y, relu)", "[expr]")
             same_as_forward<vf::ndhwc_t>(a, b, s, relu);
             same_as_forward<vf::ncdhw_t>(c, d, s, relu);
             same_as_forward<vf::ndhwc_t>(c, d, s, relu);
+            same_as_forward<vf::nCdhw16c_t>(a, b, s, relu);
+            same_as_forward<vf::nCdhw16c_t>(c, d, s, relu);
         }
 }
 

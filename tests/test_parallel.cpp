@@ -43,6 +43,8 @@ TEST_CASE("results are bitwise identical for 1, 2 and 3 threads", "[parallel]")
     same_for_any_thread_count<vf::ndhwc_t, vf::dynamic>(a);
     same_for_any_thread_count<vf::ncdhw_t, 32>(b);
     same_for_any_thread_count<vf::ndhwc_t, 32>(b);
+    same_for_any_thread_count<vf::nCdhw16c_t, vf::dynamic>(a);
+    same_for_any_thread_count<vf::nCdhw16c_t, 32>(b);
 }
 
 TEST_CASE("set_num_threads rejects a count below 1", "[parallel][errors]")

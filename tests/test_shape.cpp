@@ -99,3 +99,38 @@ TEST_CASE("negative extents and overflowing element counts are rejected", "[shap
     REQUIRE(v.numel() == index_t{1} << 40);
     REQUIRE(&v((index_t{1} << 20) - 1, 0, 0, 0, 0) - buf == (index_t{1} << 40) - (1 << 20));
 }
+
+TEST_CASE("nCdhw16c: oneDNN's blocked offsets, padded storage, reorders between all layouts", "[shape][blocked]")
+{
+    const sizes5 s{2, 20, 2, 3, 4}; // C = 20: two blocks, the second 4/16 real
+    const index_t S = 2 * 3 * 4;
+    std::vector<float> mem(static_cast<std::size_t>(2 * 32 * S));
+    auto b = view_of<vf::nCdhw16c_t>(mem.data(), s);
+    REQUIRE(b.storage() == 2 * 32 * S);
+    REQUIRE(b.numel() == 2 * 20 * S);
+    for (const index_t N : {1, 3, 8})
+        for (const index_t C : {1, 15, 16, 17, 32, 33, 64})
+            REQUIRE(vf::nCdhw16c_view(mem.data(), N, C, 2, 3, 4).storage() == N * ((C + 15) / 16) * 16 * S);
+    for_each_index(s, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t) {
+        REQUIRE(&b(n, c, d, h, w) - mem.data() == ((n * 2 + c / 16) * S + (d * 3 + h) * 4 + w) * 16 + c % 16);
+    });
+    // Round trips through every pair of layouts are exact; blocked padding is never written.
+    std::mt19937 g(3);
+    const auto logical = randn(numel(s), g);
+    auto nc = to_layout<vf::ncdhw_t>(logical, s);
+    std::vector<float> nd(nc.size()), bl(mem.size(), padding_sentinel), nc2(nc.size()), bl2(mem.size(), padding_sentinel);
+    vf::reorder(view_of<vf::ncdhw_t>(nc.data(), s), view_of<vf::nCdhw16c_t>(bl.data(), s));
+    vf::reorder(view_of<vf::nCdhw16c_t>(bl.data(), s).as_const(), view_of<vf::ndhwc_t>(nd.data(), s));
+    vf::reorder(view_of<vf::ndhwc_t>(nd.data(), s), view_of<vf::nCdhw16c_t>(bl2.data(), s));
+    vf::reorder(view_of<vf::nCdhw16c_t>(bl2.data(), s), view_of<vf::ncdhw_t>(nc2.data(), s));
+    REQUIRE(same_bits(nc, nc2));
+    REQUIRE(same_bits(bl, bl2));
+    REQUIRE(same_bits(from_layout<vf::ndhwc_t>(nd, s), logical));
+    for (index_t n = 0; n < 2; ++n)
+        for (index_t i = 0; i < S; ++i)
+            for (index_t l = 4; l < 16; ++l) REQUIRE(bl[static_cast<std::size_t>(((n * 2 + 1) * S + i) * 16 + l)] == padding_sentinel);
+    REQUIRE_THROWS_WITH(vf::reorder(view_of<vf::ncdhw_t>(nc.data(), s), vf::ncdhw_view(nd.data(), 2, 20, 2, 4, 3)),
+                        "reorder: destination has shape [2, 20, 2, 4, 3] but source has shape [2, 20, 2, 3, 4]");
+    REQUIRE_THROWS_WITH(vf::reorder(view_of<vf::ncdhw_t>(nc.data(), s), view_of<vf::ndhwc_t>(nc.data() + 1, s)),
+                        "reorder: source and destination overlap");
+}

@@ -7,6 +7,7 @@
 #include "expr/evaluate.hpp"
 #include "expr/nodes.hpp"
 #include "expr/pointwise.hpp"
+#include "kernels/reorder.hpp"
 #include "nn/batchnorm3d.hpp"
 #include "parallel/threads.hpp"
 #include "schedule/schedule.hpp"

@@ -137,25 +137,32 @@ std::string describe(const VY& Y, const E& e)
                 std::to_string(s.unroll) + ", channel block " + std::to_string(s.channel_block) + ", threads " +
                 std::to_string(s.threads) + (minor ? ", pixel block " + std::to_string(s.pixel_block) : std::string()));
     const std::string vec = std::to_string(s.vector_width);
-    const std::string inner = minor ? (s.channels_unrolled ? "for c in [0, C) step " + vec + " (unrolled at compile time):"
-                                                           : "for c in [0, C) step " + vec + ":")
-                                    : "for i in [0, D*H*W) step " + vec + " (x" + std::to_string(s.unroll) + "):";
-    const std::string outer = minor ? "parallel for block in [0, N*D*H*W / " + std::to_string(s.pixel_block) +
-                                          "): for p in block:"
-                                    : "for n in [0, N):";
+    const bool blocked = Form::blocked;
+    const std::string inner =
+        blocked ? "for c in block step " + vec + " (" + std::to_string(s.unroll) + " vectors, unrolled at compile time):"
+        : minor ? (s.channels_unrolled ? "for c in [0, C) step " + vec + " (unrolled at compile time):"
+                                       : "for c in [0, C) step " + vec + ":")
+                : "for i in [0, D*H*W) step " + vec + " (x" + std::to_string(s.unroll) + "):";
+    const std::string outer = blocked ? "for n in [0, N): for p in [0, D*H*W):"
+                              : minor ? "parallel for block in [0, N*D*H*W / " + std::to_string(s.pixel_block) +
+                                            "): for p in block:"
+                                      : "for n in [0, N):";
     auto pass = [&](int depth, const std::string& body) {
         line(depth, outer);
         line(depth + 1, inner);
         line(depth + 2, body);
     };
     int d = 0;
-    if (!minor) {
+    if (blocked) {
+        line(0, "parallel for block in [0, C/16):   # one 16-channel block's slice stays in cache across its passes");
+        d = 1;
+    } else if (!minor) {
         line(0, "parallel for c in [0, C):   # one channel's slice stays in cache across its passes");
         d = 1;
     }
     if (train) {
         pass(d, "sum += widen(x)                      # double accumulators");
-        if (minor) line(d, "sum = block partials added in block order   # same bits for any thread count");
+        if (minor && !blocked) line(d, "sum = block partials added in block order   # same bits for any thread count");
         line(d, "mean = float(sum / n)");
         pass(d, "var_sum += widen((x - mean)^2)       # double accumulators");
         line(d, "invstd, alpha = invstd * gamma, running statistics   # PyTorch's rounding");

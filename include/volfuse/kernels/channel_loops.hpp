@@ -48,14 +48,19 @@ constexpr index_t reduce_workspace(const Form& f, index_t K) noexcept
 
 /// Channel groups processed as a unit: one channel at a time for channel-major
 /// forms (its slice is still in cache between the passes; channels run in parallel),
-/// all channels at once for channel-minor forms (a pixel holds every channel; the
-/// kernels inside run in parallel over pixel blocks).
+/// one 16-channel block at a time for blocked forms (likewise), all channels at once
+/// for channel-minor forms (a pixel holds every channel; the kernels inside run in
+/// parallel over pixel blocks).
 template <class Form, class Body>
 void for_channel_groups(const Form& f, Body&& body)
 {
     const index_t C = value_of(f.channels);
     if constexpr (Form::channel_minor) {
         body(index_t{0}, C);
+    } else if constexpr (Form::blocked) {
+        constexpr index_t B = Form::block;
+        parallel::parallel_for(f.blocks(), C * f.count(),
+                               [&](index_t cb) { body(cb * B, std::min(C, (cb + 1) * B)); });
     } else {
         parallel::parallel_for(C, C * f.count(), [&](index_t c) { body(c, c + 1); });
     }
@@ -84,6 +89,8 @@ inline constexpr bool unrolled_channels =
 /// The loop nest over channels [c0, c1) and outer indices [o0, o1) of a channel form, written once:
 ///   channel-major: for c { begin(c, c+1); for o { the inner run two vectors at a time
 ///                  (visit's slot 0 and 1: independent accumulator chains), then its tail }; end(c, c+1) }
+///   blocked:       begin(block); for n { for pixel { the block's 16 channels as 16/width
+///                  vectors, slot<j> } }; end(block)
 ///   channel-minor: begin(0, C); for o { vectors across all C channels }; end(0, C).  With
 ///                  static C the channel loop is unrolled at compile time and visit gets the
 ///                  vector's index as slot<j>; otherwise slot is the run-time index.
@@ -112,6 +119,24 @@ void walk(const Form& f, index_t c0, index_t c1, index_t o0, index_t o1, Begin&&
                     visit(vec_pos{o * C + cv, cv, std::min<index_t>(width, C - cv)}, cv / width);
         }
         end(index_t{0}, C);
+    } else if constexpr (Form::blocked) {
+        // [c0, c1) is one block; its 16 channels are contiguous at every pixel.
+        constexpr index_t B = Form::block;
+        const index_t CB = f.blocks(), cb = c0 / B;
+        begin(c0, c1);
+        for (index_t o = o0; o < o1; ++o)
+            for (index_t i = 0; i < I; ++i) {
+                const index_t base = ((o * CB + cb) * I + i) * B;
+                [&]<int... J>(std::integer_sequence<int, J...>) {
+                    auto one = [&](auto j) {
+                        const index_t lanes = std::min<index_t>(width, c1 - c0 - decltype(j)::value * width);
+                        if (lanes > 0) // the last block's padding lanes are neither read nor written
+                            visit(vec_pos{base + decltype(j)::value * width, c0 + decltype(j)::value * width, lanes}, j);
+                    };
+                    (one(slot<J>{}), ...);
+                }(std::make_integer_sequence<int, static_cast<int>(B / width)>{});
+            }
+        end(c0, c1);
     } else {
         for (index_t c = c0; c < c1; ++c) {
             begin(c, c + 1);
@@ -150,14 +175,16 @@ struct channel_params {
     const srcs<P>& prm;
     fvecs<P> cached{};
 
+    static constexpr bool across = Form::channel_minor || Form::blocked; // lanes are channels
+
     void begin(index_t c) noexcept
     {
-        if constexpr (!Form::channel_minor)
+        if constexpr (!across)
             for (std::size_t q = 0; q < P; ++q) cached[q] = fvec(prm[q][c]);
     }
     fvecs<P> at(const vec_pos& p) const noexcept
     {
-        if constexpr (Form::channel_minor) {
+        if constexpr (across) {
             fvecs<P> v;
             for (std::size_t q = 0; q < P; ++q)
                 v[q] = p.lanes == width ? simd::load(prm[q] + p.c) : simd::load_partial(prm[q] + p.c, p.lanes);
@@ -180,17 +207,20 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
                      double* out, index_t stride) noexcept
 {
     constexpr bool in_memory = Form::channel_minor && !unrolled_channels<Form>;
-    constexpr std::size_t slots = !Form::channel_minor ? 2
-                                  : in_memory          ? 1
-                                                       : static_cast<std::size_t>(
-                                                    (static_value_v<decltype(Form::channels)> + width - 1) / width);
+    constexpr std::size_t slots = [] {
+        if constexpr (Form::blocked) return static_cast<std::size_t>(Form::block / width);
+        else if constexpr (!Form::channel_minor) return std::size_t{2};
+        else if constexpr (in_memory) return std::size_t{1};
+        else return static_cast<std::size_t>((static_value_v<decltype(Form::channels)> + width - 1) / width);
+    }();
+    constexpr bool per_lane = Form::channel_minor || Form::blocked; // accumulators hold one channel per lane
     const index_t O = value_of(f.outer);
     // One walk over outer [o0, o1) into `dst` (stride as out); channel-major: per channel.
-    auto reduce_range = [&](index_t o0, index_t o1, double* dst) {
+    auto reduce_range = [&](index_t ca, index_t cb, index_t o0, index_t o1, double* dst) {
         channel_params<Form, P> params{prm};
         std::array<std::array<simd::dacc, K>, slots> acc{};
         walk(
-            f, c0, c1, o0, o1,
+            f, ca, cb, o0, o1,
             [&](index_t a, index_t b) {
                 params.begin(a);
                 acc = {};
@@ -216,12 +246,12 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
                 }
             },
             [&](index_t a, index_t) {
-                if constexpr (!Form::channel_minor) {
+                if constexpr (!per_lane) {
                     for (std::size_t k = 0; k < K; ++k) dst[k * stride + a] = simd::dacc::total(acc[0][k], acc[1][k]);
                 } else if constexpr (!in_memory) {
                     for (std::size_t j = 0; j < slots; ++j)
                         for (std::size_t k = 0; k < K; ++k) {
-                            double* d = dst + k * stride + static_cast<index_t>(j) * width;
+                            double* d = dst + k * stride + a + static_cast<index_t>(j) * width;
                             acc[j][k].lo.store_unaligned(d);
                             acc[j][k].hi.store_unaligned(d + simd::dvec::size);
                         }
@@ -233,7 +263,7 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
         const index_t per = static_cast<index_t>(K) * stride;
         double* partial = out + per;
         parallel::parallel_for(blocks, O * value_of(f.channels), [&](index_t b) {
-            reduce_range(b * reduce_block, std::min(O, (b + 1) * reduce_block), partial + b * per);
+            reduce_range(c0, c1, b * reduce_block, std::min(O, (b + 1) * reduce_block), partial + b * per);
         });
         // The fixed reduction tree: partials added in block order, every channel the same way.
         std::fill(out, out + per, 0.0);
@@ -241,8 +271,10 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
             for (index_t i = 0; i < per; i += simd::dvec::size)
                 (simd::dvec::load_unaligned(out + i) + simd::dvec::load_unaligned(partial + b * per + i))
                     .store_unaligned(out + i);
+    } else if constexpr (Form::blocked) {
+        for (index_t c = c0; c < c1; c += Form::block) reduce_range(c, std::min(c1, c + Form::block), 0, O, out);
     } else {
-        reduce_range(0, O, out);
+        reduce_range(c0, c1, 0, O, out);
     }
 }
 
@@ -269,6 +301,13 @@ void transform_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in
         const index_t blocks = (O + reduce_block - 1) / reduce_block;
         parallel::parallel_for(blocks, O * value_of(f.channels), [&](index_t b) {
             transform_range(c0, c1, b * reduce_block, std::min(O, (b + 1) * reduce_block));
+        });
+    } else if constexpr (Form::blocked) {
+        constexpr index_t B = Form::block;
+        const index_t first = c0 / B, blocks = (c1 + B - 1) / B - first;
+        parallel::parallel_for(blocks, (c1 - c0) * f.count(), [&](index_t i) {
+            const index_t ca = std::max(c0, (first + i) * B);
+            transform_range(ca, std::min(c1, (first + i + 1) * B), 0, O);
         });
     } else {
         parallel::parallel_for(c1 - c0, (c1 - c0) * f.count(),

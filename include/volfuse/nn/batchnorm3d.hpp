@@ -169,7 +169,7 @@ public:
                         "backward needs the forward's input X (run forward out of place when training)");
         if (static_cast<const void*>(X.data()) != saved_.x)
             throw error("BatchNorm3d::backward: X is not the input of the last forward");
-        if (dX.data() != dY.data() && overlaps(dX.data(), dY.data(), X.shape().numel()))
+        if (dX.data() != dY.data() && overlaps(dX.data(), dY.data(), X.storage()))
             throw error("BatchNorm3d::backward: grad_input partially overlaps grad_output");
         if (X.shape().numel() == 0) return;
         run_backward(specialize(X.as_const()), dY.data(), dX.data(), epi);
@@ -216,7 +216,7 @@ private:
     template <class VX>
     static void check_io(const VX& X, const char* xname, std::initializer_list<io_arg> others)
     {
-        const index_t n = X.shape().numel();
+        const index_t n = X.storage(); // elements of memory, blocked padding included
         if (n > 0 && X.data() == nullptr) throw error(std::string(xname) + " data pointer is null");
         for (const io_arg& a : others) {
             if (a.sizes != X.sizes())

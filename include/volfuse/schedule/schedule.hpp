@@ -30,14 +30,18 @@ schedule schedule_for(const Form& f)
     constexpr bool minor = Form::channel_minor;
     constexpr bool static_c = static_value_v<decltype(Form::channels)> != dynamic;
     const index_t C = value_of(f.channels);
-    return {simd::arch::name(),
-            simd::width,
-            minor ? 1 : 2,
-            minor ? C : 1,
-            minor ? kernels::reduce_block : 0,
-            get_num_threads(),
-            static_c,
-            kernels::unrolled_channels<Form>};
+    if constexpr (Form::blocked)
+        return {simd::arch::name(), simd::width, static_cast<int>(Form::block / simd::width), Form::block, 0,
+                get_num_threads(),  static_c,    true};
+    else
+        return {simd::arch::name(),
+                simd::width,
+                minor ? 1 : 2,
+                minor ? C : 1,
+                minor ? kernels::reduce_block : 0,
+                get_num_threads(),
+                static_c,
+                kernels::unrolled_channels<Form>};
 }
 
 } // namespace volfuse

@@ -24,11 +24,29 @@ struct channel_form {
 
     /// Channels are the fastest-moving dimension: vectorize across channels.
     static constexpr bool channel_minor = static_value_v<I> == 1;
+    static constexpr bool blocked = false;
 
     constexpr index_t count() const noexcept { return value_of(outer) * value_of(inner); }
 };
 template <class O, class C, class I>
 channel_form(O, C, I) -> channel_form<O, C, I>;
+
+/// Blocked channels (oneDNN's nCdhw16c): element (n, c, s) of C channels and S = D*H*W
+/// pixels lives at ((n * ceil(C/16) + c/16) * S + s) * 16 + c%16.  Kernels walk one
+/// 16-channel block at a time, vectorizing across its channels.
+template <extent O, extent C, extent I>
+struct blocked_form {
+    O outer;    // N
+    C channels; // C (the last block may be partly padding)
+    I inner;    // D*H*W
+    static constexpr index_t block = 16;
+    static constexpr bool channel_minor = false;
+    static constexpr bool blocked = true;
+    constexpr index_t count() const noexcept { return value_of(outer) * value_of(inner); }
+    constexpr index_t blocks() const noexcept { return (value_of(channels) + block - 1) / block; }
+};
+template <class O, class C, class I>
+blocked_form(O, C, I) -> blocked_form<O, C, I>;
 
 /// NCDHW, PyTorch's default contiguous format.
 struct ncdhw_t {
@@ -73,8 +91,35 @@ struct ndhwc_t {
     }
 };
 
+/// oneDNN's nCdhw16c: [N][ceil(C/16)][D][H][W][16].  When C is not a multiple of 16 the
+/// last block's extra lanes are padding: storage() counts them; kernels neither read nor
+/// write them.
+struct nCdhw16c_t {
+    static constexpr std::string_view name = "nCdhw16c";
+    static constexpr index_t block = 16;
+    template <class S>
+    static constexpr auto form(const S& s) noexcept
+    {
+        return blocked_form{s.n(), s.c(), s.spatial()};
+    }
+    template <class S>
+    static constexpr index_t offset(const S& s, index_t n, index_t c, index_t d, index_t h, index_t w) noexcept
+    {
+        const index_t CB = (value_of(s.c()) + block - 1) / block, D = value_of(s.d()), H = value_of(s.h()),
+                      W = value_of(s.w());
+        return ((((n * CB + c / block) * D + d) * H + h) * W + w) * block + c % block;
+    }
+    /// Elements of memory the layout occupies (padding included).
+    template <class S>
+    static constexpr index_t storage(const S& s) noexcept
+    {
+        return value_of(s.n()) * ((value_of(s.c()) + block - 1) / block * block) * value_of(s.spatial());
+    }
+};
+
 inline constexpr ncdhw_t ncdhw{};
 inline constexpr ndhwc_t ndhwc{};
+inline constexpr nCdhw16c_t nCdhw16c{};
 
 template <class L>
 concept plain_layout = std::same_as<L, ncdhw_t> || std::same_as<L, ndhwc_t>;
@@ -83,9 +128,21 @@ concept plain_layout = std::same_as<L, ncdhw_t> || std::same_as<L, ndhwc_t>;
 template <class L, class S>
 constexpr index_t offset(const S& s, index_t n, index_t c, index_t d, index_t h, index_t w) noexcept
 {
-    return hana::unpack(L::strides(s), [&](auto sn, auto sc, auto sd, auto sh, auto sw) {
-        return n * value_of(sn) + c * value_of(sc) + d * value_of(sd) + h * value_of(sh) + w * value_of(sw);
-    });
+    if constexpr (plain_layout<L>) {
+        return hana::unpack(L::strides(s), [&](auto sn, auto sc, auto sd, auto sh, auto sw) {
+            return n * value_of(sn) + c * value_of(sc) + d * value_of(sd) + h * value_of(sh) + w * value_of(sw);
+        });
+    } else {
+        return L::offset(s, n, c, d, h, w);
+    }
+}
+
+/// Elements of memory a tensor of shape s occupies under layout L.
+template <class L, class S>
+constexpr index_t storage_size(const S& s) noexcept
+{
+    if constexpr (plain_layout<L>) return value_of(s.numel());
+    else return L::storage(s);
 }
 
 } // namespace volfuse

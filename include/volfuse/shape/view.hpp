@@ -23,7 +23,8 @@ public:
     constexpr auto numel() const noexcept { return shape_.numel(); }
     constexpr auto sizes() const noexcept { return shape_.sizes(); }
     static constexpr std::string_view layout_name() noexcept { return L::name; }
-    constexpr auto strides() const noexcept { return L::strides(shape_); }
+    /// Elements of memory the view spans (blocked layouts pad C to whole blocks).
+    constexpr index_t storage() const noexcept { return storage_size<L>(shape_); }
     constexpr auto form() const noexcept { return L::form(shape_); }
 
     /// Element at logical index (n, c, d, h, w), whatever the layout.
@@ -76,6 +77,10 @@ constexpr auto ncdhw_view(T* data, A... sizes) { return make_view<ncdhw_t>(data,
 template <class T, class... A>
     requires(sizeof...(A) == 5)
 constexpr auto ndhwc_view(T* data, A... sizes) { return make_view<ndhwc_t>(data, sizes...); }
+/// oneDNN's blocked layout; `data` must hold N * ceil(C/16)*16 * D*H*W floats.
+template <class T, class... A>
+    requires(sizeof...(A) == 5)
+constexpr auto nCdhw16c_view(T* data, A... sizes) { return make_view<nCdhw16c_t>(data, sizes...); }
 
 /// Views from a run-time list of sizes (e.g. a torch tensor's `sizes()`): all
 /// extents dynamic; a rank other than 5 is PyTorch's `expected 5D input` error.
