@@ -2,10 +2,10 @@
 // channels, inner), written once (`walk`), and the two kinds of kernel body:
 //   reduce_channels:    per-channel sums of K float terms, accumulated in double;
 //   transform_channels: an elementwise map with per-channel parameters.
-// One template for static and dynamic extents and for both plain layouts:
+// One template for static and dynamic extents and for all three layouts:
 // channel-major forms (inner > 1, NCDHW) vectorize along the contiguous inner run
-// with per-channel parameters broadcast; channel-minor forms (inner == 1, NDHWC)
-// vectorize across channels with parameters loaded as vectors.  Tails use partial
+// with per-channel parameters broadcast; channel-minor forms (inner == 1, NDHWC) and
+// blocked forms (nCdhw16c) vectorize across channels with parameters loaded as vectors.  Tails use partial
 // loads/stores and lane masks, so every element goes through the same vector
 // arithmetic (bits do not depend on where an element sits).
 #pragma once
@@ -67,7 +67,7 @@ void for_channel_groups(const Form& f, Body&& body)
 }
 
 /// One vector position of a walk: `offset` of its first element; `c` the channel of
-/// every lane (channel-major) or of lane 0, lane l being channel c + l (channel-minor);
+/// every lane (channel-major) or of lane 0, lane l being channel c + l (channel-minor, blocked);
 /// `lanes` the lanes that are real (fewer than `width` only in a tail).
 struct vec_pos {
     index_t offset, c, lanes;
@@ -169,7 +169,7 @@ fvecs<S> load_sources(const srcs<S>& in, const vec_pos& p) noexcept
 }
 
 /// Per-channel parameters as vectors: broadcast once per channel for channel-major
-/// forms (`begin`), loaded per position across channels for channel-minor forms.
+/// forms (`begin`), loaded per position across channels for channel-minor and blocked forms.
 template <class Form, std::size_t P>
 struct channel_params {
     const srcs<P>& prm;
@@ -198,8 +198,9 @@ struct channel_params {
 /// out[k * stride + c] = sum over the channel's elements of term(x..., p...)[k], c in [c0, c1),
 /// each float term widened and summed in double.  `out` is reduce_workspace(f, K) doubles.
 /// `term(const fvecs<S>& in, const fvecs<P>& prm) -> fvecs<K>`.
-/// Accumulators: channel-major, two chains per term in registers; channel-minor with
-/// static C, one per channel in registers; channel-minor with dynamic C, in memory.
+/// Accumulators: channel-major, two chains per term in registers; blocked, and
+/// channel-minor with static C, one per channel in registers; channel-minor with
+/// dynamic C, in memory.
 /// Channel-minor forms reduce fixed pixel blocks in parallel into partials after
 /// `out`, then add the partials in block order.
 template <std::size_t K, std::size_t S, std::size_t P, class Form, class Term>

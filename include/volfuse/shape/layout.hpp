@@ -31,6 +31,9 @@ struct channel_form {
 template <class O, class C, class I>
 channel_form(O, C, I) -> channel_form<O, C, I>;
 
+/// Channels per block of the blocked layout (oneDNN's nCdhw16c; one AVX-512 vector of floats).
+inline constexpr index_t channel_block = 16;
+
 /// Blocked channels (oneDNN's nCdhw16c): element (n, c, s) of C channels and S = D*H*W
 /// pixels lives at ((n * ceil(C/16) + c/16) * S + s) * 16 + c%16.  Kernels walk one
 /// 16-channel block at a time, vectorizing across its channels.
@@ -39,7 +42,7 @@ struct blocked_form {
     O outer;    // N
     C channels; // C (the last block may be partly padding)
     I inner;    // D*H*W
-    static constexpr index_t block = 16;
+    static constexpr index_t block = channel_block;
     static constexpr bool channel_minor = false;
     static constexpr bool blocked = true;
     constexpr index_t count() const noexcept { return value_of(outer) * value_of(inner); }
@@ -96,7 +99,7 @@ struct ndhwc_t {
 /// write them.
 struct nCdhw16c_t {
     static constexpr std::string_view name = "nCdhw16c";
-    static constexpr index_t block = 16;
+    static constexpr index_t block = channel_block;
     template <class S>
     static constexpr auto form(const S& s) noexcept
     {
