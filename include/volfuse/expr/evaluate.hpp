@@ -1,7 +1,9 @@
 // The evaluator: turns an expression plus an output view into kernel calls.  Each
 // supported expression shape lowers to one fused pass (or, for batch norm in
 // training, the statistics passes plus one normalize pass); anything else is a
-// compile-time error naming what is supported.
+// compile-time error naming what is supported.  Modules are thin layers over it:
+// BatchNorm3d::forward builds epi(bn(X)) and calls evaluate, and a bn node asks its
+// module only to validate the call and commit its state (prepare_forward).
 //   vf::evaluate(Y, vf::relu(bn(X)))        == bn.forward(X, Y, vf::relu)
 //   vf::evaluate(Y, bn(X))                  == bn.forward(X, Y)
 //   vf::evaluate(Y, vf::relu(vf::channel_affine(X, scale, shift)))
@@ -11,6 +13,7 @@
 #include <string>
 
 #include "../core/error.hpp"
+#include "../kernels/batch_norm.hpp"
 #include "../kernels/channel_loops.hpp"
 #include "../schedule/schedule.hpp"
 #include "nodes.hpp"
@@ -68,7 +71,14 @@ void evaluate(const VY& Y, const E& e)
     if constexpr (detail::is_bn_v<In>) {
         static_assert(detail::is_leaf_v<std::remove_cvref_t<decltype(in.in)>>,
                       "vf::evaluate: batch norm applies to a tensor (conv-output nodes come later)");
-        in.module->forward(in.in.view, Y, op);
+        // The module validates and commits its state; what runs is chosen here.
+        const auto& X = in.in.view;
+        if (const auto step = in.module->prepare_forward(X, Y)) {
+            if (step->batch_stats)
+                kernels::batch_norm_train(step->form, X.data(), Y.data(), step->coeffs, step->work, step->finalize, op);
+            else
+                kernels::normalize(step->form, 0, value_of(step->form.channels), X.data(), Y.data(), step->coeffs, op);
+        }
     } else if constexpr (detail::is_affine_v<In>) {
         static_assert(detail::is_leaf_v<std::remove_cvref_t<decltype(in.in)>>,
                       "vf::evaluate: channel_affine applies to a tensor");

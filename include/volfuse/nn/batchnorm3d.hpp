@@ -12,6 +12,7 @@
 
 #include "../core/error.hpp"
 #include "../core/format.hpp"
+#include "../expr/evaluate.hpp"
 #include "../expr/nodes.hpp"
 #include "../kernels/batch_norm.hpp"
 #include "../shape/view.hpp"
@@ -126,9 +127,53 @@ public:
     /// Y = epi(BatchNorm3d(X)).  Y may be X itself (in place).  Training (or eval
     /// without running statistics) normalizes with batch statistics; training with
     /// tracking updates running_mean/var and num_batches_tracked.
+    /// The same as vf::evaluate(Y, epi((*this)(X))): the evaluator picks the kernels.
     template <class VX, class VY, expr::epilogue Epi = expr::identity_t>
     void forward(const VX& X, const VY& Y, Epi epi = {})
     {
+        check_views<VX, VY>();
+        evaluate(Y, expr::pointwise<Epi, expr::batch_norm<BatchNorm3d, expr::tensor<VX>>>{epi, (*this)(X)});
+    }
+
+    // --- the evaluator's side (expr/evaluate.hpp) -----------------------------
+
+    /// Turns a channel's batch statistics into its scale and shift, and updates the
+    /// running statistics, with ATen's rounding (called by the training kernel).
+    struct train_finalizer {
+        BatchNorm3d* m;
+        index_t n;      // values per channel
+        bool update;    // training with running statistics
+        float momentum; // this step's factor (momentum, or 1/num_batches_tracked)
+        void operator()(index_t c, float mean, float var_sum, float& alpha, float& beta) const noexcept
+        {
+            const float invstd = nn::rules::train_invstd(var_sum, n, m->eps_);
+            m->invstd_[c] = invstd;
+            alpha = nn::rules::scale(invstd, m->gamma_[c]);
+            beta = m->bias_of(c);
+            if (update) {
+                m->running_mean_[c] = nn::rules::update_running_mean(m->running_mean_[c], mean, momentum);
+                m->running_var_[c] = nn::rules::update_running_var(m->running_var_[c], var_sum, n, momentum);
+            }
+        }
+    };
+    /// One forward as the module hands it to the evaluator: the form to run on
+    /// (static C specialized), which kernel, and the state it reads and writes.
+    template <class Form>
+    struct forward_step {
+        using form_type = Form;
+        Form form;
+        bool batch_stats;           // batch statistics (kernels::batch_norm_train) or running ones (normalize)
+        kernels::bn_coeffs_out coeffs; // filled by the training kernel, here for running statistics
+        double* work;
+        train_finalizer finalize;
+    };
+
+    /// Validates forward(X -> Y) and commits everything but the kernels' work: after
+    /// this returns, the kernels (noexcept) cannot fail.  Empty when X has no elements.
+    template <class VX, class VY>
+    auto prepare_forward(const VX& X, const VY& Y)
+    {
+        using step = forward_step<decltype(specialize(X.as_const()).form())>;
         check_views<VX, VY>();
         static_assert(!std::is_const_v<typename VY::value_type>, "BatchNorm3d::forward: Y must be writable");
         check_io(X, "input", {{Y.data(), Y.sizes(), "output"}});
@@ -141,12 +186,28 @@ public:
                 throw error("select(): index 0 out of range for tensor of size [0] at dimension 0");
             if (training_ && track_) ++nbt_;
             remember(X.data(), Y.data(), sz, VX::layout_name(), batch_stats);
-            return;
+            return std::optional<step>{};
         }
         check_channels(C);
         reserve(C);
-        run_forward(specialize(X.as_const()), Y.data(), batch_stats, epi);
+        const typename step::form_type f = specialize(X.as_const()).form();
+        double* work = workspace(f); // the one step that may allocate: before any state changes
+        for (index_t c = 0; c < C; ++c) gamma_[c] = gamma_of(c);
+        train_finalizer fin{this, f.count(), training_ && track_, 0.f};
+        if (batch_stats && fin.update) {
+            ++nbt_;
+            fin.momentum = static_cast<float>(momentum_ ? *momentum_ : 1.0 / static_cast<double>(nbt_));
+        }
+        if (!batch_stats)
+            for (index_t c = 0; c < C; ++c) {
+                mean_[c] = running_mean_[c];
+                mean_lo_[c] = 0.f;
+                alpha_[c] = nn::rules::scale(nn::rules::eval_invstd(running_var_[c], eps_), gamma_[c]);
+                beta_[c] = bias_of(c);
+                invstd_[c] = nn::rules::eval_backward_invstd(running_var_[c], eps_);
+            }
         remember(X.data(), Y.data(), sz, VX::layout_name(), batch_stats);
+        return std::optional<step>{step{f, batch_stats, coeffs(), work, fin}};
     }
 
     /// Backward of the last forward on X (through `epi` when given): writes dX and
@@ -288,46 +349,6 @@ private:
         const auto need = static_cast<std::size_t>(kernels::reduce_workspace(f, 2));
         if (work_.size() < need) work_.resize(need);
         return work_.data();
-    }
-
-    template <class V, class Epi>
-    void run_forward(const V& X, float* y, bool batch_stats, Epi epi)
-    {
-        const auto f = X.form();
-        double* work = workspace(f); // the one step that may allocate: before any state changes
-        const index_t C = value_of(f.channels);
-        for (index_t c = 0; c < C; ++c) gamma_[c] = gamma_of(c);
-        if (batch_stats) {
-            const index_t n = f.count();
-            const bool update = training_ && track_;
-            float m = 0.f;
-            if (update) {
-                ++nbt_;
-                m = static_cast<float>(momentum_ ? *momentum_ : 1.0 / static_cast<double>(nbt_));
-            }
-            kernels::batch_norm_train(
-                f, X.data(), y, coeffs(), work,
-                [&](index_t c, float mean, float var_sum, float& alpha, float& beta) {
-                    const float invstd = nn::rules::train_invstd(var_sum, n, eps_);
-                    invstd_[c] = invstd;
-                    alpha = nn::rules::scale(invstd, gamma_[c]);
-                    beta = bias_of(c);
-                    if (update) {
-                        running_mean_[c] = nn::rules::update_running_mean(running_mean_[c], mean, m);
-                        running_var_[c] = nn::rules::update_running_var(running_var_[c], var_sum, n, m);
-                    }
-                },
-                epi);
-        } else {
-            for (index_t c = 0; c < C; ++c) {
-                mean_[c] = running_mean_[c];
-                mean_lo_[c] = 0.f;
-                alpha_[c] = nn::rules::scale(nn::rules::eval_invstd(running_var_[c], eps_), gamma_[c]);
-                beta_[c] = bias_of(c);
-                invstd_[c] = nn::rules::eval_backward_invstd(running_var_[c], eps_);
-            }
-            kernels::normalize(f, 0, C, X.data(), y, coeffs(), epi);
-        }
     }
 
     template <class V, class Epi>
