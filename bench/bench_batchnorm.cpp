@@ -2,8 +2,8 @@
 // with and without the fused ReLU, backward, per layout, static vs dynamic C.
 // Each kernel is reported in bytes/s of its minimal DRAM traffic (forward: read x,
 // write y = 8 B/element; backward: read x and dy, write dx = 12 B/element) next to a
-// roofline of the same size measured in the same run: a STREAM-style copy (read a,
-// write b) for out-of-place ops, an in-place read+write of one array for in-place ones.
+// roofline of the same size measured in the same run: a copy with non-temporal stores
+// (read a, write b, no read-for-ownership) for out-of-place ops, an in-place read+write of one array for in-place ones.
 // At the end a table summarizes time, GB/s and % of the roofline.
 #include <algorithm>
 #include <cstdio>
@@ -16,6 +16,8 @@
 
 #include <benchmark/benchmark.h>
 #include <volfuse/volfuse.hpp>
+
+#include "roofline.hpp"
 
 namespace vf = volfuse;
 using vf::index_t;
@@ -129,43 +131,37 @@ void bm_bn(benchmark::State& st, sizes5 s, op o)
     set_rate(st, (o == op::backward || o == op::backward_relu ? 12.0 : 8.0) * n);
 }
 
-/// The in-place roofline: read and write every element of one array once (8 B/element),
-/// what BN+ReLU applied in place to a conv output must at least cost.
-/// Splits [0, n) into one contiguous chunk per thread (the kernels' thread count).
-template <class F>
-void chunked(index_t n, F&& f)
-{
-    const int t = vf::get_num_threads();
-#pragma omp parallel for num_threads(t) schedule(static)
-    for (int i = 0; i < t; ++i) f(n * i / t, n * (i + 1) / t);
-}
-
 void bm_inplace(benchmark::State& st, sizes5 s)
 {
     auto& b = get(s);
-    float* p = b.y.get();
-    const index_t n = numel(s);
     for (auto _ : st) {
-        chunked(n, [&](index_t lo, index_t hi) {
-            for (index_t i = lo; i < hi; ++i) p[i] = p[i] * 0.5f + 0.25f; // vectorized by the compiler
-        });
+        roofline::inplace(b.y.get(), numel(s), vf::get_num_threads());
         benchmark::ClobberMemory();
     }
-    set_rate(st, 8.0 * static_cast<double>(n));
+    set_rate(st, 8.0 * static_cast<double>(numel(s)));
 }
 
-/// The out-of-place roofline: copy a -> b (8 B/element), as memcpy.
-void bm_copy(benchmark::State& st, sizes5 s)
+void bm_ntcopy(benchmark::State& st, sizes5 s)
 {
     auto& b = get(s);
-    const index_t n = numel(s);
     for (auto _ : st) {
-        chunked(n, [&](index_t lo, index_t hi) {
-            std::memcpy(b.y.get() + lo, b.x.get() + lo, static_cast<std::size_t>(hi - lo) * sizeof(float));
-        });
+        roofline::ntcopy(b.x.get(), b.y.get(), numel(s), vf::get_num_threads());
         benchmark::ClobberMemory();
     }
-    set_rate(st, 8.0 * static_cast<double>(n));
+    set_rate(st, 8.0 * static_cast<double>(numel(s)));
+}
+
+/// A statistics pass's floor: the array summed in double once (from DRAM), and a
+/// 512 KiB slice summed numel/slice times (the same element count from L2), both
+/// reported as 4 B/element read.  The second is bound by the float->double widening.
+void bm_dsum(benchmark::State& st, sizes5 s, bool cached)
+{
+    auto& b = get(s);
+    const index_t n = numel(s), slice = std::min<index_t>(n, 128 * 1024);
+    for (auto _ : st)
+        benchmark::DoNotOptimize(cached ? roofline::dsum(b.x.get(), slice, vf::get_num_threads(), n / slice)
+                                        : roofline::dsum(b.x.get(), n, vf::get_num_threads()));
+    set_rate(st, 4.0 * static_cast<double>(cached ? n / slice * slice : n));
 }
 
 /// Collects the runs and prints the summary table after Google Benchmark's own output.
@@ -180,7 +176,7 @@ public:
     void Finalize() override
     {
         ConsoleReporter::Finalize();
-        std::map<std::string, double> copy_gbs, inplace_gbs;
+        std::map<std::string, double> copy_gbs, inplace_gbs, dsum_ms, dsum_cached_ms;
         auto name_of = [](const Run& r) {
             std::string name = r.benchmark_name();
             // drop Google Benchmark's option suffixes ("/min_warmup_time:0.2/real_time")
@@ -190,12 +186,15 @@ public:
         };
         for (const auto& r : rows_) {
             const auto name = name_of(r);
-            if (name.rfind("copy/", 0) == 0) copy_gbs[name.substr(5)] = r.counters.at("GB/s").value / 1e9;
+            if (name.rfind("ntcopy/", 0) == 0) copy_gbs[name.substr(7)] = r.counters.at("GB/s").value / 1e9;
             if (name.rfind("inplace/", 0) == 0) inplace_gbs[name.substr(8)] = r.counters.at("GB/s").value / 1e9;
+            const double ms = r.GetAdjustedRealTime() * 1e3 / benchmark::GetTimeUnitMultiplier(r.time_unit);
+            if (name.rfind("dsum/", 0) == 0) dsum_ms[name.substr(5)] = ms;
+            if (name.rfind("dsum_cached/", 0) == 0) dsum_cached_ms[name.substr(12)] = ms;
         }
         std::printf("\nvolfuse BatchNorm3d, %d thread(s), fp32.  GB/s counts minimal traffic (fwd 8 B, bwd 12 B per "
                     "element).\nroofline: for in-place ops, reading and writing one array of the same size; for\n"
-                    "the others, memcpy of the same size (8 B per element); both measured in this run\n"
+                    "the others, a copy of the same size with non-temporal stores; both measured in this run\n"
                     "with the same number of threads.\n\n",
                     vf::get_num_threads());
         std::printf("%-15s %-6s %-4s %-22s %10s %8s %11s\n", "shape", "layout", "C", "op", "time ms", "GB/s",
@@ -219,7 +218,8 @@ public:
                         part[3].c_str(), part[4].c_str(), ms, gbs, c == roof.end() ? 0.0 : 100.0 * gbs / c->second);
         }
         for (const auto& [shape, gbs] : copy_gbs)
-            std::printf("roofline %-15s copy %6.2f GB/s, in place %6.2f GB/s\n", shape.c_str(), gbs, inplace_gbs[shape]);
+            std::printf("roofline %-15s nt copy %6.2f GB/s, in place %6.2f GB/s; double sum %.3f ms (whole array), %.3f ms (512 KiB slice)\n",
+                        shape.c_str(), gbs, inplace_gbs[shape], dsum_ms[shape], dsum_cached_ms[shape]);
     }
 
 private:
@@ -261,8 +261,10 @@ int main(int argc, char** argv)
         }
     vf::set_num_threads(threads);
     for (const auto& s : shapes) {
-        add("copy/" + shape_str(s), bm_copy, s);
+        add("ntcopy/" + shape_str(s), bm_ntcopy, s);
         add("inplace/" + shape_str(s), bm_inplace, s);
+        add("dsum/" + shape_str(s), bm_dsum, s, false);
+        add("dsum_cached/" + shape_str(s), bm_dsum, s, true);
         register_layout<vf::ncdhw_t>(s, "ncdhw");
         register_layout<vf::ndhwc_t>(s, "ndhwc");
     }

@@ -1,9 +1,10 @@
 // volfuse, oneDNN 2.6 and libtorch 1.13 side by side, in one process, on the seed's
 // BatchNorm3d(+ReLU) shapes: forward train + ReLU and forward eval + ReLU in place (the
 // case after a conv), backward through ReLU; 1 and 2 threads; ncdhw, ndhwc and nCdhw16c
-// for volfuse and oneDNN, ncdhw for libtorch (its channels_last_3d path is generic in 1.13).  Rooflines (in-place read+write of one array, copy) are measured
-// in the same run with the same threads.  Built when meson finds Debian's libdnnl-dev
-// and libtorch-dev (option `peers`).
+// for volfuse and oneDNN, ncdhw for libtorch (its channels_last_3d path is generic in 1.13).
+// Rooflines (bench/roofline.hpp: in-place read+write of one array, non-temporal copy) are
+// measured in the same run with the same threads.  Built when meson finds Debian's
+// libdnnl-dev and libtorch-dev (option `peers`).
 //
 // Peers as their users run them:
 //   oneDNN: batch_normalization primitive, use_scale_shift | fuse_norm_relu (training also
@@ -31,6 +32,8 @@
 #include <dnnl.hpp>
 #include <volfuse/volfuse.hpp>
 
+#include "roofline.hpp"
+
 namespace vf = volfuse;
 using vf::index_t;
 
@@ -52,7 +55,7 @@ index_t numel(const sizes5& s) { return s[0] * s[1] * s[2] * s[3] * s[4]; }
 /// x, y, dy, dx for the current shape (one shape resident at a time).
 struct buffers {
     sizes5 s{};
-    std::vector<float> x, y, dy, dx;
+    std::vector<float, roofline::page_aligned<float>> x, y, dy, dx;
 };
 buffers& get(const sizes5& s)
 {
@@ -142,28 +145,21 @@ void roof_inplace(benchmark::State& st, sizes5 s, int t)
 {
     set_threads(t);
     auto& b = get(s);
-    const index_t n = numel(s);
-    float* p = b.y.data();
     for (auto _ : st) {
-#pragma omp parallel for num_threads(t) schedule(static)
-        for (index_t i = 0; i < n; ++i) p[i] = p[i] * 0.5f + 0.25f;
+        roofline::inplace(b.y.data(), numel(s), t);
         benchmark::ClobberMemory();
     }
-    rate(st, 8.0 * static_cast<double>(n));
+    rate(st, 8.0 * static_cast<double>(numel(s)));
 }
-void roof_copy(benchmark::State& st, sizes5 s, int t)
+void roof_ntcopy(benchmark::State& st, sizes5 s, int t)
 {
     set_threads(t);
     auto& b = get(s);
-    const index_t n = numel(s);
     for (auto _ : st) {
-#pragma omp parallel for num_threads(t) schedule(static)
-        for (int i = 0; i < t; ++i)
-            std::memcpy(b.y.data() + n * i / t, b.x.data() + n * i / t,
-                        static_cast<std::size_t>(n * (i + 1) / t - n * i / t) * sizeof(float));
+        roofline::ntcopy(b.x.data(), b.y.data(), numel(s), t);
         benchmark::ClobberMemory();
     }
-    rate(st, 8.0 * static_cast<double>(n));
+    rate(st, 8.0 * static_cast<double>(numel(s)));
 }
 
 // --- volfuse -------------------------------------------------------------------------
@@ -289,7 +285,7 @@ public:
     {
         ConsoleReporter::Finalize();
         std::printf("\nBatchNorm3d(+ReLU) peers, fp32, times in ms (lower is better).  roofline: in-place read+write\n"
-                    "of one array for the forward ops, copy (read a, write b) + a read for backward (12 B/element).\n\n");
+                    "of one array for the forward ops, non-temporal copy (read a, write b) + a read for backward\n(12 B/element).\n\n");
         std::printf("%-16s %-3s %-15s %8s %8s %8s %8s %8s %8s %8s %8s %8s %9s %9s\n", "shape", "thr", "op", "roofline",
                     "vf_ncdhw", "vf_ndhwc", "vf_16c", "dnnl_nc", "dnnl_nd", "dnnl_16c", "torch", "vf/roof", "dnnl/vf",
                     "torch/vf");
@@ -301,7 +297,7 @@ public:
                         const auto it = ms_.find(base + k);
                         return it == ms_.end() ? 0.0 : it->second;
                     };
-                    const double roof = o == op::backward ? get("roofline_copy") * 1.5 : get("roofline_inplace");
+                    const double roof = o == op::backward ? get("roofline_ntcopy") * 1.5 : get("roofline_inplace");
                     const double v1 = get(std::string(op_name(o)) + "/volfuse_ncdhw"),
                                  v2 = get(std::string(op_name(o)) + "/volfuse_ndhwc"),
                                  v3 = get(std::string(op_name(o)) + "/volfuse_nCdhw16c");
@@ -353,7 +349,7 @@ int main(int argc, char** argv)
         for (int t : {1, 2}) {
             const std::string base = "peers/" + shape_str(s) + "/" + std::to_string(t) + "T/";
             add(base + "roofline_inplace", roof_inplace, s, t);
-            add(base + "roofline_copy", roof_copy, s, t);
+            add(base + "roofline_ntcopy", roof_ntcopy, s, t);
             for (op o : {op::train, op::eval, op::backward}) {
                 const std::string name = base + op_name(o) + "/";
                 if (s[1] == 64) {

@@ -1,6 +1,9 @@
 // Numerics against a float64 reference over many shapes; static C == dynamic C bit
 // for bit; layouts agree; in place == out of place; finite-difference gradients;
 // hard data (mean >> std, 1e7-element channels).
+#include <cstdlib>
+#include <memory>
+
 #include "support.hpp"
 
 namespace {
@@ -355,4 +358,72 @@ TEST_CASE("unaligned base pointers give the same bits", "[bn][numerics][alignmen
         }
         for (std::size_t k = 2; k < results.size(); ++k) REQUIRE(same_bits(results[k], results[k % 2]));
     }
+}
+
+namespace {
+/// A 64-byte-aligned float buffer (as PyTorch's allocator gives), `shift` floats in.
+struct aligned_buf {
+    std::unique_ptr<float[], void (*)(void*)> mem;
+    float* p;
+    aligned_buf(const std::vector<float>& v, index_t shift)
+        : mem(static_cast<float*>(std::aligned_alloc(64, (v.size() + 16) * sizeof(float))), std::free),
+          p(mem.get() + shift)
+    {
+        std::copy(v.begin(), v.end(), p);
+    }
+    template <class L>
+    std::vector<float> logical(const sizes5& s) const
+    {
+        std::vector<float> mem(p, p + vf::storage_size<L>(view_of<L>(p, s).shape()));
+        return from_layout<L>(mem, s);
+    }
+};
+
+/// Outputs past kernels::stream_min_bytes are stored non-temporally when they do not
+/// alias an input and are aligned: the bits must not change (in place never streams).
+template <class L>
+void check_streamed_outputs(const sizes5& s, std::mt19937& g)
+{
+    const index_t C = s[1];
+    REQUIRE(numel(s) * 4 >= vf::kernels::stream_min_bytes);
+    const auto xm = to_layout<L>(randn(numel(s), g, 0.5, 2.0), s), dym = to_layout<L>(randn(numel(s), g), s);
+    const auto n = xm.size();
+    const std::vector<float> zeros(n, 0.f);
+    for (const bool train : {true, false})
+        for (const index_t shift : {0, 1}) { // aligned: streamed stores; shifted: ordinary ones
+            auto make = [&] {
+                vf::BatchNorm3d<> m(C);
+                m.train(train);
+                std::fill(m.running_var().begin(), m.running_var().end(), 1.5f);
+                return m;
+            };
+            // Out of place: Y and dX are large and distinct from the inputs.
+            auto a = make();
+            aligned_buf x(xm, shift), y(zeros, shift), dy(dym, shift), dx(zeros, shift);
+            a.forward(view_of<L>(x.p, s), view_of<L>(y.p, s), vf::relu);
+            a.backward(view_of<L>(x.p, s), view_of<L>(dy.p, s), view_of<L>(dx.p, s), vf::relu);
+            // Forward in place.
+            auto b = make();
+            aligned_buf xi(xm, shift);
+            b.forward(view_of<L>(xi.p, s), view_of<L>(xi.p, s), vf::relu);
+            REQUIRE(same_bits(y.logical<L>(s), xi.logical<L>(s)));
+            REQUIRE(same_bits(vec(a.running_var()), vec(b.running_var())));
+            // Backward with dX = dY.
+            auto c = make();
+            aligned_buf x3(xm, shift), y3(zeros, shift), d3(dym, shift);
+            c.forward(view_of<L>(x3.p, s), view_of<L>(y3.p, s), vf::relu);
+            c.backward(view_of<L>(x3.p, s), view_of<L>(d3.p, s), view_of<L>(d3.p, s), vf::relu);
+            REQUIRE(same_bits(dx.logical<L>(s), d3.logical<L>(s)));
+            REQUIRE(same_bits(vec(a.weight_grad()), vec(c.weight_grad())));
+        }
+}
+} // namespace
+
+TEST_CASE("large outputs stored non-temporally give the same bits as in place", "[bn][numerics][stream]")
+{
+    std::mt19937 g(17);
+    const sizes5 s{2, 17, 8, 128, 121}; // 17 MiB per tensor; C = 17 leaves tails in every layout
+    check_streamed_outputs<vf::ncdhw_t>(s, g);
+    check_streamed_outputs<vf::ndhwc_t>(s, g);
+    check_streamed_outputs<vf::nCdhw16c_t>(s, g);
 }

@@ -279,23 +279,47 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
     }
 }
 
+/// Output bytes from which transforms that do not write in place store non-temporally
+/// (half this machine kind's 32 MiB L3): an output that large is evicted before the
+/// next layer could read it from cache, so the stores skip the cache and the
+/// read-for-ownership.  Smaller outputs stay cached for whoever reads them next.
+/// Build knob: -DVOLFUSE_STREAM_MIN_BYTES=<bytes> (a huge value turns streaming off).
+#ifndef VOLFUSE_STREAM_MIN_BYTES
+#define VOLFUSE_STREAM_MIN_BYTES (16ll << 20)
+#endif
+inline constexpr index_t stream_min_bytes = VOLFUSE_STREAM_MIN_BYTES;
+
+/// Whether a transform writing `bytes` to `out` from inputs `in` streams its stores.
+template <std::size_t S>
+bool streams(const srcs<S>& in, const float* out, index_t bytes) noexcept
+{
+    for (const float* p : in)
+        if (p == out) return false; // in place: the line is in cache already, nothing to save
+    return bytes >= stream_min_bytes;
+}
+
 /// out = fn(in..., prm...) elementwise over channels [c0, c1), in parallel over channels
 /// (channel-major) or pixel blocks (channel-minor).  An output may be the same memory
-/// as an input (each element is read before it is written).
+/// as an input (each element is read before it is written).  Large out-of-place outputs
+/// are stored non-temporally (streams()).
 template <std::size_t S, std::size_t P, class Form, class Fn>
 void transform_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, const srcs<P>& prm, float* out,
                         Fn&& fn) noexcept
 {
+    const bool stream = streams(in, out, f.count() * value_of(f.channels) * static_cast<index_t>(sizeof(float)));
     auto transform_range = [&](index_t ca, index_t cb, index_t o0, index_t o1) {
         channel_params<Form, P> params{prm};
         walk(
             f, ca, cb, o0, o1, [&](index_t a, index_t) { params.begin(a); },
             [&](const vec_pos& p, auto) {
                 const fvec r = fn(load_sources(in, p), params.at(p));
-                if (p.lanes == width) simd::store(out + p.offset, r);
-                else simd::store_partial(out + p.offset, r, p.lanes);
+                float* o = out + p.offset;
+                if (p.lanes != width) simd::store_partial(o, r, p.lanes);
+                else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
+                else simd::store(o, r);
             },
             [](index_t, index_t) {});
+        if (stream) simd::stream_fence();
     };
     const index_t O = value_of(f.outer);
     if constexpr (Form::channel_minor) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <cstdint>
 #include <cstring>
 
 #include <xsimd/xsimd.hpp>
@@ -73,6 +74,35 @@ inline fvec fnma(fvec a, fvec b, fvec c) noexcept
 
 inline fvec load(const float* p) noexcept { return fvec::load_unaligned(p); }
 inline void store(float* p, fvec v) noexcept { v.store_unaligned(p); }
+
+/// True when p is aligned for store_stream.
+inline bool stream_aligned(const float* p) noexcept
+{
+    return reinterpret_cast<std::uintptr_t>(p) % (sizeof(float) * fvec::size) == 0;
+}
+/// A non-temporal store of a whole vector at a vector-aligned address: the line goes
+/// to memory without being read first (no read-for-ownership) and without evicting
+/// cached data.  For outputs nobody re-reads soon: an out-of-place pass then moves
+/// 8 bytes per element instead of 12.  Needs stream_fence() before others read.
+inline void store_stream(float* p, fvec v) noexcept
+{
+#if XSIMD_WITH_AVX512F
+    _mm512_stream_ps(p, v);
+#elif XSIMD_WITH_AVX
+    _mm256_stream_ps(p, v);
+#elif XSIMD_WITH_SSE2
+    _mm_stream_ps(p, v);
+#else
+    v.store_unaligned(p);
+#endif
+}
+/// Orders this thread's non-temporal stores before its later stores.
+inline void stream_fence() noexcept
+{
+#if XSIMD_WITH_SSE2
+    _mm_sfence();
+#endif
+}
 
 /// Loads the first n (< width) floats at p; other lanes are `fill`.  Never reads past p + n.
 inline fvec load_partial(const float* p, index_t n, float fill = 0.f) noexcept
