@@ -1,0 +1,322 @@
+// Direct Conv3d kernels on channels-last (NDHWC) data: forward, grad input, grad
+// weight.  Each is one template over a conv_geometry (compile-time constants where
+// the spec fixes them) with register-blocked SIMD tiles:
+//   forward:      acc[PB output pixels along w][VB output-channel vectors]
+//                 += broadcast(x[pixel][ic]) * w[tap][ic][oc vector]
+//   grad input:   acc[PB pixels][VB input-channel vectors] += broadcast(dy[pixel][oc]) * w[tap][oc][ic vector],
+//                 then added into dx at the input pixel each output pixel reads (a scatter,
+//                 so stride and dilation need no special case)
+//   grad weight:  acc[IB input channels][VB output-channel vectors] += broadcast(x) * dy,
+//                 over the output pixels of a row, per tap
+// A tile's accumulators stay in registers over the whole reduction (taps x channels).
+// Work is split into tasks that own disjoint outputs and sum in a fixed order, so the
+// bits do not depend on the number of threads.  FLOPs per output element: 2 * IC * taps.
+#pragma once
+
+#include <algorithm>
+#include <array>
+
+#include "../parallel/threads.hpp"
+#include "../shape/conv_geometry.hpp"
+#include "../simd/vec.hpp"
+
+namespace volfuse::kernels::conv {
+
+using simd::fvec;
+using simd::width;
+
+/// Accumulator registers a tile may use: 24 of AVX-512's 32 (the rest hold weights
+/// and a broadcast), 12 of the 16 AVX2/SSE registers.
+inline constexpr int acc_registers = simd::width >= 16 ? 24 : 12;
+/// Channel vectors per tile (the lanes of one tile cover VB * width channels).
+inline constexpr int max_vectors = simd::width >= 16 ? 4 : 2;
+
+constexpr index_t round_up(index_t v, index_t m) noexcept { return (v + m - 1) / m * m; }
+
+/// Pixels per tile for VB channel vectors.
+template <int VB>
+inline constexpr int pixels_for = std::min(8, acc_registers / VB);
+
+/// Extents of one NDHWC tensor's spatial part.
+struct extents3 {
+    index_t d, h, w;
+};
+
+/// Calls f.template operator()<V>() with V = n as a compile-time constant in [1, max_vectors].
+template <class F>
+void with_vectors(index_t n, F&& f)
+{
+    [&]<int... V>(std::integer_sequence<int, V...>) {
+        ((n == V + 1 ? (f.template operator()<V + 1>(), 0) : 0), ...);
+    }(std::make_integer_sequence<int, max_vectors>{});
+}
+
+/// Chunks of at most max_vectors channel vectors over `channels`: f.template operator()<V>(c0).
+template <class F>
+void for_channel_chunks(index_t channels, F&& f)
+{
+    const index_t vectors = (channels + width - 1) / width;
+    for (index_t v0 = 0; v0 < vectors; v0 += max_vectors)
+        with_vectors(std::min<index_t>(max_vectors, vectors - v0), [&]<int V>() { f.template operator()<V>(v0 * width); });
+}
+
+/// Packs PyTorch's weight [OC][IC][KD][KH][KW] into the forward layout
+/// [tap][IC][OCP] (OCP = OC rounded up to whole vectors, padding lanes zero).
+template <class G>
+void pack_forward(const G& g, const float* w, float* out) noexcept
+{
+    const index_t IC = g.in(), OC = g.out(), T = g.taps(), OCP = round_up(OC, width);
+    std::fill(out, out + T * IC * OCP, 0.f);
+    for (index_t oc = 0; oc < OC; ++oc)
+        for (index_t ic = 0; ic < IC; ++ic)
+            for (index_t t = 0; t < T; ++t) out[(t * IC + ic) * OCP + oc] = w[(oc * IC + ic) * T + t];
+}
+/// Packs into grad input's layout [tap][OC][ICP].
+template <class G>
+void pack_transposed(const G& g, const float* w, float* out) noexcept
+{
+    const index_t IC = g.in(), OC = g.out(), T = g.taps(), ICP = round_up(IC, width);
+    std::fill(out, out + T * OC * ICP, 0.f);
+    for (index_t oc = 0; oc < OC; ++oc)
+        for (index_t ic = 0; ic < IC; ++ic)
+            for (index_t t = 0; t < T; ++t) out[(t * OC + oc) * ICP + ic] = w[(oc * IC + ic) * T + t];
+}
+
+/// Valid output positions along one dimension for tap k: o with 0 <= o*s - p + k*dil < in,
+/// as [lo, hi) clipped to [0, out).
+struct range {
+    index_t lo, hi;
+};
+constexpr range valid_outputs(index_t in, index_t out, index_t s, index_t p, index_t off) noexcept
+{
+    // o*s >= p - off  and  o*s <= in - 1 + p - off
+    const index_t a = p - off, b = in - 1 + p - off;
+    const index_t lo = a <= 0 ? 0 : (a + s - 1) / s;
+    const index_t hi = b < 0 ? 0 : b / s + 1;
+    return {std::max<index_t>(0, lo), std::min(out, hi)};
+}
+
+// --- forward -------------------------------------------------------------------------
+
+/// One tile of a forward row: output pixels [ow0, ow0 + npix) (npix == PB unless
+/// Checked), channels [oc0, oc0 + VB * width).  Checked tiles skip input pixels
+/// outside the image (padding) one by one; interior tiles have none.
+template <int PB, int VB, bool Checked, class G>
+inline void forward_tile(const G& g, const float* xn, extents3 in, index_t od, index_t oh, index_t ow0, index_t npix,
+                         const float* wp, const float* bias, index_t oc0, float* yrow) noexcept
+{
+    const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
+    fvec acc[PB][VB];
+    for (int p = 0; p < PB; ++p)
+        for (int j = 0; j < VB; ++j) acc[p][j] = fvec(0.f);
+    for (index_t kd = 0; kd < g.template k<0>(); ++kd) {
+        const index_t id = od * g.template s<0>() - g.template p<0>() + kd * g.template dil<0>();
+        if (id < 0 || id >= in.d) continue;
+        for (index_t kh = 0; kh < g.template k<1>(); ++kh) {
+            const index_t ih = oh * g.template s<1>() - g.template p<1>() + kh * g.template dil<1>();
+            if (ih < 0 || ih >= in.h) continue;
+            const float* xr = xn + (id * in.h + ih) * in.w * IC;
+            for (index_t kw = 0; kw < g.template k<2>(); ++kw) {
+                const float* wk = wp + (((kd * g.template k<1>() + kh) * g.template k<2>() + kw) * IC) * OCP + oc0;
+                const index_t iw0 = ow0 * g.template s<2>() - g.template p<2>() + kw * g.template dil<2>();
+                index_t xo[PB];
+                bool ok[PB];
+                for (int p = 0; p < PB; ++p) {
+                    const index_t iw = iw0 + p * g.template s<2>();
+                    ok[p] = !Checked || (p < npix && iw >= 0 && iw < in.w);
+                    xo[p] = ok[p] ? iw * IC : 0;
+                }
+                for (index_t ic = 0; ic < IC; ++ic) {
+                    fvec wv[VB];
+                    for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + ic * OCP + j * width);
+                    for (int p = 0; p < PB; ++p) {
+                        if (Checked && !ok[p]) continue;
+                        const fvec b(xr[xo[p] + ic]);
+                        for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
+                    }
+                }
+            }
+        }
+    }
+    for (int p = 0; p < PB; ++p) {
+        if (Checked && p >= npix) break;
+        float* out = yrow + (ow0 + p) * OC + oc0;
+        for (int j = 0; j < VB; ++j) {
+            const index_t lanes = std::min<index_t>(width, OC - oc0 - j * width);
+            const fvec r = bias ? acc[p][j] + simd::load(bias + oc0 + j * width) : acc[p][j];
+            if (lanes == width) simd::store(out + j * width, r);
+            else simd::store_partial(out + j * width, r, lanes);
+        }
+    }
+}
+
+/// y[n][od][oh][ow][oc] = bias[oc] + sum over taps and ic of x * w (NDHWC in and out).
+/// wp: pack_forward's layout; bias: OCP floats or null.  Parallel over output rows.
+template <class G>
+void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, const float* wp, const float* bias,
+             float* y) noexcept
+{
+    const index_t IC = g.in(), OC = g.out();
+    const range interior = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), 0);
+    // Last ow whose widest tap still lands inside: ow*s - p + (KW-1)*dil <= W-1.
+    const range wide = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(),
+                                     (g.template k<2>() - 1) * g.template dil<2>());
+    const index_t ow_lo = interior.lo, ow_hi = wide.hi; // tiles inside [ow_lo, ow_hi) need no checks
+    parallel::parallel_for(N * out.d * out.h, N * out.d * out.h * out.w * OC * IC * g.taps(), [&](index_t row) {
+        const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
+        const float* xn = x + n * in.d * in.h * in.w * IC;
+        float* yrow = y + row * out.w * OC;
+        for_channel_chunks(OC, [&]<int VB>(index_t oc0) {
+            constexpr int PB = pixels_for<VB>;
+            index_t ow = 0;
+            while (ow < out.w) {
+                if (ow >= ow_lo && ow + PB <= ow_hi) {
+                    forward_tile<PB, VB, false>(g, xn, in, od, oh, ow, PB, wp, bias, oc0, yrow);
+                    ow += PB;
+                } else {
+                    const index_t npix = std::min<index_t>({PB, out.w - ow, ow < ow_lo ? ow_lo - ow : index_t{PB}});
+                    forward_tile<PB, VB, true>(g, xn, in, od, oh, ow, npix, wp, bias, oc0, yrow);
+                    ow += npix;
+                }
+            }
+        });
+    });
+}
+
+// --- grad input ----------------------------------------------------------------------
+
+/// dx = sum over output pixels and taps of dy * w, scattered to the input pixel each
+/// output pixel read (NDHWC).  wt: pack_transposed's layout.  Tasks: (image n, input
+/// channel chunk), each owning its slice of dx and summing in a fixed order.
+template <class G>
+void grad_input(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wt, float* dx) noexcept
+{
+    const index_t IC = g.in(), OC = g.out(), ICP = round_up(IC, width);
+    const index_t chunk = max_vectors * width, chunks = (IC + chunk - 1) / chunk;
+    const index_t KD = g.template k<0>(), KH = g.template k<1>(), KW = g.template k<2>();
+    parallel::parallel_for(N * chunks, N * out.d * out.h * out.w * OC * IC * g.taps(), [&](index_t task) {
+        const index_t n = task / chunks, ic0 = task % chunks * chunk;
+        const index_t vectors = (std::min(IC, ic0 + chunk) - ic0 + width - 1) / width;
+        float* dxn = dx + n * in.d * in.h * in.w * IC;
+        for (index_t px = 0; px < in.d * in.h * in.w; ++px)
+            std::fill(dxn + px * IC + ic0, dxn + px * IC + std::min(IC, ic0 + chunk), 0.f);
+        with_vectors(vectors, [&]<int VB>() {
+            constexpr int PB = pixels_for<VB>;
+            for (index_t od = 0; od < out.d; ++od)
+                for (index_t oh = 0; oh < out.h; ++oh) {
+                    const float* dyrow = dy + ((n * out.d + od) * out.h + oh) * out.w * OC;
+                    for (index_t ow0 = 0; ow0 < out.w; ow0 += PB) {
+                        const index_t npix = std::min<index_t>(PB, out.w - ow0);
+                        for (index_t kd = 0; kd < KD; ++kd) {
+                            const index_t id = od * g.template s<0>() - g.template p<0>() + kd * g.template dil<0>();
+                            if (id < 0 || id >= in.d) continue;
+                            for (index_t kh = 0; kh < KH; ++kh) {
+                                const index_t ih = oh * g.template s<1>() - g.template p<1>() + kh * g.template dil<1>();
+                                if (ih < 0 || ih >= in.h) continue;
+                                for (index_t kw = 0; kw < KW; ++kw) {
+                                    const float* wk = wt + (((kd * KH + kh) * KW + kw) * OC) * ICP + ic0;
+                                    fvec acc[PB][VB];
+                                    for (int p = 0; p < PB; ++p)
+                                        for (int j = 0; j < VB; ++j) acc[p][j] = fvec(0.f);
+                                    for (index_t oc = 0; oc < OC; ++oc) {
+                                        fvec wv[VB];
+                                        for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + oc * ICP + j * width);
+                                        for (int p = 0; p < PB; ++p) {
+                                            if (p >= npix) break;
+                                            const fvec b(dyrow[(ow0 + p) * OC + oc]);
+                                            for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
+                                        }
+                                    }
+                                    for (int p = 0; p < PB; ++p) {
+                                        if (p >= npix) break;
+                                        const index_t iw =
+                                            (ow0 + p) * g.template s<2>() - g.template p<2>() + kw * g.template dil<2>();
+                                        if (iw < 0 || iw >= in.w) continue;
+                                        float* o = dxn + ((id * in.h + ih) * in.w + iw) * IC + ic0;
+                                        for (int j = 0; j < VB; ++j) {
+                                            const index_t lanes = std::min<index_t>(width, IC - ic0 - j * width);
+                                            if (lanes == width) simd::store(o + j * width, simd::load(o + j * width) + acc[p][j]);
+                                            else
+                                                simd::store_partial(o + j * width,
+                                                                    simd::load_partial(o + j * width, lanes) + acc[p][j], lanes);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+        });
+    });
+}
+
+// --- grad weight ---------------------------------------------------------------------
+
+/// Input channels per grad-weight tile for VB output-channel vectors.
+template <int VB>
+inline constexpr int inputs_for = std::min(8, acc_registers / VB);
+
+/// gw[tap][ic][OCP] += sum over images and output pixels of x[input pixel][ic] * dy[pixel][oc]
+/// (NDHWC; gw in pack_forward's layout, accumulated into).  Tasks: (kd, input channel
+/// block, output channel chunk), each owning its part of gw and sweeping every output
+/// row in order.
+template <class G>
+void grad_weight(const G& g, index_t N, extents3 in, extents3 out, const float* x, const float* dy, float* gw) noexcept
+{
+    const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
+    const index_t KD = g.template k<0>(), KH = g.template k<1>(), KW = g.template k<2>();
+    const index_t chunk = max_vectors * width, oc_chunks = (OC + chunk - 1) / chunk;
+    constexpr index_t IB_max = inputs_for<max_vectors>;
+    const index_t ic_blocks = (IC + IB_max - 1) / IB_max;
+    parallel::parallel_for(KD * ic_blocks * oc_chunks, N * out.d * out.h * out.w * OC * IC * g.taps(), [&](index_t task) {
+        const index_t kd = task / (ic_blocks * oc_chunks), icb = task / oc_chunks % ic_blocks;
+        const index_t oc0 = task % oc_chunks * chunk, ic0 = icb * IB_max;
+        const index_t nic = std::min(IB_max, IC - ic0);
+        const index_t vectors = (std::min(OC, oc0 + chunk) - oc0 + width - 1) / width;
+        with_vectors(vectors, [&]<int VB>() {
+            constexpr int IB = inputs_for<VB>;
+            // IB_max <= IB: a block of nic <= IB_max inputs fits the tile.
+            static_assert(inputs_for<max_vectors> <= IB);
+            for (index_t n = 0; n < N; ++n)
+                for (index_t od = 0; od < out.d; ++od) {
+                    const index_t id = od * g.template s<0>() - g.template p<0>() + kd * g.template dil<0>();
+                    if (id < 0 || id >= in.d) continue;
+                    for (index_t oh = 0; oh < out.h; ++oh) {
+                        const float* dyrow = dy + ((n * out.d + od) * out.h + oh) * out.w * OC + oc0;
+                        for (index_t kh = 0; kh < KH; ++kh) {
+                            const index_t ih = oh * g.template s<1>() - g.template p<1>() + kh * g.template dil<1>();
+                            if (ih < 0 || ih >= in.h) continue;
+                            const float* xr = x + ((n * in.d + id) * in.h + ih) * in.w * IC + ic0;
+                            for (index_t kw = 0; kw < KW; ++kw) {
+                                const index_t off = kw * g.template dil<2>();
+                                const range r = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), off);
+                                if (r.lo >= r.hi) continue;
+                                float* gwk = gw + (((kd * KH + kh) * KW + kw) * IC + ic0) * OCP + oc0;
+                                fvec acc[IB][VB];
+                                for (int i = 0; i < IB; ++i)
+                                    for (int j = 0; j < VB; ++j)
+                                        acc[i][j] = i < nic ? simd::load(gwk + i * OCP + j * width) : fvec(0.f);
+                                for (index_t ow = r.lo; ow < r.hi; ++ow) {
+                                    const index_t iw = ow * g.template s<2>() - g.template p<2>() + off;
+                                    const float* xp = xr + iw * IC;
+                                    fvec d[VB];
+                                    for (int j = 0; j < VB; ++j) d[j] = simd::load(dyrow + ow * OC + j * width);
+                                    for (int i = 0; i < IB; ++i) {
+                                        if (i >= nic) break;
+                                        const fvec b(xp[i]);
+                                        for (int j = 0; j < VB; ++j) acc[i][j] = simd::fma(b, d[j], acc[i][j]);
+                                    }
+                                }
+                                for (int i = 0; i < IB; ++i) {
+                                    if (i >= nic) break;
+                                    for (int j = 0; j < VB; ++j) simd::store(gwk + i * OCP + j * width, acc[i][j]);
+                                }
+                            }
+                        }
+                    }
+                }
+        });
+    });
+}
+
+} // namespace volfuse::kernels::conv

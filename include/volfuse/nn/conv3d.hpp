@@ -1,0 +1,332 @@
+// volfuse::Conv3d: torch.nn.Conv3d's semantics (PyTorch 1.13, groups = 1) over
+// volfuse views.  The module owns the weight in PyTorch's layout [out][in][kd][kh][kw]
+// (so weights transfer as they are), the bias, their gradients, and the workspaces
+// its kernels use; it validates every call before touching anything.
+// Kernels run channels-last (kernels/conv3d.hpp): NDHWC views go straight in, NCDHW
+// views are reordered into module-owned NDHWC buffers and back (as oneDNN reorders).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "../core/error.hpp"
+#include "../core/format.hpp"
+#include "../kernels/channel_loops.hpp"
+#include "../kernels/conv3d.hpp"
+#include "../kernels/reorder.hpp"
+#include "../shape/conv_geometry.hpp"
+#include "../shape/view.hpp"
+
+namespace volfuse {
+
+/// 3-D convolution, groups = 1.
+/// @tparam Spec  what is fixed at compile time (conv_spec; all dynamic by default).
+template <conv_spec Spec = conv_spec{}>
+class Conv3d {
+public:
+    using geometry = conv_geometry<Spec>;
+    static constexpr conv_spec spec = Spec;
+
+    /// torch.nn.Conv3d's arguments, order and defaults.  PyTorch checks stride, padding,
+    /// dilation and kernel size only when forward runs; these check them here, with
+    /// PyTorch's messages, so a module that exists can run.
+    Conv3d(index_t in_channels, index_t out_channels, size3 kernel_size, size3 stride = 1, size3 padding = 0,
+           size3 dilation = 1, index_t groups = 1, bool bias = true)
+        : g_{in_channels, out_channels, kernel_size, stride, padding, dilation}, has_bias_(bias)
+    {
+        if (groups <= 0) throw error("groups must be a positive integer");
+        if (in_channels % groups != 0) throw error("in_channels must be divisible by groups");
+        if (out_channels % groups != 0) throw error("out_channels must be divisible by groups");
+        for (index_t v : {out_channels, in_channels, kernel_size.d, kernel_size.h, kernel_size.w})
+            if (v < 0)
+                throw error("Trying to create tensor with negative dimension " + std::to_string(v) + ": " +
+                            weight_sizes());
+        if (groups != 1)
+            throw error("Conv3d: groups=" + std::to_string(groups) + " is not supported by volfuse (groups=1 only)");
+        if (out_channels == 0)
+            throw error("Given groups=1, expected weight to be at least 1 at dimension 0, but got weight of size " +
+                        weight_sizes() + " instead");
+        for (int i = 0; i < 3; ++i) {
+            if (stride[i] <= 0) throw error("non-positive stride is not supported");
+            if (padding[i] < 0) throw error("negative padding is not supported");
+        }
+        if (dilation.d <= 0 || dilation.h <= 0 || dilation.w <= 0)
+            throw error("dilation should be greater than zero, but got [" + std::to_string(dilation.d) + ", " +
+                        std::to_string(dilation.h) + ", " + std::to_string(dilation.w) + "]");
+        if (kernel_size.d <= 0 || kernel_size.h <= 0 || kernel_size.w <= 0)
+            throw error("kernel size should be greater than zero, but got: " + std::to_string(kernel_size.d) + " x " +
+                        std::to_string(kernel_size.h) + " x " + std::to_string(kernel_size.w) + " (TxHxW)");
+        check_spec(in_channels, Spec.in, "in_channels");
+        check_spec(out_channels, Spec.out, "out_channels");
+        check_spec(kernel_size, Spec.kernel, "kernel_size");
+        check_spec(stride, Spec.stride, "stride");
+        check_spec(padding, Spec.padding, "padding");
+        check_spec(dilation, Spec.dilation, "dilation");
+        const auto nw = static_cast<std::size_t>(out_channels * in_channels * g_.taps());
+        weight_.resize(nw);
+        weight_grad_.assign(nw, 0.f);
+        if (has_bias_) {
+            bias_.resize(static_cast<std::size_t>(out_channels));
+            bias_grad_.assign(static_cast<std::size_t>(out_channels), 0.f);
+        }
+        reset_parameters();
+    }
+    /// `Conv3d<spec>()` when the spec fixes the channels and the kernel; stride, padding
+    /// and dilation default as in PyTorch where the spec leaves them dynamic.
+    Conv3d()
+        requires(Spec.in != dynamic && Spec.out != dynamic && Spec.kernel.d != dynamic && Spec.kernel.h != dynamic &&
+                 Spec.kernel.w != dynamic)
+        : Conv3d(Spec.in, Spec.out, Spec.kernel, or_default(Spec.stride, 1), or_default(Spec.padding, 0),
+                 or_default(Spec.dilation, 1))
+    {
+    }
+
+    // --- configuration ------------------------------------------------------------------
+    index_t in_channels() const noexcept { return g_.in(); }
+    index_t out_channels() const noexcept { return g_.out(); }
+    size3 kernel_size() const noexcept { return g_.k_; }
+    size3 stride() const noexcept { return g_.s_; }
+    size3 padding() const noexcept { return g_.p_; }
+    size3 dilation() const noexcept { return g_.dil_; }
+    bool has_bias() const noexcept { return has_bias_; }
+    const geometry& geom() const noexcept { return g_; }
+
+    /// PyTorch's repr: `Conv3d(3, 64, kernel_size=(7, 7, 7), stride=(2, 2, 2), padding=(3, 3, 3))`.
+    std::string repr() const
+    {
+        std::string r = "Conv3d(" + std::to_string(g_.in()) + ", " + std::to_string(g_.out()) +
+                        ", kernel_size=" + g_.k_.str() + ", stride=" + g_.s_.str();
+        if (g_.p_ != size3(0)) r += ", padding=" + g_.p_.str();
+        if (g_.dil_ != size3(1)) r += ", dilation=" + g_.dil_.str();
+        if (!has_bias_) r += ", bias=False";
+        return r + ")";
+    }
+
+    // --- parameters and gradients (PyTorch's layouts) ----------------------------------
+    std::span<float> weight() noexcept { return weight_; }
+    std::span<const float> weight() const noexcept { return weight_; }
+    /// Empty when bias=false.
+    std::span<float> bias() noexcept { return bias_; }
+    std::span<const float> bias() const noexcept { return bias_; }
+    std::span<const float> weight_grad() const noexcept { return weight_grad_; }
+    std::span<const float> bias_grad() const noexcept { return bias_grad_; }
+    void zero_grad() noexcept
+    {
+        std::fill(weight_grad_.begin(), weight_grad_.end(), 0.f);
+        std::fill(bias_grad_.begin(), bias_grad_.end(), 0.f);
+    }
+
+    /// PyTorch's initialization distribution (kaiming_uniform_(a=sqrt(5)): weight and bias
+    /// uniform in +-1/sqrt(in * kd * kh * kw)) from a seeded generator; PyTorch's own
+    /// random stream is not reproduced: load its weights to match it.
+    void reset_parameters(std::uint64_t seed = 0)
+    {
+        std::mt19937_64 gen(seed);
+        const float bound = 1.f / std::sqrt(static_cast<float>(g_.in() * g_.taps()));
+        std::uniform_real_distribution<float> u(-bound, bound);
+        for (auto& w : weight_) w = u(gen);
+        for (auto& b : bias_) b = u(gen);
+    }
+
+    /// [N, out, OD, OH, OW] for an input of sizes [N, in, D, H, W] (PyTorch's formula).
+    std::array<index_t, 5> output_sizes(const std::array<index_t, 5>& in) const noexcept
+    {
+        const auto o = g_.out_extents({in[2], in[3], in[4]});
+        return {in[0], g_.out(), o[0], o[1], o[2]};
+    }
+
+    // --- compute --------------------------------------------------------------------------
+
+    /// Y = conv3d(X, weight) + bias.  Y has output_sizes(X.sizes()) and does not overlap X.
+    template <class VX, class VY>
+    void forward(const VX& X, const VY& Y)
+    {
+        check_views<VX, VY>();
+        static_assert(!std::is_const_v<typename VY::value_type>, "Conv3d::forward: Y must be writable");
+        check_input(X);
+        check_other(X, Y.data(), Y.sizes(), output_sizes(X.sizes()), "output");
+        if (Y.shape().numel() == 0) return;
+        const auto sz = X.sizes(), osz = Y.sizes();
+        packed_.resize(static_cast<std::size_t>(g_.taps() * g_.in() * ocp()));
+        bias_padded_.assign(static_cast<std::size_t>(ocp()), 0.f);
+        std::copy(bias_.begin(), bias_.end(), bias_padded_.begin());
+        kernels::conv::pack_forward(g_, weight_.data(), packed_.data());
+        const float* x = channels_last(X, xbuf_);
+        float* y = channels_last_out(Y, ybuf_);
+        kernels::conv::forward(g_, sz[0], extents(sz), extents(osz), x, packed_.data(),
+                               has_bias_ ? bias_padded_.data() : nullptr, y);
+        if (y != Y.data()) reorder(ndhwc_view(static_cast<const float*>(y), osz), Y);
+    }
+
+    /// Gradients of the conv at X for the output gradient dY: writes dX and adds into
+    /// weight_grad() and bias_grad() (PyTorch's accumulation).  Uses the current weight.
+    template <class VX, class VDY, class VDX>
+    void backward(const VX& X, const VDY& dY, const VDX& dX)
+    {
+        check_views<VX, VDY>();
+        check_views<VX, VDX>();
+        static_assert(!std::is_const_v<typename VDX::value_type>, "Conv3d::backward: dX must be writable");
+        check_input(X);
+        check_other(X, dY.data(), dY.sizes(), output_sizes(X.sizes()), "grad_output");
+        check_other(X, dX.data(), dX.sizes(), X.sizes(), "grad_input");
+        if (overlaps(dX.data(), dX.storage(), dY.data(), dY.storage()))
+            throw error("Conv3d::backward: grad_input overlaps grad_output");
+        const auto sz = X.sizes(), osz = dY.sizes();
+        const index_t N = sz[0];
+        const auto in = extents(sz), out = extents(osz);
+        const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
+        // Workspaces first (the steps that may allocate), then no state changes until all is computed.
+        const index_t nw = g_.taps() * g_.in() * ocp();
+        packed_.resize(static_cast<std::size_t>(std::max(nw, g_.taps() * g_.out() * icp())));
+        gw_.assign(static_cast<std::size_t>(nw), 0.f);
+        if (X.shape().numel() == 0) return;
+        const float* x = channels_last(X, xbuf_);
+        float* dx = channels_last_out(dX, xgbuf_);
+        if (dY.shape().numel() == 0) {
+            std::fill(dx, dx + X.shape().numel(), 0.f);
+        } else {
+            kernels::conv::pack_transposed(g_, weight_.data(), packed_.data());
+            kernels::conv::grad_input(g_, N, in, out, dy, packed_.data(), dx);
+            kernels::conv::grad_weight(g_, N, in, out, x, dy, gw_.data());
+        }
+        if (dx != dX.data()) reorder(ndhwc_view(static_cast<const float*>(dx), sz), dX);
+        // Bias: per-channel sums of dY in double (kernels::reduce_channels over an NDHWC form).
+        if (has_bias_ && dY.shape().numel() > 0) {
+            const auto f = ndhwc_view(dy, osz).form();
+            work_.resize(static_cast<std::size_t>(kernels::reduce_workspace(f, 1)));
+            kernels::reduce_channels<1, 1, 0>(
+                f, 0, g_.out(), kernels::srcs<1>{dy}, kernels::srcs<0>{},
+                [](const kernels::fvecs<1>& v, const kernels::fvecs<0>&) { return v; }, work_.data(),
+                kernels::reduce_stride(g_.out()));
+            for (index_t oc = 0; oc < g_.out(); ++oc) bias_grad_[oc] += static_cast<float>(work_[oc]);
+        }
+        const index_t IC = g_.in(), T = g_.taps();
+        for (index_t oc = 0; oc < g_.out(); ++oc)
+            for (index_t ic = 0; ic < IC; ++ic)
+                for (index_t t = 0; t < T; ++t) weight_grad_[(oc * IC + ic) * T + t] += gw_[(t * IC + ic) * ocp() + oc];
+    }
+
+private:
+    static constexpr size3 or_default(size3 v, index_t d) noexcept
+    {
+        return {v.d == dynamic ? d : v.d, v.h == dynamic ? d : v.h, v.w == dynamic ? d : v.w};
+    }
+    static void check_spec(index_t got, index_t fixed, const char* name)
+    {
+        if (fixed != dynamic && got != fixed)
+            throw error("Conv3d<spec>: the spec fixes " + std::string(name) + " = " + std::to_string(fixed) +
+                        ", the constructor got " + std::to_string(got));
+    }
+    static void check_spec(size3 got, size3 fixed, const char* name)
+    {
+        for (int i = 0; i < 3; ++i)
+            if (fixed[i] != dynamic && got[i] != fixed[i])
+                throw error("Conv3d<spec>: the spec fixes " + std::string(name) + "[" + std::to_string(i) +
+                            "] = " + std::to_string(fixed[i]) + ", the constructor got " + got.str());
+    }
+
+    std::string weight_sizes() const
+    {
+        const std::array<index_t, 5> s{g_.out_, g_.in_, g_.k_.d, g_.k_.h, g_.k_.w};
+        return detail::sizes_str(s);
+    }
+    index_t ocp() const noexcept { return kernels::conv::round_up(g_.out(), simd::width); }
+    index_t icp() const noexcept { return kernels::conv::round_up(g_.in(), simd::width); }
+    static kernels::conv::extents3 extents(const std::array<index_t, 5>& s) noexcept { return {s[2], s[3], s[4]}; }
+
+    template <class VA, class VB>
+    static constexpr void check_views()
+    {
+        static_assert(is_view_v<VA> && is_view_v<VB>, "Conv3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
+        static_assert(std::is_same_v<typename VA::layout_type, typename VB::layout_type>,
+                      "Conv3d: all tensors of one call must have the same layout");
+        static_assert(!std::is_same_v<typename VA::layout_type, nCdhw16c_t>,
+                      "Conv3d: nCdhw16c is not supported yet (use ndhwc or ncdhw)");
+        static_assert(std::is_same_v<std::remove_const_t<typename VA::value_type>, float> &&
+                          std::is_same_v<std::remove_const_t<typename VB::value_type>, float>,
+                      "Conv3d: float32 tensors only");
+    }
+
+    static bool overlaps(const void* a, index_t na, const void* b, index_t nb) noexcept
+    {
+        const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
+        return na > 0 && nb > 0 && pa < pb + static_cast<std::uintptr_t>(nb) * sizeof(float) &&
+               pb < pa + static_cast<std::uintptr_t>(na) * sizeof(float);
+    }
+
+    /// PyTorch's input checks, in its order: channels, then kernel against padded input.
+    template <class VX>
+    void check_input(const VX& X) const
+    {
+        const auto s = X.sizes();
+        if (s[1] != g_.in())
+            throw error("Given groups=1, weight of size " + weight_sizes() + ", expected input" + detail::sizes_str(s) +
+                        " to have " + std::to_string(g_.in()) + " channels, but got " + std::to_string(s[1]) +
+                        " channels instead");
+        const index_t pd = s[2] + 2 * g_.template p<0>(), ph = s[3] + 2 * g_.template p<1>(),
+                      pw = s[4] + 2 * g_.template p<2>();
+        const index_t kd = g_.template dil<0>() * (g_.template k<0>() - 1) + 1,
+                      kh = g_.template dil<1>() * (g_.template k<1>() - 1) + 1,
+                      kw = g_.template dil<2>() * (g_.template k<2>() - 1) + 1;
+        if (pd < kd || ph < kh || pw < kw)
+            throw error("Calculated padded input size per channel: (" + std::to_string(pd) + " x " +
+                        std::to_string(ph) + " x " + std::to_string(pw) + "). Kernel size: (" + std::to_string(kd) +
+                        " x " + std::to_string(kh) + " x " + std::to_string(kw) +
+                        "). Kernel size can't be greater than actual input size");
+        if (X.shape().numel() > 0 && X.data() == nullptr) throw error("input data pointer is null");
+    }
+    /// Another tensor of the call: its expected shape, non-null, disjoint from X.
+    template <class VX>
+    static void check_other(const VX& X, const void* data, const std::array<index_t, 5>& got,
+                            const std::array<index_t, 5>& want, const char* name)
+    {
+        if (got != want)
+            throw error(std::string(name) + " has shape " + detail::sizes_str(got) + " but Conv3d expects " +
+                        detail::sizes_str(want) + " for input " + detail::sizes_str(X.sizes()));
+        index_t n = 1;
+        for (index_t v : got) n *= v;
+        if (n > 0 && data == nullptr) throw error(std::string(name) + " data pointer is null");
+        if (overlaps(data, n, X.data(), X.storage())) throw error(std::string(name) + " overlaps input");
+    }
+
+    /// The data of V as NDHWC: V's own memory, or a reorder into `buf`.
+    template <class V>
+    static const float* channels_last(const V& v, std::vector<float>& buf)
+    {
+        if constexpr (std::is_same_v<typename V::layout_type, ndhwc_t>) {
+            (void)buf;
+            return v.data();
+        } else {
+            const auto s = v.sizes();
+            buf.resize(static_cast<std::size_t>(v.shape().numel()));
+            reorder(v, ndhwc_view(buf.data(), s));
+            return buf.data();
+        }
+    }
+    /// Where to write an NDHWC result for V: V's own memory, or `buf` (reordered into V after).
+    template <class V>
+    static float* channels_last_out(const V& v, std::vector<float>& buf)
+    {
+        if constexpr (std::is_same_v<typename V::layout_type, ndhwc_t>) {
+            (void)buf;
+            return v.data();
+        } else {
+            buf.resize(static_cast<std::size_t>(v.shape().numel()));
+            return buf.data();
+        }
+    }
+
+    geometry g_;
+    bool has_bias_;
+    std::vector<float> weight_, bias_, weight_grad_, bias_grad_;
+    // Workspaces, reused across calls: packed weights, padded bias, grad-weight
+    // accumulators, NDHWC copies of NCDHW operands, bias-grad sums.
+    std::vector<float> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_;
+    std::vector<double> work_;
+};
+
+} // namespace volfuse
