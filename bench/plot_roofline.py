@@ -48,7 +48,7 @@ for row, threads in enumerate(["1T", "2T"]):
         for k, (key, lab, color) in enumerate(impls):
             vals = [gbs.get("peers/%s/%s/%s/%s" % (s, threads, op, key), 0.0) for s in shapes]
             ax.bar([x + (k - 3) * width for x in xs], vals, width, label=lab, color=color)
-        roof = "roofline_copy" if op == "bwd_relu" else "roofline_inplace"
+        roof = "roofline_ntcopy" if op == "bwd_relu" else "roofline_inplace"
         for x, s in zip(xs, shapes):
             v = gbs.get("peers/%s/%s/%s" % (s, threads, roof), 0.0)
             ax.hlines(v, x - 0.45, x + 0.45, colors="black", linestyles="dashed",
@@ -73,7 +73,7 @@ for s in shapes:
     for threads in ["1T", "2T"]:
         for op in ops:
             base = "peers/%s/%s/" % (s, threads)
-            roof = ms.get(base + "roofline_copy", 0) * 1.5 if op == "bwd_relu" else ms.get(base + "roofline_inplace", 0)
+            roof = ms.get(base + "roofline_ntcopy", 0) * 1.5 if op == "bwd_relu" else ms.get(base + "roofline_inplace", 0)
             t = {k: ms.get(base + op + "/" + k, 0.0) for k, _, _ in impls}
             v = min(x for x in (t["volfuse_ncdhw"], t["volfuse_ndhwc"], t["volfuse_nCdhw16c"]) if x > 0)
             d = min(x for x in (t["onednn_ncdhw"], t["onednn_ndhwc"], t["onednn_nCdhw16c"]) if x > 0)
