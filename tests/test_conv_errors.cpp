@@ -1,0 +1,60 @@
+// Conv3d's errors: PyTorch's messages, and a failed call changes nothing.
+#include "support.hpp"
+
+using Catch::Matchers::Equals;
+
+TEST_CASE("construction errors use PyTorch's messages", "[conv][errors]")
+{
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(3, 64, 7, 2, 3, 1, 0), Equals("groups must be a positive integer"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(3, 64, 7, 2, 3, 1, 2), Equals("in_channels must be divisible by groups"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(4, 63, 7, 2, 3, 1, 2), Equals("out_channels must be divisible by groups"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(4, 64, 7, 2, 3, 1, 2),
+                        Equals("Conv3d: groups=2 is not supported by volfuse (groups=1 only)"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(-1, 8, 3),
+                        Equals("Trying to create tensor with negative dimension -1: [8, -1, 3, 3, 3]"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(4, 8, 3, 0), Equals("non-positive stride is not supported"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(4, 8, 3, {1, -1, 1}), Equals("non-positive stride is not supported"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(4, 8, 3, 1, -1), Equals("negative padding is not supported"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(4, 8, 3, 1, 0, 0),
+                        Equals("dilation should be greater than zero, but got [0, 0, 0]"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(4, 8, 0),
+                        Equals("kernel size should be greater than zero, but got: 0 x 0 x 0 (TxHxW)"));
+    REQUIRE_THROWS_WITH(vf::Conv3d<>(4, 0, 3),
+                        Equals("Given groups=1, expected weight to be at least 1 at dimension 0, but got weight of "
+                               "size [0, 4, 3, 3, 3] instead"));
+    using fixed = vf::Conv3d<vf::conv_spec{.in = 4, .out = 8, .kernel = 3}>;
+    REQUIRE_THROWS_WITH(fixed(5, 8, 3), Equals("Conv3d<spec>: the spec fixes in_channels = 4, the constructor got 5"));
+    REQUIRE_THROWS_WITH(fixed(4, 8, {3, 3, 1}),
+                        Equals("Conv3d<spec>: the spec fixes kernel_size[2] = 3, the constructor got (3, 3, 1)"));
+}
+
+TEST_CASE("forward and backward errors change nothing", "[conv][errors]")
+{
+    vf::Conv3d<> conv(3, 8, 3, 1, 0);
+    conv.zero_grad();
+    const auto w0 = vec(conv.weight());
+    std::vector<float> x(2 * 4 * 5 * 5 * 5, 1.f), y(2 * 8 * 3 * 3 * 3, 7.f), small(2 * 3 * 2 * 5 * 5, 1.f);
+    REQUIRE_THROWS_WITH(conv.forward(vf::ncdhw_view(x.data(), 2, 4, 5, 5, 5), vf::ncdhw_view(y.data(), 2, 8, 3, 3, 3)),
+                        Equals("Given groups=1, weight of size [8, 3, 3, 3, 3], expected input[2, 4, 5, 5, 5] to have "
+                               "3 channels, but got 4 channels instead"));
+    REQUIRE_THROWS_WITH(
+        conv.forward(vf::ncdhw_view(small.data(), 2, 3, 2, 5, 5), vf::ncdhw_view(y.data(), 2, 8, 3, 3, 3)),
+        Equals("Calculated padded input size per channel: (2 x 5 x 5). Kernel size: (3 x 3 x 3). Kernel size can't be "
+               "greater than actual input size"));
+    std::vector<float> x3(2 * 3 * 5 * 5 * 5, 1.f);
+    REQUIRE_THROWS_WITH(conv.forward(vf::ncdhw_view(x3.data(), 2, 3, 5, 5, 5), vf::ncdhw_view(y.data(), 2, 8, 3, 3, 4)),
+                        Equals("output has shape [2, 8, 3, 3, 4] but Conv3d expects [2, 8, 3, 3, 3] for input "
+                               "[2, 3, 5, 5, 5]"));
+    REQUIRE_THROWS_WITH(conv.forward(vf::ncdhw_view(x3.data(), 2, 3, 5, 5, 5), vf::ncdhw_view(x3.data(), 2, 8, 3, 3, 3)),
+                        Equals("output overlaps input"));
+    std::vector<float> dy(y.size(), 1.f), dx(x3.size(), 5.f);
+    REQUIRE_THROWS_WITH(conv.backward(vf::ncdhw_view(x3.data(), 2, 3, 5, 5, 5), vf::ncdhw_view(dy.data(), 2, 8, 3, 3, 3),
+                                      vf::ncdhw_view(dx.data(), 2, 3, 5, 5, 4)),
+                        Equals("grad_input has shape [2, 3, 5, 5, 4] but Conv3d expects [2, 3, 5, 5, 5] for input "
+                               "[2, 3, 5, 5, 5]"));
+    for (float v : y) REQUIRE(v == 7.f);
+    for (float v : dx) REQUIRE(v == 5.f);
+    for (float v : conv.weight_grad()) REQUIRE(v == 0.f);
+    for (float v : conv.bias_grad()) REQUIRE(v == 0.f);
+    REQUIRE(same_bits(vec(conv.weight()), w0));
+}
