@@ -9,8 +9,8 @@
 #include "support.hpp"
 
 struct conv_config {
-    index_t in, out;
-    vf::size3 k, s = 1, p = 0, dil = 1;
+    index_t in = 0, out = 0;
+    vf::size3 k = 1, s = 1, p = 0, dil = 1;
     bool bias = true;
 };
 
