@@ -10,6 +10,7 @@
 #include "kernels/reorder.hpp"
 #include "nn/batchnorm3d.hpp"
 #include "nn/conv3d.hpp"
+#include "nn/conv_bn_relu3d.hpp"
 #include "parallel/threads.hpp"
 #include "schedule/schedule.hpp"
 #include "shape/conv_geometry.hpp"

@@ -15,6 +15,7 @@
 #include "../core/error.hpp"
 #include "../kernels/batch_norm.hpp"
 #include "../kernels/channel_loops.hpp"
+#include "../kernels/conv3d.hpp"
 #include "../schedule/schedule.hpp"
 #include "nodes.hpp"
 
@@ -29,6 +30,15 @@ template <class T>
 inline constexpr bool is_affine_v = false;
 template <class I>
 inline constexpr bool is_affine_v<expr::channel_affine<I>> = true;
+template <class T>
+inline constexpr bool is_conv_v = false;
+template <class M, class I>
+inline constexpr bool is_conv_v<expr::conv_output<M, I>> = true;
+/// bn(conv(X)): the fused block's expression.
+template <class T>
+inline constexpr bool is_bn_of_conv_v = false;
+template <class M, class CM, class I>
+inline constexpr bool is_bn_of_conv_v<expr::batch_norm<M, expr::conv_output<CM, I>>> = true;
 template <class T>
 inline constexpr bool is_leaf_v = false;
 template <class V>
@@ -58,6 +68,79 @@ void check_pointwise_io(const VX& X, const VY& Y)
     if (X.shape().numel() > 0 && (X.data() == nullptr || Y.data() == nullptr))
         throw error("vf::evaluate: null data pointer");
 }
+inline kernels::conv::extents3 spatial(const std::array<index_t, 5>& s) noexcept { return {s[2], s[3], s[4]}; }
+
+/// epi(conv(X)) into Y: one direct-conv pass with the epilogue applied to each tile.
+template <class VY, class M, class I, class Epi>
+void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi op)
+{
+    static_assert(is_leaf_v<I>, "vf::evaluate: a convolution applies to a tensor");
+    static_assert(std::is_same_v<typename I::view_type::layout_type, typename VY::layout_type>,
+                  "vf::evaluate: input and output must have the same layout");
+    static_assert(!std::is_const_v<typename VY::value_type>, "vf::evaluate: Y must be writable");
+    M& conv = *node.module;
+    const auto& X = node.in.view;
+    const float* x = conv.prepare_forward(X, Y.data(), Y.sizes());
+    if (Y.shape().numel() == 0) return;
+    float* y = conv.output_for(Y);
+    kernels::conv::forward(conv.geom(), X.sizes()[0], spatial(X.sizes()), spatial(Y.sizes()), x, conv.packed_weight(),
+                           conv.packed_bias(), y, op);
+    conv.finish_output(y, Y);
+}
+
+/// epi(bn(conv(X))) into Y, the fused block.  Batch statistics: the conv writes its output
+/// z (kept for backward) while its epilogue accumulates per-channel moments from the tiles
+/// in registers; the module turns them into coefficients and running statistics; one
+/// normalize + epilogue sweep writes Y.  Running statistics: BN folded into the conv's
+/// weights and bias, the epilogue applied in the conv's own tile stores: Y written once.
+template <class VY, class BN, class M, class I, class Epi>
+void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, Epi op)
+{
+    static_assert(is_leaf_v<I>, "vf::evaluate: a convolution applies to a tensor");
+    static_assert(std::is_same_v<typename I::view_type::layout_type, typename VY::layout_type>,
+                  "vf::evaluate: input and output must have the same layout");
+    static_assert(!std::is_const_v<typename VY::value_type>, "vf::evaluate: Y must be writable");
+    M& conv = *node.module;
+    const auto& X = node.in.view;
+    const auto osz = Y.sizes();
+    const float* x = conv.prepare_forward(X, Y.data(), osz);
+    const index_t C = osz[1], rows = osz[0] * osz[2] * osz[3];
+    const bool batch_stats = bn.training() || !bn.track_running_stats();
+    if (!batch_stats && (bn.num_features() != C))
+        throw error("running_mean should contain " + std::to_string(C) + " elements not " +
+                    std::to_string(bn.num_features()));
+    float* y = conv.output_for(Y);
+    if (batch_stats) {
+        index_t n = 1;
+        for (index_t v : osz) n *= v;
+        float* z = conv.kept_output(n);
+        double* moments = conv.moments(rows); // workspaces before the module commits its state
+        const auto step = bn.prepare_forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(y, osz));
+        if (!step) return;
+        kernels::conv::forward(conv.geom(), X.sizes()[0], spatial(X.sizes()), spatial(osz), x, conv.packed_weight(),
+                               conv.packed_bias(), z, expr::identity_t{}, moments);
+        const index_t P = kernels::conv::round_up(C, simd::width);
+        const double count = static_cast<double>(n / std::max<index_t>(C, 1));
+        for (index_t c = 0; c < C; ++c) {
+            const double mean = moments[P + c];
+            const float mean_f = static_cast<float>(mean);
+            step->coeffs.mean[c] = mean_f;
+            step->coeffs.mean_lo[c] = static_cast<float>(mean - mean_f);
+            // ATen's var_sum is taken around the float mean: M2 + n (mean - mean_f)^2.
+            const double d = mean - mean_f;
+            const float var_sum = static_cast<float>(moments[2 * P + c] + count * d * d);
+            step->finalize(c, mean_f, var_sum, step->coeffs.alpha[c], step->coeffs.beta[c]);
+        }
+        kernels::normalize(step->form, 0, C, z, y, step->coeffs, op);
+    } else {
+        if (Y.shape().numel() == 0) return;
+        conv.fold(bn);
+        kernels::conv::forward(conv.geom(), X.sizes()[0], spatial(X.sizes()), spatial(osz), x, conv.packed_weight(),
+                               conv.packed_bias(), y, op);
+    }
+    conv.finish_output(y, Y);
+}
+
 } // namespace detail
 
 /// Evaluates `e` into Y.
@@ -68,9 +151,13 @@ void evaluate(const VY& Y, const E& e)
     using In = std::remove_cvref_t<decltype(S::inner(e))>;
     const auto& in = S::inner(e);
     const auto op = S::op(e);
-    if constexpr (detail::is_bn_v<In>) {
+    if constexpr (detail::is_bn_of_conv_v<In>) {
+        detail::evaluate_conv_bn(Y, *in.module, in.in, op);
+    } else if constexpr (detail::is_conv_v<In>) {
+        detail::evaluate_conv(Y, in, op);
+    } else if constexpr (detail::is_bn_v<In>) {
         static_assert(detail::is_leaf_v<std::remove_cvref_t<decltype(in.in)>>,
-                      "vf::evaluate: batch norm applies to a tensor (conv-output nodes come later)");
+                      "vf::evaluate: batch norm applies to a tensor or a convolution's output");
         // The module validates and commits its state; what runs is chosen here.
         const auto& X = in.in.view;
         if (const auto step = in.module->prepare_forward(X, Y)) {
@@ -103,6 +190,7 @@ void evaluate(const VY& Y, const E& e)
                                           [op](const kernels::fvecs<1>& v, const kernels::fvecs<0>&) { return op(v[0]); });
     } else {
         static_assert(detail::is_leaf_v<In>, "vf::evaluate: supported expressions are [epilogue](bn(X)), "
+                                             "[epilogue](bn(conv(X))), [epilogue](conv(X)), "
                                              "[epilogue](channel_affine(X, scale, shift)) and epilogue(X)");
     }
 }

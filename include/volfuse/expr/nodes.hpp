@@ -1,6 +1,7 @@
 // Expression nodes: inert descriptions of what to compute (no loops here; the
 // evaluator in expr/evaluate.hpp is the only place that turns them into kernels).
 //   vf::relu(bn(X))                       batch norm (module state) then ReLU
+//   vf::relu(bn(conv(X)))                 Conv3d -> BatchNorm3d -> ReLU (the fused block)
 //   vf::channel_affine(X, scale, shift)   y = x * scale[c] + shift[c]
 //   vf::relu(X)                           pointwise on a view
 #pragma once
@@ -16,7 +17,14 @@ namespace volfuse::expr {
 /// Leaf: a view.
 template <class V>
 struct tensor {
+    using view_type = V;
     V view;
+};
+/// The output of a convolution module (Conv3d) applied to `In` (a tensor).
+template <class Module, class In>
+struct conv_output {
+    Module* module;
+    In in;
 };
 /// Batch norm of `In` with a module's parameters and statistics (train or eval by the module's mode).
 template <class Module, class In>
@@ -43,6 +51,8 @@ template <class V>
 inline constexpr bool is_node_v<tensor<V>> = true;
 template <class M, class I>
 inline constexpr bool is_node_v<batch_norm<M, I>> = true;
+template <class M, class I>
+inline constexpr bool is_node_v<conv_output<M, I>> = true;
 template <class E, class I>
 inline constexpr bool is_node_v<pointwise<E, I>> = true;
 template <class I>

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 
+#include "../expr/pointwise.hpp"
 #include "../parallel/threads.hpp"
 #include "../shape/conv_geometry.hpp"
 #include "../simd/vec.hpp"
@@ -101,9 +102,9 @@ constexpr range valid_outputs(index_t in, index_t out, index_t s, index_t p, ind
 /// One tile of a forward row: output pixels [ow0, ow0 + npix) (npix == PB unless
 /// Checked), channels [oc0, oc0 + VB * width).  Checked tiles skip input pixels
 /// outside the image (padding) one by one; interior tiles have none.
-template <int PB, int VB, bool Checked, class G>
+template <int PB, int VB, bool Checked, class G, class Epi, class Stats>
 inline void forward_tile(const G& g, const float* xn, extents3 in, index_t od, index_t oh, index_t ow0, index_t npix,
-                         const float* wp, const float* bias, index_t oc0, float* yrow) noexcept
+                         const float* wp, const float* bias, index_t oc0, float* yrow, Epi epi, Stats& stats) noexcept
 {
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
     fvec acc[PB][VB];
@@ -143,26 +144,102 @@ inline void forward_tile(const G& g, const float* xn, extents3 in, index_t od, i
         float* out = yrow + (ow0 + p) * OC + oc0;
         for (int j = 0; j < VB; ++j) {
             const index_t lanes = std::min<index_t>(width, OC - oc0 - j * width);
-            const fvec r = bias ? acc[p][j] + simd::load(bias + oc0 + j * width) : acc[p][j];
-            if (lanes == width) simd::store(out + j * width, r);
-            else simd::store_partial(out + j * width, r, lanes);
+            acc[p][j] = epi(bias ? acc[p][j] + simd::load(bias + oc0 + j * width) : acc[p][j]);
+            if (lanes == width) simd::store(out + j * width, acc[p][j]);
+            else simd::store_partial(out + j * width, acc[p][j], lanes);
         }
     }
+    stats.template add_tile<PB, VB>(acc, Checked ? npix : index_t{PB}, oc0);
 }
 
-/// y[n][od][oh][ow][oc] = bias[oc] + sum over taps and ic of x * w (NDHWC in and out).
-/// wp: pack_forward's layout; bias: OCP floats or null.  Parallel over output rows.
-template <class G>
-void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, const float* wp, const float* bias,
-             float* y) noexcept
+/// A forward that keeps no statistics.
+struct no_stats {
+    template <int PB, int VB>
+    void add_tile(const fvec (&)[PB][VB], index_t, index_t) noexcept
+    {
+    }
+};
+
+/// Per-channel count, mean and M2 (sum of squared deviations from the mean) of the values
+/// a forward writes, in double, for one block of output rows.  Each tile's values are
+/// reduced on their own (their mean, then M2 around it) and merged into the block's
+/// moments with Chan's formula; blocks are merged the same way in block order.  As
+/// robust as the two-pass statistics when |mean| >> std (no E[x^2] - E[x]^2 cancellation).
+struct channel_moments {
+    double *count, *mean, *m2; // OCP each (whole vectors)
+
+    /// (na, ma, m2a) += (nb, mb, m2b), lane by lane.
+    static void merge(simd::dvec& na, simd::dvec& ma, simd::dvec& m2a, simd::dvec nb, simd::dvec mb,
+                      simd::dvec m2b) noexcept
+    {
+        const simd::dvec n = na + nb, delta = mb - ma;
+        ma = ma + delta * (nb / n);
+        m2a = m2a + m2b + delta * delta * (na * nb / n);
+        na = n;
+    }
+    void merge_into(index_t c, simd::dvec nb, simd::dvec mb, simd::dvec m2b) noexcept
+    {
+        simd::dvec na = simd::dvec::load_unaligned(count + c), ma = simd::dvec::load_unaligned(mean + c),
+                   m2a = simd::dvec::load_unaligned(m2 + c);
+        merge(na, ma, m2a, nb, mb, m2b);
+        na.store_unaligned(count + c);
+        ma.store_unaligned(mean + c);
+        m2a.store_unaligned(m2 + c);
+    }
+    template <int PB, int VB>
+    void add_tile(const fvec (&v)[PB][VB], index_t npix, index_t oc0) noexcept
+    {
+        const simd::dvec nb(static_cast<double>(npix));
+        for (int j = 0; j < VB; ++j) {
+            simd::dpair w[PB];
+            simd::dpair sum{simd::dvec(0.0), simd::dvec(0.0)};
+            for (int p = 0; p < PB; ++p) {
+                w[p] = simd::widen(v[p][j]); // every tile pixel holds a value (unused ones 0)
+                if (p < npix) {
+                    sum.lo += w[p].lo;
+                    sum.hi += w[p].hi;
+                }
+            }
+            const simd::dpair m{sum.lo / nb, sum.hi / nb};
+            simd::dpair sq{simd::dvec(0.0), simd::dvec(0.0)};
+            for (int p = 0; p < PB; ++p)
+                if (p < npix) {
+                    sq.lo += (w[p].lo - m.lo) * (w[p].lo - m.lo);
+                    sq.hi += (w[p].hi - m.hi) * (w[p].hi - m.hi);
+                }
+            const index_t c = oc0 + j * width;
+            merge_into(c, nb, m.lo, sq.lo);
+            merge_into(c + static_cast<index_t>(simd::dvec::size), nb, m.hi, sq.hi);
+        }
+    }
+};
+
+/// Output rows per statistics block (fixed: blocks, and so the merge order, do not depend
+/// on the thread count).
+inline constexpr index_t moment_rows = 8;
+
+/// Doubles of workspace forward_moments needs: count, mean, M2 per block plus the result.
+inline index_t moments_workspace(index_t rows, index_t OC) noexcept
 {
-    const index_t IC = g.in(), OC = g.out();
+    return 3 * round_up(OC, width) * ((rows + moment_rows - 1) / moment_rows + 1);
+}
+
+/// y[n][od][oh][ow][oc] = epi(bias[oc] + sum over taps and ic of x * w) (NDHWC in and out).
+/// wp: pack_forward's layout; bias: OCP floats or null.  Parallel over blocks of output
+/// rows.  With `moments` (moments_workspace doubles), also the per-channel count, mean and
+/// M2 of the stored values, returned in its first 3 * OCP doubles (count, mean, M2).
+template <class G, class Epi>
+void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, const float* wp, const float* bias,
+             float* y, Epi epi, double* moments = nullptr) noexcept
+{
+    const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
     const range interior = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), 0);
     // Last ow whose widest tap still lands inside: ow*s - p + (KW-1)*dil <= W-1.
     const range wide = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(),
                                      (g.template k<2>() - 1) * g.template dil<2>());
     const index_t ow_lo = interior.lo, ow_hi = wide.hi; // tiles inside [ow_lo, ow_hi) need no checks
-    parallel::parallel_for(N * out.d * out.h, N * out.d * out.h * out.w * OC * IC * g.taps(), [&](index_t row) {
+    const index_t rows = N * out.d * out.h, R = moments ? moment_rows : 1, blocks = (rows + R - 1) / R;
+    auto run = [&](auto& stats, index_t row) {
         const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
         const float* xn = x + n * in.d * in.h * in.w * IC;
         float* yrow = y + row * out.w * OC;
@@ -171,16 +248,37 @@ void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, c
             index_t ow = 0;
             while (ow < out.w) {
                 if (ow >= ow_lo && ow + PB <= ow_hi) {
-                    forward_tile<PB, VB, false>(g, xn, in, od, oh, ow, PB, wp, bias, oc0, yrow);
+                    forward_tile<PB, VB, false>(g, xn, in, od, oh, ow, PB, wp, bias, oc0, yrow, epi, stats);
                     ow += PB;
                 } else {
                     const index_t npix = std::min<index_t>({PB, out.w - ow, ow < ow_lo ? ow_lo - ow : index_t{PB}});
-                    forward_tile<PB, VB, true>(g, xn, in, od, oh, ow, npix, wp, bias, oc0, yrow);
+                    forward_tile<PB, VB, true>(g, xn, in, od, oh, ow, npix, wp, bias, oc0, yrow, epi, stats);
                     ow += npix;
                 }
             }
         });
+    };
+    parallel::parallel_for(blocks, rows * out.w * OC * IC * g.taps(), [&](index_t b) {
+        if (moments) {
+            double* m = moments + 3 * OCP * (b + 1);
+            std::fill(m, m + 3 * OCP, 0.0);
+            channel_moments stats{m, m + OCP, m + 2 * OCP};
+            for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) run(stats, row);
+        } else {
+            no_stats none;
+            run(none, b);
+        }
     });
+    if (moments) { // the fixed merge tree: blocks in order
+        std::fill(moments, moments + 3 * OCP, 0.0);
+        channel_moments total{moments, moments + OCP, moments + 2 * OCP};
+        for (index_t b = 0; b < blocks; ++b) {
+            const double* m = moments + 3 * OCP * (b + 1);
+            for (index_t c = 0; c < OCP; c += static_cast<index_t>(simd::dvec::size))
+                total.merge_into(c, simd::dvec::load_unaligned(m + c), simd::dvec::load_unaligned(m + OCP + c),
+                                 simd::dvec::load_unaligned(m + 2 * OCP + c));
+        }
+    }
 }
 
 // --- grad input ----------------------------------------------------------------------

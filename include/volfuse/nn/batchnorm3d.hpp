@@ -123,6 +123,12 @@ public:
     {
         return {this, {X}};
     }
+    /// `bn(conv(X))`: batch norm of a convolution's output (the fused Conv3d -> BatchNorm3d block).
+    template <class M, class I>
+    expr::batch_norm<BatchNorm3d, expr::conv_output<M, I>> operator()(const expr::conv_output<M, I>& c) noexcept
+    {
+        return {this, c};
+    }
 
     /// Y = epi(BatchNorm3d(X)).  Y may be X itself (in place).  Training (or eval
     /// without running statistics) normalizes with batch statistics; training with

@@ -15,6 +15,8 @@
 
 #include "../core/error.hpp"
 #include "../core/format.hpp"
+#include "../expr/evaluate.hpp"
+#include "../expr/nodes.hpp"
 #include "../kernels/channel_loops.hpp"
 #include "../kernels/conv3d.hpp"
 #include "../kernels/reorder.hpp"
@@ -141,25 +143,22 @@ public:
 
     // --- compute --------------------------------------------------------------------------
 
+    /// `conv(X)`: the convolution of X as an expression node, for vf::evaluate: `conv(X)`,
+    /// `vf::relu(conv(X))`, and `[vf::relu](bn(conv(X)))` (the fused block, expr/evaluate.hpp).
+    template <class V>
+        requires is_view_v<V>
+    expr::conv_output<Conv3d, expr::tensor<V>> operator()(const V& X) noexcept
+    {
+        return {this, {X}};
+    }
+
     /// Y = conv3d(X, weight) + bias.  Y has output_sizes(X.sizes()) and does not overlap X.
+    /// The same as vf::evaluate(Y, (*this)(X)).
     template <class VX, class VY>
     void forward(const VX& X, const VY& Y)
     {
         check_views<VX, VY>();
-        static_assert(!std::is_const_v<typename VY::value_type>, "Conv3d::forward: Y must be writable");
-        check_input(X);
-        check_other(X, Y.data(), Y.sizes(), output_sizes(X.sizes()), "output");
-        if (Y.shape().numel() == 0) return;
-        const auto sz = X.sizes(), osz = Y.sizes();
-        packed_.resize(static_cast<std::size_t>(g_.taps() * g_.in() * ocp()));
-        bias_padded_.assign(static_cast<std::size_t>(ocp()), 0.f);
-        std::copy(bias_.begin(), bias_.end(), bias_padded_.begin());
-        kernels::conv::pack_forward(g_, weight_.data(), packed_.data());
-        const float* x = channels_last(X, xbuf_);
-        float* y = channels_last_out(Y, ybuf_);
-        kernels::conv::forward(g_, sz[0], extents(sz), extents(osz), x, packed_.data(),
-                               has_bias_ ? bias_padded_.data() : nullptr, y);
-        if (y != Y.data()) reorder(ndhwc_view(static_cast<const float*>(y), osz), Y);
+        evaluate(Y, (*this)(X));
     }
 
     /// Gradients of the conv at X for the output gradient dY: writes dX and adds into
@@ -175,27 +174,100 @@ public:
         check_other(X, dX.data(), dX.sizes(), X.sizes(), "grad_input");
         if (overlaps(dX.data(), dX.storage(), dY.data(), dY.storage()))
             throw error("Conv3d::backward: grad_input overlaps grad_output");
-        const auto sz = X.sizes(), osz = dY.sizes();
+        const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
+        const float* x = X.shape().numel() > 0 ? channels_last(X, xbuf_) : nullptr;
+        float* dx = channels_last_out(dX, xgbuf_);
+        backward_channels_last(X.sizes(), x, dy, dx);
+        if (dx != dX.data() && X.shape().numel() > 0) reorder(ndhwc_view(static_cast<const float*>(dx), X.sizes()), dX);
+    }
+
+    // --- the evaluator's and the fused block's side --------------------------------------
+
+    /// Validates forward(X -> an output of `out_sizes` at `y`) and packs the weights (and
+    /// padded bias) for the kernels.  Returns X's data as NDHWC (reordered into a module
+    /// buffer for NCDHW).
+    template <class VX>
+    const float* prepare_forward(const VX& X, const void* y, const std::array<index_t, 5>& out_sizes)
+    {
+        static_assert(is_view_v<VX>, "Conv3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
+        check_input(X);
+        check_other(X, y, out_sizes, output_sizes(X.sizes()), "output");
+        packed_.resize(static_cast<std::size_t>(g_.taps() * g_.in() * ocp()));
+        bias_padded_.assign(static_cast<std::size_t>(ocp()), 0.f);
+        std::copy(bias_.begin(), bias_.end(), bias_padded_.begin());
+        kernels::conv::pack_forward(g_, weight_.data(), packed_.data());
+        return X.shape().numel() > 0 ? channels_last(X, xbuf_) : X.data();
+    }
+    /// Weights and bias as prepare_forward (or fold) packed them; bias null without one.
+    const float* packed_weight() const noexcept { return packed_.data(); }
+    const float* packed_bias() const noexcept { return has_bias_ || folded_ ? bias_padded_.data() : nullptr; }
+
+    /// Packs weight and bias with an inference BatchNorm3d folded in, as PyTorch's
+    /// torch.nn.utils.fusion.fuse_conv_bn_weights: s = bn_w * rsqrt(rv + eps),
+    /// W' = W * s[oc], b' = (b - rm) * rsqrt(rv + eps) * bn_w + bn_b, in float.
+    /// Call after prepare_forward; packed_bias() then returns b'.
+    template <class BN>
+    void fold(const BN& bn)
+    {
+        const index_t OC = g_.out(), per = g_.in() * g_.taps(), P = ocp();
+        const auto rm = bn.running_mean(), rv = bn.running_var();
+        for (index_t oc = 0; oc < OC; ++oc) {
+            const float rsq = 1.f / std::sqrt(rv[oc] + static_cast<float>(bn.eps()));
+            const float w = bn.affine() ? bn.weight()[oc] : 1.f, b = bn.affine() ? bn.bias()[oc] : 0.f;
+            const float scale = w * rsq;
+            for (index_t i = 0; i < per; ++i) packed_[i * P + oc] *= scale;
+            bias_padded_[oc] = ((has_bias_ ? bias_[oc] : 0.f) - rm[oc]) * rsq * w + b;
+        }
+        folded_ = true;
+    }
+    /// Where an NDHWC result for Y goes: Y's memory, or a module buffer for NCDHW.
+    template <class VY>
+    float* output_for(const VY& Y)
+    {
+        return channels_last_out(Y, ybuf_);
+    }
+    /// Moves an NDHWC result at y (from output_for(Y)) into Y; clears a fold.
+    template <class VY>
+    void finish_output(const float* y, const VY& Y)
+    {
+        folded_ = false;
+        if (y != Y.data() && Y.shape().numel() > 0) reorder(ndhwc_view(y, Y.sizes()), Y);
+    }
+    /// The conv output a fused forward keeps for backward (NDHWC), and workspace for the
+    /// statistics of the kernel's epilogue.
+    float* kept_output(index_t n)
+    {
+        kept_.resize(static_cast<std::size_t>(n));
+        return kept_.data();
+    }
+    double* moments(index_t rows)
+    {
+        moments_.resize(static_cast<std::size_t>(kernels::conv::moments_workspace(rows, g_.out())));
+        return moments_.data();
+    }
+
+    /// backward on NDHWC data (x, dy may be null when empty): dx written, grads accumulated.
+    void backward_channels_last(const std::array<index_t, 5>& sz, const float* x, const float* dy, float* dx)
+    {
+        const auto osz = output_sizes(sz);
         const index_t N = sz[0];
         const auto in = extents(sz), out = extents(osz);
-        const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
+        index_t n_in = 1, n_out = 1;
+        for (int i = 0; i < 5; ++i) n_in *= sz[i], n_out *= osz[i];
         // Workspaces first (the steps that may allocate), then no state changes until all is computed.
         const index_t nw = g_.taps() * g_.in() * ocp();
         packed_.resize(static_cast<std::size_t>(std::max(nw, g_.taps() * g_.out() * icp())));
         gw_.assign(static_cast<std::size_t>(nw), 0.f);
-        if (X.shape().numel() == 0) return;
-        const float* x = channels_last(X, xbuf_);
-        float* dx = channels_last_out(dX, xgbuf_);
-        if (dY.shape().numel() == 0) {
-            std::fill(dx, dx + X.shape().numel(), 0.f);
-        } else {
-            kernels::conv::pack_transposed(g_, weight_.data(), packed_.data());
-            kernels::conv::grad_input(g_, N, in, out, dy, packed_.data(), dx);
-            kernels::conv::grad_weight(g_, N, in, out, x, dy, gw_.data());
+        if (n_in == 0) return;
+        if (n_out == 0) {
+            std::fill(dx, dx + n_in, 0.f);
+            return;
         }
-        if (dx != dX.data()) reorder(ndhwc_view(static_cast<const float*>(dx), sz), dX);
+        kernels::conv::pack_transposed(g_, weight_.data(), packed_.data());
+        kernels::conv::grad_input(g_, N, in, out, dy, packed_.data(), dx);
+        kernels::conv::grad_weight(g_, N, in, out, x, dy, gw_.data());
         // Bias: per-channel sums of dY in double (kernels::reduce_channels over an NDHWC form).
-        if (has_bias_ && dY.shape().numel() > 0) {
+        if (has_bias_) {
             const auto f = ndhwc_view(dy, osz).form();
             work_.resize(static_cast<std::size_t>(kernels::reduce_workspace(f, 1)));
             kernels::reduce_channels<1, 1, 0>(
@@ -325,8 +397,9 @@ private:
     std::vector<float> weight_, bias_, weight_grad_, bias_grad_;
     // Workspaces, reused across calls: packed weights, padded bias, grad-weight
     // accumulators, NDHWC copies of NCDHW operands, bias-grad sums.
-    std::vector<float> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_;
-    std::vector<double> work_;
+    std::vector<float> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_, kept_;
+    std::vector<double> work_, moments_;
+    bool folded_ = false; // packed_/bias_padded_ hold a BatchNorm3d folded in (until finish_output)
 };
 
 } // namespace volfuse

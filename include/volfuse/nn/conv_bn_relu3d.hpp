@@ -1,0 +1,128 @@
+// volfuse::ConvBnReLU3d: Conv3d -> BatchNorm3d -> ReLU as one fused layer (the name
+// torch.ao.nn.intrinsic gives the block).  The parts are the standalone modules, moved
+// in and reachable; forward is vf::evaluate(Y, vf::relu(bn(conv(X)))) (expr/evaluate.hpp:
+// statistics in the conv's epilogue when training, BN folded into the conv for inference);
+// backward runs ReLU -> BN -> Conv3d by hand, as autograd would on the unfused chain.
+#pragma once
+
+#include <string>
+#include <utility>
+
+#include "../core/error.hpp"
+#include "../expr/evaluate.hpp"
+#include "batchnorm3d.hpp"
+#include "conv3d.hpp"
+
+namespace volfuse {
+
+template <conv_spec Spec = conv_spec{}, index_t StaticC = dynamic>
+class ConvBnReLU3d {
+public:
+    using conv_type = Conv3d<Spec>;
+    using bn_type = BatchNorm3d<StaticC>;
+
+    ConvBnReLU3d(conv_type conv, bn_type bn) : conv_(std::move(conv)), bn_(std::move(bn))
+    {
+        if (bn_.num_features() != conv_.out_channels())
+            throw error("ConvBnReLU3d: BatchNorm3d has " + std::to_string(bn_.num_features()) +
+                        " features but the Conv3d has " + std::to_string(conv_.out_channels()) + " output channels");
+    }
+
+    conv_type& conv() noexcept { return conv_; }
+    const conv_type& conv() const noexcept { return conv_; }
+    bn_type& bn() noexcept { return bn_; }
+    const bn_type& bn() const noexcept { return bn_; }
+
+    /// PyTorch's: the mode is the BatchNorm3d's (the conv has none).
+    void train(bool mode = true) noexcept { bn_.train(mode); }
+    void eval() noexcept { bn_.eval(); }
+    bool training() const noexcept { return bn_.training(); }
+
+    /// torch.ao.nn.intrinsic.ConvBnReLU3d's repr.
+    std::string repr() const
+    {
+        return "ConvBnReLU3d(\n  (0): " + conv_.repr() + "\n  (1): " + bn_.repr() + "\n  (2): ReLU()\n)";
+    }
+
+    std::array<index_t, 5> output_sizes(const std::array<index_t, 5>& in) const noexcept
+    {
+        return conv_.output_sizes(in);
+    }
+
+    /// Y = relu(bn(conv(X))).  Y has output_sizes(X.sizes()) and does not overlap X.
+    template <class VX, class VY>
+    void forward(const VX& X, const VY& Y)
+    {
+        evaluate(Y, relu(bn_(conv_(X))));
+        const bool batch_stats = bn_.training() || !bn_.track_running_stats();
+        last_ = {batch_stats, X.data(), X.sizes()};
+    }
+
+    /// Gradients through ReLU, BatchNorm3d and Conv3d for dY: writes dX, accumulates the
+    /// conv's and the BN's weight and bias grads.  After a batch-statistics forward, X must be
+    /// that forward's input (its conv output was kept); with running statistics, the conv
+    /// output is recomputed from X.
+    template <class VX, class VDY, class VDX>
+    void backward(const VX& X, const VDY& dY, const VDX& dX)
+    {
+        static_assert(std::is_same_v<typename VX::layout_type, typename VDY::layout_type> &&
+                          std::is_same_v<typename VX::layout_type, typename VDX::layout_type>,
+                      "ConvBnReLU3d: all tensors of one call must have the same layout");
+        static_assert(!std::is_const_v<typename VDX::value_type>, "ConvBnReLU3d::backward: dX must be writable");
+        const auto osz = output_sizes(X.sizes());
+        if (dY.sizes() != osz)
+            throw error("grad_output has shape " + detail::sizes_str(dY.sizes()) + " but ConvBnReLU3d expects " +
+                        detail::sizes_str(osz) + " for input " + detail::sizes_str(X.sizes()));
+        if (dX.sizes() != X.sizes())
+            throw error("grad_input has shape " + detail::sizes_str(dX.sizes()) + " but input has shape " +
+                        detail::sizes_str(X.sizes()));
+        const bool batch_stats = bn_.training() || !bn_.track_running_stats();
+        if (batch_stats && !(last_.batch_stats && last_.x == X.data() && last_.sizes == X.sizes()))
+            throw error("ConvBnReLU3d::backward: X is not the input of the last training forward "
+                        "(run forward(X, Y) in training mode first)");
+        index_t n = 1;
+        for (index_t v : osz) n *= v;
+        dz_.resize(static_cast<std::size_t>(n));
+        dy_.resize(static_cast<std::size_t>(n));
+        float* z = conv_.kept_output(n); // the batch-statistics forward's conv output, kept
+        const auto Z = ndhwc_view(static_cast<const float*>(z), osz);
+        const auto DZ = ndhwc_view(dz_.data(), osz);
+        if (!batch_stats) {
+            // Running statistics: recompute the conv output (unfolded) and let the BN
+            // record it as its input; nothing else changes in eval.
+            const float* x = conv_.prepare_forward(X, z, osz);
+            if (n > 0)
+                kernels::conv::forward(conv_.geom(), X.sizes()[0], detail::spatial(X.sizes()), detail::spatial(osz), x,
+                                       conv_.packed_weight(), conv_.packed_bias(), z, expr::identity_t{});
+            bn_.forward(Z, DZ, relu);
+        }
+        // dY as NDHWC.
+        const float* dy = dY.data();
+        if constexpr (!std::is_same_v<typename VDY::layout_type, ndhwc_t>) {
+            reorder(dY, ndhwc_view(dy_.data(), osz));
+            dy = dy_.data();
+        }
+        bn_.backward(Z, ndhwc_view(dy, osz), DZ, relu);
+        if constexpr (std::is_same_v<typename VX::layout_type, ndhwc_t>) {
+            conv_.backward(X, ndhwc_view(static_cast<const float*>(dz_.data()), osz), dX);
+        } else {
+            using L = typename VX::layout_type;
+            const std::span<const index_t> os(osz);
+            reorder(ndhwc_view(static_cast<const float*>(dz_.data()), osz), make_view<L>(dy_.data(), os));
+            conv_.backward(X, make_view<L>(static_cast<const float*>(dy_.data()), os), dX);
+        }
+    }
+
+private:
+    struct last_forward {
+        bool batch_stats = false;
+        const void* x = nullptr;
+        std::array<index_t, 5> sizes{};
+    };
+    conv_type conv_;
+    bn_type bn_;
+    last_forward last_;
+    std::vector<float> dz_, dy_; // workspaces: dL/dz, and dY or dz in the caller's layout
+};
+
+} // namespace volfuse

@@ -1,0 +1,213 @@
+// ConvBnReLU3d: the fused block against a float64 reference of the unfused chain
+// Conv3d -> BatchNorm3d -> ReLU (forward, backward, running statistics; train and eval),
+// and against volfuse's own unfused chain.
+//
+// Tolerances are norm-wise (as PyTorch's own tests compare such chains): each float result
+// is a sum of at most K products, K = in * taps (conv) or the channel's element count (BN
+// sums, accumulated in double), so its error is at most about K * 2^-24 times the sum of the
+// terms' magnitudes.  BN rescales by invstd, which maps the conv output's scale to O(1), so
+// the comparison is against max|reference| of each tensor with the factor
+// 4 * K * 2^-24 (4: error of z, of the mean, of invstd, of the final fma).
+#include "conv_reference.hpp"
+
+namespace {
+
+struct chain_reference {
+    conv_reference conv;
+    std::vector<double> y, pre, xhat, dz, gamma_grad, beta_grad, mean, var, rm, rv;
+    std::vector<double> dx, dw, db;
+
+    chain_reference(const conv_config& cf, const sizes5& xs) : conv(cf, xs) {}
+
+    /// Forward (batch_stats: batch statistics and running-stat update) and backward for dy,
+    /// with the ReLU mask given (1 where the output is > 0).
+    void run(const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& b,
+             const std::vector<float>& gamma, const std::vector<float>& beta, std::vector<double> run_mean,
+             std::vector<double> run_var, bool batch_stats, double eps, double momentum, const std::vector<float>& dy,
+             const std::vector<float>* mask_from)
+    {
+        conv.forward(x, w, b);
+        const auto& z = conv.y;
+        const auto& ys = conv.ys;
+        const index_t C = ys[1], S = ys[2] * ys[3] * ys[4], n = ys[0] * S;
+        mean.assign(C, 0.0);
+        var.assign(C, 0.0);
+        auto ch = [&](std::size_t i) { return static_cast<index_t>(i / S) % C; };
+        if (batch_stats) {
+            for (std::size_t i = 0; i < z.size(); ++i) mean[ch(i)] += z[i];
+            for (auto& m : mean) m /= n;
+            for (std::size_t i = 0; i < z.size(); ++i) var[ch(i)] += (z[i] - mean[ch(i)]) * (z[i] - mean[ch(i)]);
+            for (auto& v : var) v /= n;
+            rm = run_mean;
+            rv = run_var;
+            for (index_t c = 0; c < C; ++c) {
+                rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
+                rv[c] = (1 - momentum) * rv[c] + momentum * var[c] * n / (n - 1);
+            }
+        } else {
+            mean = run_mean;
+            var = run_var;
+        }
+        std::vector<double> invstd(C);
+        for (index_t c = 0; c < C; ++c) invstd[c] = 1 / std::sqrt(var[c] + eps);
+        y.resize(z.size());
+        pre.resize(z.size());
+        xhat.resize(z.size());
+        for (std::size_t i = 0; i < z.size(); ++i) {
+            xhat[i] = (z[i] - mean[ch(i)]) * invstd[ch(i)];
+            pre[i] = gamma[ch(i)] * xhat[i] + beta[ch(i)];
+            y[i] = pre[i] > 0 ? pre[i] : 0;
+        }
+        // Backward through ReLU (mask from the implementation under test, see file comment), BN, conv.
+        std::vector<double> g(z.size());
+        for (std::size_t i = 0; i < z.size(); ++i)
+            g[i] = (mask_from ? (*mask_from)[i] > 0 : pre[i] > 0) ? dy[i] : 0.0;
+        beta_grad.assign(C, 0.0);
+        gamma_grad.assign(C, 0.0);
+        for (std::size_t i = 0; i < z.size(); ++i) {
+            beta_grad[ch(i)] += g[i];
+            gamma_grad[ch(i)] += g[i] * xhat[i];
+        }
+        dz.resize(z.size());
+        for (std::size_t i = 0; i < z.size(); ++i) {
+            const index_t c = ch(i);
+            dz[i] = batch_stats ? gamma[c] * invstd[c] / n * (n * g[i] - beta_grad[c] - xhat[i] * gamma_grad[c])
+                                : g[i] * gamma[c] * invstd[c];
+        }
+        // Conv backward of dz in double.
+        dx.assign(x.size(), 0.0);
+        dw.assign(w.size(), 0.0);
+        db.assign(C, 0.0);
+        conv.for_each_product([&](index_t yi, index_t xi, index_t wi) {
+            dx[xi] += dz[yi] * w[wi];
+            dw[wi] += dz[yi] * x[xi];
+        });
+        for (std::size_t i = 0; i < dz.size(); ++i) db[ch(i)] += dz[i];
+    }
+};
+
+double max_abs(const std::vector<double>& v)
+{
+    double m = 0;
+    for (double x : v) m = std::max(m, std::abs(x));
+    return m;
+}
+/// max |got - want| <= tol * scale (default: max|want|).
+bool close(const std::vector<float>& got, const std::vector<double>& want, double tol, double scale = -1)
+{
+    if (got.size() != want.size()) return false;
+    if (scale < 0) scale = max_abs(want);
+    for (std::size_t i = 0; i < got.size(); ++i)
+        if (!(std::abs(got[i] - want[i]) <= tol * scale)) return false;
+    return true;
+}
+std::vector<double> to_double(std::span<const float> s) { return {s.begin(), s.end()}; }
+
+template <class L>
+void check_block(const conv_config& cf, const sizes5& xs, bool train, std::mt19937& g)
+{
+    chain_reference ref(cf, xs);
+    const index_t C = cf.out;
+    const auto x = randn(numel(xs), g), w = randn(C * cf.in * ref.conv.taps(), g, 0.0, 0.3), b = randn(C, g);
+    const auto gamma = randn(C, g, 1.0, 0.5), beta = randn(C, g, 0.2, 0.5);
+    const auto dy = randn(numel(ref.conv.ys), g);
+    std::vector<float> rm0(C), rv0(C);
+    for (index_t c = 0; c < C; ++c) rm0[c] = 0.1f * static_cast<float>(c % 5), rv0[c] = 1.f + 0.25f * static_cast<float>(c % 3);
+
+    vf::Conv3d<> conv(cf.in, cf.out, cf.k, cf.s, cf.p, cf.dil, 1, cf.bias);
+    std::copy(w.begin(), w.end(), conv.weight().begin());
+    if (cf.bias) std::copy(b.begin(), b.end(), conv.bias().begin());
+    vf::BatchNorm3d<> bn(C, 1e-5, 0.1);
+    std::copy(gamma.begin(), gamma.end(), bn.weight().begin());
+    std::copy(beta.begin(), beta.end(), bn.bias().begin());
+    std::copy(rm0.begin(), rm0.end(), bn.running_mean().begin());
+    std::copy(rv0.begin(), rv0.end(), bn.running_var().begin());
+    vf::ConvBnReLU3d<> block(std::move(conv), std::move(bn));
+    block.train(train);
+
+    auto xm = to_layout<L>(x, xs), dym = to_layout<L>(dy, ref.conv.ys);
+    auto ym = to_layout<L>(std::vector<float>(dy.size(), NAN), ref.conv.ys);
+    auto dxm = to_layout<L>(std::vector<float>(x.size(), NAN), xs);
+    block.forward(view_of<L>(xm.data(), xs), view_of<L>(ym.data(), ref.conv.ys));
+    block.backward(view_of<L>(xm.data(), xs), view_of<L>(dym.data(), ref.conv.ys), view_of<L>(dxm.data(), xs));
+    const auto y = from_layout<L>(ym, ref.conv.ys), dx = from_layout<L>(dxm, xs);
+
+    ref.run(x, w, cf.bias ? b : std::vector<float>(C, 0.f), gamma, beta, {rm0.begin(), rm0.end()},
+            {rv0.begin(), rv0.end()}, train, 1e-5, 0.1, dy, &y);
+    const index_t n = numel(ref.conv.ys) / C;
+    const double K = static_cast<double>(std::max(cf.in * ref.conv.taps(), n)), tol = 4 * K * 0x1p-24;
+    INFO("train " << train << " tol " << tol);
+    CHECK(close(y, ref.y, tol));
+    CHECK(close(dx, ref.dx, tol));
+    CHECK(close(vec(block.conv().weight_grad()), ref.dw, tol));
+    // In training the conv bias's gradient is a sum of dz that cancels to 0 exactly (BN
+    // removes the mean): compare against the size of its terms, sum |dz| per channel.
+    std::vector<double> dz_mag(C, 0.0);
+    for (std::size_t i = 0; i < ref.dz.size(); ++i) dz_mag[(i / (numel(ref.conv.ys) / C / xs[0])) % C] += std::abs(ref.dz[i]);
+    if (cf.bias) CHECK(close(vec(block.conv().bias_grad()), ref.db, tol, max_abs(dz_mag)));
+    CHECK(close(vec(block.bn().weight_grad()), ref.gamma_grad, tol));
+    CHECK(close(vec(block.bn().bias_grad()), ref.beta_grad, tol));
+    if (train) {
+        CHECK(close(vec(block.bn().running_mean()), ref.rm, tol));
+        CHECK(close(vec(block.bn().running_var()), ref.rv, tol));
+        CHECK(block.bn().num_batches_tracked() == 1);
+    } else {
+        CHECK(same_bits(vec(block.bn().running_mean()), rm0));
+        CHECK(block.bn().num_batches_tracked() == 0);
+    }
+}
+
+} // namespace
+
+TEST_CASE("ConvBnReLU3d matches a float64 Conv3d -> BatchNorm3d -> ReLU chain", "[block][numerics]")
+{
+    std::mt19937 g(31);
+    const std::pair<conv_config, sizes5> cases[] = {
+        {{3, 16, {3, 3, 3}, 1, 1}, {2, 3, 4, 5, 6}},
+        {{5, 17, {3, 1, 2}, {2, 1, 1}, {1, 0, 1}, 1, false}, {2, 5, 5, 4, 9}},
+        {{8, 40, {2, 2, 2}, 1, 0, {1, 2, 1}}, {3, 8, 4, 6, 5}},
+    };
+    for (const auto& [cf, xs] : cases)
+        for (bool train : {true, false}) {
+            check_block<vf::ndhwc_t>(cf, xs, train, g);
+            check_block<vf::ncdhw_t>(cf, xs, train, g);
+        }
+}
+
+TEST_CASE("the fused block and the unfused volfuse chain agree", "[block][numerics]")
+{
+    // Training: the statistics come from the conv's epilogue (Chan's merge) instead of
+    // BatchNorm3d's two passes; eval: BN folded into the conv.  Both differ from the unfused
+    // chain by rounding only.
+    std::mt19937 g(32);
+    const sizes5 xs{2, 6, 5, 6, 7};
+    const auto x = randn(numel(xs), g);
+    for (bool train : {true, false}) {
+        vf::Conv3d<> conv(6, 24, 3, 1, 1);
+        vf::BatchNorm3d<> bn(24);
+        for (auto& v : bn.weight()) v = 0.5f + static_cast<float>(&v - bn.weight().data()) * 0.05f;
+        for (auto& v : bn.running_var()) v = 2.f;
+        vf::Conv3d<> conv2 = conv;
+        vf::BatchNorm3d<> bn2 = bn;
+        vf::ConvBnReLU3d<> block(std::move(conv2), std::move(bn2));
+        block.train(train);
+        bn.train(train);
+        const sizes5 ys = block.output_sizes(xs);
+        std::vector<float> z(numel(ys)), y1(numel(ys)), y2(numel(ys));
+        auto X = view_of<vf::ndhwc_t>(const_cast<float*>(x.data()), xs);
+        conv.forward(X, view_of<vf::ndhwc_t>(z.data(), ys));
+        bn.forward(view_of<vf::ndhwc_t>(z.data(), ys), view_of<vf::ndhwc_t>(y1.data(), ys), vf::relu);
+        block.forward(X, view_of<vf::ndhwc_t>(y2.data(), ys));
+        double worst = 0, scale = 0;
+        for (std::size_t i = 0; i < y1.size(); ++i) {
+            worst = std::max(worst, std::abs(static_cast<double>(y1[i]) - y2[i]));
+            scale = std::max(scale, std::abs(static_cast<double>(y1[i])));
+        }
+        INFO("train " << train << ": max |unfused - fused| = " << worst << " of " << scale);
+        CHECK(worst <= 8 * 6 * 27 * 0x1p-24 * scale);
+        for (index_t c = 0; c < 24; ++c) {
+            CHECK(std::abs(bn.running_mean()[c] - block.bn().running_mean()[c]) <= 1e-6);
+            CHECK(std::abs(bn.running_var()[c] - block.bn().running_var()[c]) <= 1e-6 * bn.running_var()[c]);
+        }
+    }
+}
