@@ -32,6 +32,7 @@
 #include <dnnl.hpp>
 #include <volfuse/volfuse.hpp>
 
+#include "peers_common.hpp"
 #include "roofline.hpp"
 
 namespace vf = volfuse;
@@ -39,6 +40,7 @@ using vf::index_t;
 
 namespace {
 
+using peers::set_threads;
 using sizes5 = std::array<index_t, 5>;
 const std::vector<sizes5> shapes = {
     {8, 32, 8, 16, 16}, {4, 64, 32, 32, 32}, {2, 64, 64, 64, 64}, {8, 64, 16, 112, 112}};
@@ -72,65 +74,6 @@ buffers& get(const sizes5& s)
         }
     }
     return b;
-}
-
-/// Caching CPU allocator for libtorch: freed blocks are kept per size and handed out again.
-class caching_allocator final : public c10::Allocator {
-public:
-    c10::DataPtr allocate(std::size_t n) const override
-    {
-        std::lock_guard<std::mutex> lock(m());
-        void* p = nullptr;
-        auto& free_list = cache()[n];
-        if (!free_list.empty()) {
-            p = free_list.back();
-            free_list.pop_back();
-        } else {
-            p = std::aligned_alloc(64, (std::max<std::size_t>(n, 1) + 63) / 64 * 64);
-        }
-        sizes()[p] = n;
-        return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
-    }
-    c10::DeleterFnPtr raw_deleter() const override { return &release; }
-    /// Frees every cached block (between benchmarks: the cache must not pile up gigabytes).
-    static void trim()
-    {
-        std::lock_guard<std::mutex> lock(m());
-        for (auto& [size, blocks] : cache())
-            for (void* p : blocks) std::free(p);
-        cache().clear();
-    }
-
-private:
-    static void release(void* p)
-    {
-        std::lock_guard<std::mutex> lock(m());
-        auto it = sizes().find(p);
-        cache()[it->second].push_back(p);
-        sizes().erase(it);
-    }
-    static std::mutex& m()
-    {
-        static std::mutex mu;
-        return mu;
-    }
-    static std::unordered_map<std::size_t, std::vector<void*>>& cache()
-    {
-        static std::unordered_map<std::size_t, std::vector<void*>> c;
-        return c;
-    }
-    static std::unordered_map<void*, std::size_t>& sizes()
-    {
-        static std::unordered_map<void*, std::size_t> z;
-        return z;
-    }
-};
-
-void set_threads(int t)
-{
-    vf::set_num_threads(t);
-    omp_set_num_threads(t); // oneDNN (Debian: OpenMP runtime)
-    at::set_num_threads(t);
 }
 
 void rate(benchmark::State& st, double bytes)
@@ -236,7 +179,7 @@ void run_torch_impl(benchmark::State& st, sizes5 s, int t, op o);
 void run_torch(benchmark::State& st, sizes5 s, int t, op o)
 {
     run_torch_impl(st, s, t, o);
-    caching_allocator::trim(); // every tensor of this benchmark is gone: give the memory back
+    peers::caching_allocator::trim(); // every tensor of this benchmark is gone: give the memory back
 }
 void run_torch_impl(benchmark::State& st, sizes5 s, int t, op o)
 {
@@ -334,9 +277,7 @@ void add(const std::string& name, A&&... a)
 
 int main(int argc, char** argv)
 {
-    static caching_allocator torch_cache;
-    c10::SetCPUAllocator(&torch_cache, /*priority*/ 100);
-    c10::SetAllocator(c10::DeviceType::CPU, &torch_cache, /*priority*/ 100); // what at::empty uses
+    peers::install_torch_cache();
     // libtorch first: once any oneDNN primitive has run in this process, libtorch's training
     // forward on the larger shapes is ~5x slower ([2,64,64,64,64]: 430 ms instead of 80 ms;
     // cause not found, vzeroupper does not help), which would flatter volfuse.

@@ -36,7 +36,7 @@ constexpr index_t round_up(index_t v, index_t m) noexcept { return (v + m - 1) /
 
 /// Pixels per tile for VB channel vectors.
 template <int VB>
-inline constexpr int pixels_for = std::min(8, acc_registers / VB);
+inline constexpr int pixels_for = std::min(12, acc_registers / VB);
 
 /// Extents of one NDHWC tensor's spatial part.
 struct extents3 {
@@ -398,7 +398,12 @@ void grad_weight(const G& g, index_t N, extents3 in, extents3 out, const float* 
                                     const index_t iw = ow * g.template s<2>() - g.template p<2>() + off;
                                     const float* xp = xr + iw * IC;
                                     fvec d[VB];
-                                    for (int j = 0; j < VB; ++j) d[j] = simd::load(dyrow + ow * OC + j * width);
+                                    for (int j = 0; j < VB; ++j) {
+                                        // the chunk's last vector may pass OC: read only its real lanes
+                                        const index_t lanes = std::min<index_t>(width, OC - oc0 - j * width);
+                                        d[j] = lanes == width ? simd::load(dyrow + ow * OC + j * width)
+                                                              : simd::load_partial(dyrow + ow * OC + j * width, lanes);
+                                    }
                                     for (int i = 0; i < IB; ++i) {
                                         if (i >= nic) break;
                                         const fvec b(xp[i]);
