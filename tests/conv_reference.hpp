@@ -111,6 +111,101 @@ struct conv_reference {
     }
 };
 
+/// Float64 reference of Conv3d -> BatchNorm3d -> ReLU: forward (batch or running statistics,
+/// running-stat update) and backward, the ReLU mask optionally taken from the output under
+/// test (so a mask decision at |pre-activation| ~ rounding does not make the gradients
+/// incomparable; the output check covers that decision).
+struct chain_reference {
+    conv_reference conv;
+    std::vector<double> y, pre, xhat, dz, gamma_grad, beta_grad, mean, var, rm, rv;
+    std::vector<double> dx, dw, db;
+
+    chain_reference(const conv_config& cf, const sizes5& xs) : conv(cf, xs) {}
+
+    /// Forward (batch_stats: batch statistics and running-stat update) and backward for dy,
+    /// with the ReLU mask given (1 where the output is > 0).
+    void run(const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& b,
+             const std::vector<float>& gamma, const std::vector<float>& beta, std::vector<double> run_mean,
+             std::vector<double> run_var, bool batch_stats, double eps, double momentum, const std::vector<float>& dy,
+             const std::vector<float>* mask_from)
+    {
+        conv.forward(x, w, b);
+        const auto& z = conv.y;
+        const auto& ys = conv.ys;
+        const index_t C = ys[1], S = ys[2] * ys[3] * ys[4], n = ys[0] * S;
+        mean.assign(C, 0.0);
+        var.assign(C, 0.0);
+        auto ch = [&](std::size_t i) { return static_cast<index_t>(i / S) % C; };
+        if (batch_stats) {
+            for (std::size_t i = 0; i < z.size(); ++i) mean[ch(i)] += z[i];
+            for (auto& m : mean) m /= n;
+            for (std::size_t i = 0; i < z.size(); ++i) var[ch(i)] += (z[i] - mean[ch(i)]) * (z[i] - mean[ch(i)]);
+            for (auto& v : var) v /= n;
+            rm = run_mean;
+            rv = run_var;
+            for (index_t c = 0; c < C; ++c) {
+                rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
+                rv[c] = (1 - momentum) * rv[c] + momentum * var[c] * n / (n - 1);
+            }
+        } else {
+            mean = run_mean;
+            var = run_var;
+        }
+        std::vector<double> invstd(C);
+        for (index_t c = 0; c < C; ++c) invstd[c] = 1 / std::sqrt(var[c] + eps);
+        y.resize(z.size());
+        pre.resize(z.size());
+        xhat.resize(z.size());
+        for (std::size_t i = 0; i < z.size(); ++i) {
+            xhat[i] = (z[i] - mean[ch(i)]) * invstd[ch(i)];
+            pre[i] = gamma[ch(i)] * xhat[i] + beta[ch(i)];
+            y[i] = pre[i] > 0 ? pre[i] : 0;
+        }
+        // Backward through ReLU (mask from the implementation under test, see file comment), BN, conv.
+        std::vector<double> g(z.size());
+        for (std::size_t i = 0; i < z.size(); ++i)
+            g[i] = (mask_from ? (*mask_from)[i] > 0 : pre[i] > 0) ? dy[i] : 0.0;
+        beta_grad.assign(C, 0.0);
+        gamma_grad.assign(C, 0.0);
+        for (std::size_t i = 0; i < z.size(); ++i) {
+            beta_grad[ch(i)] += g[i];
+            gamma_grad[ch(i)] += g[i] * xhat[i];
+        }
+        dz.resize(z.size());
+        for (std::size_t i = 0; i < z.size(); ++i) {
+            const index_t c = ch(i);
+            dz[i] = batch_stats ? gamma[c] * invstd[c] / n * (n * g[i] - beta_grad[c] - xhat[i] * gamma_grad[c])
+                                : g[i] * gamma[c] * invstd[c];
+        }
+        // Conv backward of dz in double.
+        dx.assign(x.size(), 0.0);
+        dw.assign(w.size(), 0.0);
+        db.assign(C, 0.0);
+        conv.for_each_product([&](index_t yi, index_t xi, index_t wi) {
+            dx[xi] += dz[yi] * w[wi];
+            dw[wi] += dz[yi] * x[xi];
+        });
+        for (std::size_t i = 0; i < dz.size(); ++i) db[ch(i)] += dz[i];
+    }
+};
+
+inline double max_abs(const std::vector<double>& v)
+{
+    double m = 0;
+    for (double x : v) m = std::max(m, std::abs(x));
+    return m;
+}
+/// max |got - want| <= tol * scale (default: max|want|).
+inline bool close(const std::vector<float>& got, const std::vector<double>& want, double tol, double scale = -1)
+{
+    if (got.size() != want.size()) return false;
+    if (scale < 0) scale = max_abs(want);
+    for (std::size_t i = 0; i < got.size(); ++i)
+        if (!(std::abs(got[i] - want[i]) <= tol * scale)) return false;
+    return true;
+}
+inline std::vector<double> to_double(std::span<const float> s) { return {s.begin(), s.end()}; }
+
 /// Index of the first element outside its bound, or -1.
 inline long first_outside(const std::vector<float>& got, const std::vector<double>& want,
                           const std::vector<double>& bound)

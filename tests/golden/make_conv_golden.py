@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes golden fixtures for volfuse's Conv3d from PyTorch (Debian's python3-torch 1.13).
 
-Usage: make_conv_golden.py tests/golden/conv3d
+Usage: make_conv_golden.py tests/golden/conv3d tests/golden/conv_bn_relu3d
 
 The seed's conv layers on small spatial sizes.  Inputs are not stored: x, weight, bias and
 grad_output come from integer formulas (below, repeated in tests/test_conv_golden.cpp) whose
@@ -10,6 +10,11 @@ values are exact in float32.  Written:
              then the float counts of y, grad_input, grad_weight, grad_bias
   <out>.bin  for each case in order, y, grad_input, grad_weight, grad_bias as little-endian
              float32, logical NCDHW / PyTorch layouts
+The block fixtures (second argument) run each layer as Conv3d -> BatchNorm3d -> ReLU: a
+training step (forward, then backward of grad_output) and an eval step, with BN parameters and
+running statistics from formulas too; per case and step, in order: y, grad_input, conv
+grad_weight, conv grad_bias, bn grad_weight, bn grad_bias, running_mean, running_var (the
+grads accumulate over the two steps, as in PyTorch; the .txt line ends with the counts).
 """
 import struct
 import sys
@@ -40,7 +45,54 @@ def inputs(cin, cout, k, bias, n, d, h, w, out_shape):
     return x, wt, b, dy
 
 
+def bn_inputs(c):
+    gamma = pattern(c, 17, 3, 13, 6, 8.0) + 1.0
+    beta = pattern(c, 23, 1, 11, 5, 16.0)
+    rm = pattern(c, 5, 2, 7, 3, 8.0)
+    rv = pattern(c, 3, 1, 5, 0, 4.0) + 1.0
+    return gamma, beta, rm, rv
+
+
+def write_block(out):
+    lines = []
+    blob = bytearray()
+    for name, cin, cout, k, s, p, dil, bias, (n, d, h, w) in CASES:
+        conv = torch.nn.Conv3d(cin, cout, k, stride=s, padding=p, dilation=dil, bias=bias)
+        bn = torch.nn.BatchNorm3d(cout)
+        with torch.no_grad():
+            shape = conv(torch.zeros(n, cin, d, h, w)).shape
+        x, wt, b, dy = inputs(cin, cout, k, bias, n, d, h, w, shape)
+        gamma, beta, rm, rv = bn_inputs(cout)
+        with torch.no_grad():
+            conv.weight.copy_(wt)
+            if bias:
+                conv.bias.copy_(b)
+            bn.weight.copy_(gamma)
+            bn.bias.copy_(beta)
+            bn.running_mean.copy_(rm)
+            bn.running_var.copy_(rv)
+        counts = None
+        for train in (True, False):
+            bn.train(train)
+            xg = x.clone().requires_grad_(True)
+            y = torch.relu(bn(conv(xg)))
+            y.backward(dy)
+            tensors = [y, xg.grad, conv.weight.grad, conv.bias.grad if bias else torch.zeros(0),
+                       bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
+            for t in tensors:
+                vals = t.detach().contiguous().reshape(-1).tolist()
+                blob += struct.pack("<%df" % len(vals), *vals)
+            counts = [t.numel() for t in tensors]
+        fields = [name, cin, cout, *k, *s, *p, *dil, int(bias), n, d, h, w] + counts
+        lines.append(" ".join(str(f) for f in fields))
+    with open(out + ".txt", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(out + ".bin", "wb") as f:
+        f.write(blob)
+
+
 def main():
+    write_block(sys.argv[2])
     out = sys.argv[1]
     lines = []
     blob = bytearray()
