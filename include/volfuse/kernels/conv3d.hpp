@@ -155,7 +155,7 @@ inline void forward_tile(const G& g, const float* xn, extents3 in, index_t od, i
 /// A forward that keeps no statistics.
 struct no_stats {
     template <int PB, int VB>
-    void add_tile(const fvec (&)[PB][VB], index_t, index_t) noexcept
+    [[gnu::always_inline]] void add_tile(const fvec (&)[PB][VB], index_t, index_t) noexcept
     {
     }
 };
@@ -186,8 +186,10 @@ struct channel_moments {
         ma.store_unaligned(mean + c);
         m2a.store_unaligned(m2 + c);
     }
+    /// Inlined into the tile: the accumulators must stay in registers (a call would take
+    /// their address and spill them for the whole tile loop).
     template <int PB, int VB>
-    void add_tile(const fvec (&v)[PB][VB], index_t npix, index_t oc0) noexcept
+    [[gnu::always_inline]] void add_tile(const fvec (&v)[PB][VB], index_t npix, index_t oc0) noexcept
     {
         const simd::dvec nb(static_cast<double>(npix));
         for (int j = 0; j < VB; ++j) {
