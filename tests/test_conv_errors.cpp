@@ -58,3 +58,38 @@ TEST_CASE("forward and backward errors change nothing", "[conv][errors]")
     for (float v : conv.bias_grad()) REQUIRE(v == 0.f);
     REQUIRE(same_bits(vec(conv.weight()), w0));
 }
+
+TEST_CASE("ConvBnReLU3d errors change nothing", "[block][errors]")
+{
+    REQUIRE_THROWS_WITH(vf::ConvBnReLU3d<>(vf::Conv3d<>(3, 8, 3), vf::BatchNorm3d<>(7)),
+                        Equals("ConvBnReLU3d: BatchNorm3d has 7 features but the Conv3d has 8 output channels"));
+    vf::ConvBnReLU3d<> block(vf::Conv3d<>(3, 8, 3, 1, 1), vf::BatchNorm3d<>(8));
+    std::vector<float> x(1 * 3 * 1 * 1 * 1, 1.f), y(1 * 8 * 1 * 1 * 1, 7.f);
+    // One value per channel in training: BatchNorm3d's error, raised before the conv runs or
+    // any statistic changes.
+    REQUIRE_THROWS_WITH(block.forward(vf::ncdhw_view(x.data(), 1, 3, 1, 1, 1), vf::ncdhw_view(y.data(), 1, 8, 1, 1, 1)),
+                        Equals("Expected more than 1 value per channel when training, got input size [1, 8, 1, 1, 1]"));
+    for (float v : y) REQUIRE(v == 7.f);
+    REQUIRE(block.bn().num_batches_tracked() == 0);
+    for (float v : block.bn().running_mean()) REQUIRE(v == 0.f);
+    for (float v : block.bn().running_var()) REQUIRE(v == 1.f);
+    // Wrong input channels: the conv's message.
+    std::vector<float> x4(2 * 4 * 3 * 3 * 3, 1.f), y2(2 * 8 * 3 * 3 * 3, 7.f);
+    REQUIRE_THROWS_WITH(block.forward(vf::ncdhw_view(x4.data(), 2, 4, 3, 3, 3), vf::ncdhw_view(y2.data(), 2, 8, 3, 3, 3)),
+                        Equals("Given groups=1, weight of size [8, 3, 3, 3, 3], expected input[2, 4, 3, 3, 3] to have "
+                               "3 channels, but got 4 channels instead"));
+    REQUIRE(block.bn().num_batches_tracked() == 0);
+    // Backward without a training forward on this X.
+    std::vector<float> x3(2 * 3 * 3 * 3 * 3, 1.f), dy(y2.size(), 1.f), dx(x3.size(), 5.f);
+    REQUIRE_THROWS_WITH(block.backward(vf::ncdhw_view(x3.data(), 2, 3, 3, 3, 3), vf::ncdhw_view(dy.data(), 2, 8, 3, 3, 3),
+                                       vf::ncdhw_view(dx.data(), 2, 3, 3, 3, 3)),
+                        Equals("ConvBnReLU3d::backward: X is not the input of the last training forward (run "
+                               "forward(X, Y) in training mode first)"));
+    REQUIRE_THROWS_WITH(block.backward(vf::ncdhw_view(x3.data(), 2, 3, 3, 3, 3), vf::ncdhw_view(dy.data(), 2, 8, 3, 3, 2),
+                                       vf::ncdhw_view(dx.data(), 2, 3, 3, 3, 3)),
+                        Equals("grad_output has shape [2, 8, 3, 3, 2] but ConvBnReLU3d expects [2, 8, 3, 3, 3] for "
+                               "input [2, 3, 3, 3, 3]"));
+    for (float v : dx) REQUIRE(v == 5.f);
+    for (float v : block.conv().weight_grad()) REQUIRE(v == 0.f);
+    for (float v : block.bn().weight_grad()) REQUIRE(v == 0.f);
+}

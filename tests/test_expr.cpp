@@ -105,3 +105,23 @@ TEST_CASE("describe prints the loop nest the layout and static extents select", 
     CHECK(sched.channel_block == 64);
     CHECK(sched.channels_unrolled == (64 / vf::simd::width <= vf::kernels::max_unrolled_channel_vectors));
 }
+
+TEST_CASE("describe prints the conv loop nest: plain, fused training, folded inference", "[expr][conv]")
+{
+    std::vector<float> x(2 * 8 * 4 * 4 * 4), y(2 * 16 * 4 * 4 * 4);
+    auto X = vf::ndhwc_view(x.data(), 2, 8, 4, 4, 4);
+    auto Y = vf::ndhwc_view(y.data(), 2, 16, 4, 4, 4);
+    vf::Conv3d<vf::conv_spec{.in = 8, .out = 16, .kernel = 3, .stride = 1, .padding = 1}> conv;
+    vf::BatchNorm3d<> bn(16);
+    const std::string plain = vf::describe(Y, conv(X));
+    CHECK(plain.find("evaluate: identity(conv3d) -> ndhwc [2, 16, 4, 4, 4], Conv3d(8, 16, kernel_size=(3, 3, 3)") == 0);
+    CHECK(plain.find("(spec: static where fixed)") != std::string::npos);
+    CHECK(plain.find("y = identity(acc + bias); store y   # written once") != std::string::npos);
+    const std::string train = vf::describe(Y, vf::relu(bn(conv(X))));
+    CHECK(train.find("relu(batch_norm[batch statistics](conv3d))") != std::string::npos);
+    CHECK(train.find("tile moments (count, mean, M2 in double) merged into the block's (Chan)") != std::string::npos);
+    bn.eval();
+    const std::string eval = vf::describe(Y, vf::relu(bn(conv(X))));
+    CHECK(eval.find("fold batch_norm into the packed weights and bias") != std::string::npos);
+    CHECK(eval.find("y = relu(acc + bias); store y   # written once") != std::string::npos);
+}

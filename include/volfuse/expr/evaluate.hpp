@@ -195,14 +195,55 @@ void evaluate(const VY& Y, const E& e)
     }
 }
 
-/// The loop nest `evaluate(Y, e)` runs, as text (for micro-benchmarking layouts).
-template <class VY, expr::node E>
-std::string describe(const VY& Y, const E& e)
+namespace detail {
+/// describe() for epi(conv(X)) and epi(bn(conv(X))).
+template <class VY, class Conv>
+std::string describe_conv(const VY& Y, const Conv& conv, const std::string& epi, const char* bn)
 {
-    using S = detail::split<E>;
-    using In = std::remove_cvref_t<decltype(S::inner(e))>;
-    const auto& in = S::inner(e);
-    const std::string epi(S::epilogue::name);
+    namespace kc = kernels::conv;
+    const auto& g = conv.geom();
+    const index_t vectors = std::min<index_t>(kc::max_vectors, (g.out() + simd::width - 1) / simd::width);
+    const index_t pixels = [&] {
+        index_t p = 0;
+        kc::with_vectors(vectors, [&]<int V>() { p = kc::pixels_for<V>; });
+        return p;
+    }();
+    const bool stats = bn && std::string(bn).find("batch") != std::string::npos;
+    const bool folded = bn && !stats;
+    std::string out;
+    auto line = [&](int depth, const std::string& t) { out += std::string(2 * depth, ' ') + t + "\n"; };
+    const std::string what = bn ? "batch_norm[" + std::string(bn) + "](conv3d)" : std::string("conv3d");
+    line(0, "evaluate: " + epi + "(" + what + ") -> " + std::string(VY::layout_name()) + " " + Y.shape().str() + ", " +
+                conv.repr() + (std::remove_cvref_t<decltype(g)>::spec == conv_spec{} ? " (runtime-shaped)" : " (spec: static where fixed)"));
+    line(0, "schedule: " + std::string(simd::arch::name()) + ", vector " + std::to_string(simd::width) +
+                " x f32, tile " + std::to_string(pixels) + " pixels x " + std::to_string(vectors) +
+                " vectors in registers, threads " + std::to_string(get_num_threads()));
+    if (std::string(VY::layout_name()) != "ndhwc") line(0, "reorder input to ndhwc (module buffer)");
+    if (folded) line(0, "fold batch_norm into the packed weights and bias (PyTorch's fuse_conv_bn_weights)");
+    line(0, stats ? "parallel for block of " + std::to_string(kc::moment_rows) + " output rows (n, od, oh):"
+                  : "parallel for output row (n, od, oh):");
+    line(1, "for oc chunk of " + std::to_string(vectors * simd::width) + " channels:");
+    line(2, "for ow tile of " + std::to_string(pixels) + " pixels (interior tiles unchecked, border tiles checked):");
+    line(3, "for kd, kh, kw (taps outside the image skipped): for ic in [0, " + std::to_string(g.in()) + "):");
+    line(4, "acc[p][j] = fma(broadcast(x[p][ic]), w[tap][ic][j], acc[p][j])");
+    if (stats) {
+        line(3, "z = acc + bias; store z (kept for backward)");
+        line(3, "tile moments (count, mean, M2 in double) merged into the block's (Chan)");
+        line(0, "merge block moments in block order; batch_norm: running statistics, coefficients");
+        line(0, "for each element: y = " + epi + "(((z - mean_hi) - mean_lo) * alpha + beta)   # one sweep");
+    } else {
+        line(3, "y = " + epi + "(acc + bias); store y   # written once");
+    }
+    if (std::string(VY::layout_name()) != "ndhwc") line(0, "reorder output to " + std::string(VY::layout_name()));
+    return out;
+}
+} // namespace detail
+
+namespace detail {
+/// describe() for [epi](bn(X)), [epi](channel_affine(X, ...)) and epi(X).
+template <class VY, class In>
+std::string describe_bn_and_pointwise(const VY& Y, const In& in, const std::string& epi)
+{
     // The form the kernels run on: a static-C module specializes a dynamic-C view.
     const auto f = [&] {
         if constexpr (detail::is_bn_v<In>) {
@@ -269,6 +310,26 @@ std::string describe(const VY& Y, const E& e)
     else if constexpr (detail::is_affine_v<In>) pass(d, "y = " + epi + "(x * scale + shift)   # one fma");
     else pass(d, "y = " + epi + "(x)");
     return out;
+}
+
+} // namespace detail
+
+/// The loop nest `evaluate(Y, e)` runs, as text (for micro-benchmarking layouts).
+template <class VY, expr::node E>
+std::string describe(const VY& Y, const E& e)
+{
+    using S = detail::split<E>;
+    using In = std::remove_cvref_t<decltype(S::inner(e))>;
+    const auto& in = S::inner(e);
+    const std::string epi(S::epilogue::name);
+    if constexpr (detail::is_conv_v<In>) {
+        return detail::describe_conv(Y, *in.module, epi, nullptr);
+    } else if constexpr (detail::is_bn_of_conv_v<In>) {
+        const bool batch = in.module->training() || !in.module->track_running_stats();
+        return detail::describe_conv(Y, *in.in.module, epi, batch ? "batch statistics" : "running statistics");
+    } else {
+        return detail::describe_bn_and_pointwise(Y, in, epi);
+    }
 }
 
 } // namespace volfuse
