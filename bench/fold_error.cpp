@@ -30,7 +30,7 @@ int main()
             for (auto& v : bn.running_mean()) v = 0.3f * randn(gen);
             for (auto& v : bn.weight()) v = 1 + 0.3f * randn(gen);
             for (auto& v : bn.bias()) v = 0.3f * randn(gen);
-            vf::ConvBnReLU3d<> block(vf::Conv3d<>(conv), vf::BatchNorm3d<>(bn));
+            vf::ConvBnReLU3d<> block{vf::Conv3d<>(conv), vf::BatchNorm3d<>(bn)};  // copies of the parts
             block.train(train);
             bn.train(train);
             const auto ys = block.output_sizes({N, in, D, H, W});
