@@ -17,6 +17,7 @@
 #include <benchmark/benchmark.h>
 #include <volfuse/volfuse.hpp>
 
+#include "report.hpp"
 #include "roofline.hpp"
 
 namespace vf = volfuse;
@@ -165,30 +166,18 @@ void bm_dsum(benchmark::State& st, sizes5 s, bool cached)
 }
 
 /// Collects the runs and prints the summary table after Google Benchmark's own output.
-class table_reporter : public benchmark::ConsoleReporter {
+class table_reporter : public report::collecting {
 public:
-    void ReportRuns(const std::vector<Run>& runs) override
-    {
-        ConsoleReporter::ReportRuns(runs);
-        for (const auto& r : runs)
-            if (r.run_type == Run::RT_Iteration && !r.error_occurred) rows_.push_back(r);
-    }
     void Finalize() override
     {
         ConsoleReporter::Finalize();
         std::map<std::string, double> copy_gbs, inplace_gbs, dsum_ms, dsum_cached_ms;
-        auto name_of = [](const Run& r) {
-            std::string name = r.benchmark_name();
-            // drop Google Benchmark's option suffixes ("/min_warmup_time:0.2/real_time")
-                if (const auto cut = name.find("/min_warmup_time"); cut != std::string::npos) name.erase(cut);
-                if (const auto cut = name.find("/real_time"); cut != std::string::npos) name.erase(cut);
-            return name;
-        };
+        using report::name_of;
         for (const auto& r : rows_) {
             const auto name = name_of(r);
             if (name.rfind("ntcopy/", 0) == 0) copy_gbs[name.substr(7)] = r.counters.at("GB/s").value / 1e9;
             if (name.rfind("inplace/", 0) == 0) inplace_gbs[name.substr(8)] = r.counters.at("GB/s").value / 1e9;
-            const double ms = r.GetAdjustedRealTime() * 1e3 / benchmark::GetTimeUnitMultiplier(r.time_unit);
+            const double ms = report::ms_of(r);
             if (name.rfind("dsum/", 0) == 0) dsum_ms[name.substr(5)] = ms;
             if (name.rfind("dsum_cached/", 0) == 0) dsum_cached_ms[name.substr(12)] = ms;
         }
@@ -211,7 +200,7 @@ public:
             }
             part.push_back(name.substr(pos));
             const double gbs = r.counters.at("GB/s").value / 1e9;
-            const double ms = r.GetAdjustedRealTime() * 1e3 / benchmark::GetTimeUnitMultiplier(r.time_unit);
+            const double ms = report::ms_of(r);
             const auto& roof = part[4].find("inplace") != std::string::npos ? inplace_gbs : copy_gbs;
             const auto c = roof.find(part[1]);
             std::printf("%-15s %-6s %-4s %-22s %10.3f %8.2f %10.0f%%\n", part[1].c_str(), part[2].c_str(),
@@ -222,8 +211,6 @@ public:
                         shape.c_str(), gbs, inplace_gbs[shape], dsum_ms[shape], dsum_cached_ms[shape]);
     }
 
-private:
-    std::vector<Run> rows_;
 };
 
 /// Every benchmark: wall time (threads) and a short warm-up (page-in, caches).

@@ -22,6 +22,7 @@
 #include <volfuse/volfuse.hpp>
 
 #include "peers_common.hpp"
+#include "report.hpp"
 #include "roofline.hpp"
 
 namespace vf = volfuse;
@@ -185,19 +186,8 @@ void run_torch(benchmark::State& st, const layer* l, int t, what w)
 const char* what_name(what w) { return w == what::conv ? "conv" : w == what::block_train ? "train" : "eval"; }
 
 /// Prints per layer/threads: times (ms) and GFLOP/s, and the ratios the targets use.
-class table_reporter : public benchmark::ConsoleReporter {
+class table_reporter : public report::collecting {
 public:
-    void ReportRuns(const std::vector<Run>& runs) override
-    {
-        ConsoleReporter::ReportRuns(runs);
-        for (const auto& r : runs)
-            if (r.run_type == Run::RT_Iteration && !r.error_occurred) {
-                std::string name = r.benchmark_name();
-                if (const auto cut = name.find("/min_warmup_time"); cut != std::string::npos) name.erase(cut);
-                if (const auto cut = name.find("/real_time"); cut != std::string::npos) name.erase(cut);
-                ms_[name] = r.GetAdjustedRealTime() * 1e3 / benchmark::GetTimeUnitMultiplier(r.time_unit);
-            }
-    }
     void Finalize() override
     {
         ConsoleReporter::Finalize();
@@ -235,8 +225,6 @@ public:
             }
     }
 
-private:
-    std::map<std::string, double> ms_;
 };
 
 template <class... A>

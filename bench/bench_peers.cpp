@@ -33,6 +33,7 @@
 #include <volfuse/volfuse.hpp>
 
 #include "peers_common.hpp"
+#include "report.hpp"
 #include "roofline.hpp"
 
 namespace vf = volfuse;
@@ -210,20 +211,8 @@ void run_torch_impl(benchmark::State& st, sizes5 s, int t, op o)
 }
 
 /// Prints, per shape/threads/op, every implementation's time and the ratios the targets use.
-class table_reporter : public benchmark::ConsoleReporter {
+class table_reporter : public report::collecting {
 public:
-    void ReportRuns(const std::vector<Run>& runs) override
-    {
-        ConsoleReporter::ReportRuns(runs);
-        for (const auto& r : runs)
-            if (r.run_type == Run::RT_Iteration && !r.error_occurred) {
-                std::string name = r.benchmark_name();
-                // drop Google Benchmark's option suffixes ("/min_warmup_time:0.2/real_time")
-                if (const auto cut = name.find("/min_warmup_time"); cut != std::string::npos) name.erase(cut);
-                if (const auto cut = name.find("/real_time"); cut != std::string::npos) name.erase(cut);
-                ms_[name] = r.GetAdjustedRealTime() * 1e3 / benchmark::GetTimeUnitMultiplier(r.time_unit);
-            }
-    }
     void Finalize() override
     {
         ConsoleReporter::Finalize();
@@ -261,8 +250,6 @@ public:
                 }
     }
 
-private:
-    std::map<std::string, double> ms_;
 };
 
 } // namespace

@@ -70,14 +70,20 @@ void check_pointwise_io(const VX& X, const VY& Y)
 }
 inline kernels::conv::extents3 spatial(const std::array<index_t, 5>& s) noexcept { return {s[2], s[3], s[4]}; }
 
-/// epi(conv(X)) into Y: one direct-conv pass with the epilogue applied to each tile.
-template <class VY, class M, class I, class Epi>
-void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi op)
+template <class VY, class I>
+constexpr void check_conv_io()
 {
     static_assert(is_leaf_v<I>, "vf::evaluate: a convolution applies to a tensor");
     static_assert(std::is_same_v<typename I::view_type::layout_type, typename VY::layout_type>,
                   "vf::evaluate: input and output must have the same layout");
     static_assert(!std::is_const_v<typename VY::value_type>, "vf::evaluate: Y must be writable");
+}
+
+/// epi(conv(X)) into Y: one direct-conv pass with the epilogue applied to each tile.
+template <class VY, class M, class I, class Epi>
+void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi op)
+{
+    check_conv_io<VY, I>();
     M& conv = *node.module;
     const auto& X = node.in.view;
     const float* x = conv.prepare_forward(X, Y.data(), Y.sizes());
@@ -96,10 +102,7 @@ void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi op)
 template <class VY, class BN, class M, class I, class Epi>
 void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, Epi op)
 {
-    static_assert(is_leaf_v<I>, "vf::evaluate: a convolution applies to a tensor");
-    static_assert(std::is_same_v<typename I::view_type::layout_type, typename VY::layout_type>,
-                  "vf::evaluate: input and output must have the same layout");
-    static_assert(!std::is_const_v<typename VY::value_type>, "vf::evaluate: Y must be writable");
+    check_conv_io<VY, I>();
     M& conv = *node.module;
     const auto& X = node.in.view;
     const auto osz = Y.sizes();

@@ -61,26 +61,19 @@ void for_channel_chunks(index_t channels, F&& f)
         with_vectors(std::min<index_t>(max_vectors, vectors - v0), [&]<int V>() { f.template operator()<V>(v0 * width); });
 }
 
-/// Packs PyTorch's weight [OC][IC][KD][KH][KW] into the forward layout
-/// [tap][IC][OCP] (OCP = OC rounded up to whole vectors, padding lanes zero).
+/// Packs PyTorch's weight [OC][IC][KD][KH][KW] for the kernels: the forward layout
+/// [tap][IC][OCP] (OCP = OC rounded up to whole vectors), or with `transposed` grad input's
+/// [tap][OC][ICP]; padding lanes are zero.
 template <class G>
-void pack_forward(const G& g, const float* w, float* out) noexcept
+void pack(const G& g, const float* w, float* out, bool transposed = false) noexcept
 {
-    const index_t IC = g.in(), OC = g.out(), T = g.taps(), OCP = round_up(OC, width);
-    std::fill(out, out + T * IC * OCP, 0.f);
+    const index_t IC = g.in(), OC = g.out(), T = g.taps();
+    const index_t rows = transposed ? OC : IC, lanes = round_up(transposed ? IC : OC, width);
+    std::fill(out, out + T * rows * lanes, 0.f);
     for (index_t oc = 0; oc < OC; ++oc)
         for (index_t ic = 0; ic < IC; ++ic)
-            for (index_t t = 0; t < T; ++t) out[(t * IC + ic) * OCP + oc] = w[(oc * IC + ic) * T + t];
-}
-/// Packs into grad input's layout [tap][OC][ICP].
-template <class G>
-void pack_transposed(const G& g, const float* w, float* out) noexcept
-{
-    const index_t IC = g.in(), OC = g.out(), T = g.taps(), ICP = round_up(IC, width);
-    std::fill(out, out + T * OC * ICP, 0.f);
-    for (index_t oc = 0; oc < OC; ++oc)
-        for (index_t ic = 0; ic < IC; ++ic)
-            for (index_t t = 0; t < T; ++t) out[(t * OC + oc) * ICP + ic] = w[(oc * IC + ic) * T + t];
+            for (index_t t = 0; t < T; ++t)
+                out[(t * rows + (transposed ? oc : ic)) * lanes + (transposed ? ic : oc)] = w[(oc * IC + ic) * T + t];
 }
 
 /// Valid output positions along one dimension for tap k: o with 0 <= o*s - p + k*dil < in,
@@ -227,7 +220,7 @@ inline index_t moments_workspace(index_t rows, index_t OC) noexcept
 }
 
 /// y[n][od][oh][ow][oc] = epi(bias[oc] + sum over taps and ic of x * w) (NDHWC in and out).
-/// wp: pack_forward's layout; bias: OCP floats or null.  Parallel over blocks of output
+/// wp: pack()'s forward layout; bias: OCP floats or null.  Parallel over blocks of output
 /// rows.  With `moments` (moments_workspace doubles), also the per-channel count, mean and
 /// M2 of the stored values, returned in its first 3 * OCP doubles (count, mean, M2).
 template <class G, class Epi>
@@ -286,7 +279,7 @@ void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, c
 // --- grad input ----------------------------------------------------------------------
 
 /// dx = sum over output pixels and taps of dy * w, scattered to the input pixel each
-/// output pixel read (NDHWC).  wt: pack_transposed's layout.  Tasks: (image n, input
+/// output pixel read (NDHWC).  wt: pack(.., transposed)'s layout.  Tasks: (image n, input
 /// channel chunk), each owning its slice of dx and summing in a fixed order.
 template <class G>
 void grad_input(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wt, float* dx) noexcept
@@ -357,7 +350,7 @@ template <int VB>
 inline constexpr int inputs_for = std::min(8, acc_registers / VB);
 
 /// gw[tap][ic][OCP] += sum over images and output pixels of x[input pixel][ic] * dy[pixel][oc]
-/// (NDHWC; gw in pack_forward's layout, accumulated into).  Tasks: (kd, input channel
+/// (NDHWC; gw in pack()'s forward layout, accumulated into).  Tasks: (kd, input channel
 /// block, output channel chunk), each owning its part of gw and sweeping every output
 /// row in order.
 template <class G>

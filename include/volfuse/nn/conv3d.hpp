@@ -195,7 +195,7 @@ public:
         packed_.resize(static_cast<std::size_t>(g_.taps() * g_.in() * ocp()));
         bias_padded_.assign(static_cast<std::size_t>(ocp()), 0.f);
         std::copy(bias_.begin(), bias_.end(), bias_padded_.begin());
-        kernels::conv::pack_forward(g_, weight_.data(), packed_.data());
+        kernels::conv::pack(g_, weight_.data(), packed_.data());
         return X.shape().numel() > 0 ? channels_last(X, xbuf_) : X.data();
     }
     /// Weights and bias as prepare_forward (or fold) packed them; bias null without one.
@@ -263,7 +263,7 @@ public:
             std::fill(dx, dx + n_in, 0.f);
             return;
         }
-        kernels::conv::pack_transposed(g_, weight_.data(), packed_.data());
+        kernels::conv::pack(g_, weight_.data(), packed_.data(), /*transposed*/ true);
         kernels::conv::grad_input(g_, N, in, out, dy, packed_.data(), dx);
         kernels::conv::grad_weight(g_, N, in, out, x, dy, gw_.data());
         // Bias: per-channel sums of dY in double (kernels::reduce_channels over an NDHWC form).
