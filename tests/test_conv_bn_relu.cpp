@@ -120,3 +120,31 @@ TEST_CASE("the fused block and the unfused volfuse chain agree", "[block][numeri
         }
     }
 }
+
+TEST_CASE("the block's moments stay exact when the conv output's mean is 1e4 times its std", "[block][numerics][hard]")
+{
+    // Both paths see the same float conv output z (the same kernel writes it); the block sums
+    // it around a shift in its epilogue, BatchNorm3d sums it in two passes (ATen's way).
+    // With momentum 1 the running statistics are the batch's: they must agree to a few ulps.
+    std::mt19937 g(33);
+    const sizes5 xs{2, 4, 6, 7, 9};
+    auto x = randn(numel(xs), g);
+    vf::Conv3d<> conv(4, 20, 3, 1, 1);
+    for (auto& b : conv.bias()) b = 1e4f;
+    vf::BatchNorm3d<> bn(20, 1e-5, 1.0);
+    vf::ConvBnReLU3d<> block{vf::Conv3d<>(conv), vf::BatchNorm3d<>(bn)};
+    const sizes5 ys = block.output_sizes(xs);
+    std::vector<float> z(numel(ys)), y1(numel(ys)), y2(numel(ys));
+    auto X = view_of<vf::ndhwc_t>(x.data(), xs);
+    conv.forward(X, view_of<vf::ndhwc_t>(z.data(), ys));
+    bn.forward(view_of<vf::ndhwc_t>(z.data(), ys), view_of<vf::ndhwc_t>(y1.data(), ys), vf::relu);
+    block.forward(X, view_of<vf::ndhwc_t>(y2.data(), ys));
+    for (index_t c = 0; c < 20; ++c) {
+        INFO("channel " << c << ": running_var " << bn.running_var()[c] << " vs " << block.bn().running_var()[c]);
+        CHECK(std::abs(bn.running_mean()[c] - block.bn().running_mean()[c]) <= 4 * eps_f * 1e4);
+        CHECK(std::abs(bn.running_var()[c] - block.bn().running_var()[c]) <= 4 * eps_f * bn.running_var()[c]);
+    }
+    double worst = 0;
+    for (std::size_t i = 0; i < y1.size(); ++i) worst = std::max(worst, std::abs(static_cast<double>(y1[i]) - y2[i]));
+    CHECK(worst <= 1e-5);
+}

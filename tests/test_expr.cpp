@@ -119,7 +119,8 @@ TEST_CASE("describe prints the conv loop nest: plain, fused training, folded inf
     CHECK(plain.find("y = identity(acc + bias); store y   # written once") != std::string::npos);
     const std::string train = vf::describe(Y, vf::relu(bn(conv(X))));
     CHECK(train.find("relu(batch_norm[batch statistics](conv3d))") != std::string::npos);
-    CHECK(train.find("tile moments (count, mean, M2 in double) merged into the block's (Chan)") != std::string::npos);
+    CHECK(train.find("block sums of (z - K) and (z - K)^2 in double") != std::string::npos);
+    CHECK(train.find("merge block moments in block order (Chan)") != std::string::npos);
     bn.eval();
     const std::string eval = vf::describe(Y, vf::relu(bn(conv(X))));
     CHECK(eval.find("fold batch_norm into the packed weights and bias") != std::string::npos);

@@ -95,8 +95,8 @@ void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi op)
 }
 
 /// epi(bn(conv(X))) into Y, the fused block.  Batch statistics: the conv writes its output
-/// z (kept for backward) while its epilogue accumulates per-channel moments from the tiles
-/// in registers; the module turns them into coefficients and running statistics; one
+/// z (kept for backward) while its epilogue accumulates per-channel shifted sums from the
+/// tiles in registers (kernels::conv::block_moments); the module turns them into coefficients and running statistics; one
 /// normalize + epilogue sweep writes Y.  Running statistics: BN folded into the conv's
 /// weights and bias, the epilogue applied in the conv's own tile stores: Y written once.
 template <class VY, class BN, class M, class I, class Epi>
@@ -231,8 +231,8 @@ std::string describe_conv(const VY& Y, const Conv& conv, const std::string& epi,
     line(4, "acc[p][j] = fma(broadcast(x[p][ic]), w[tap][ic][j], acc[p][j])");
     if (stats) {
         line(3, "z = acc + bias; store z (kept for backward)");
-        line(3, "tile moments (count, mean, M2 in double) merged into the block's (Chan)");
-        line(0, "merge block moments in block order; batch_norm: running statistics, coefficients");
+        line(3, "block sums of (z - K) and (z - K)^2 in double (K: the channel's first value in the block)");
+        line(0, "merge block moments in block order (Chan); batch_norm: running statistics, coefficients");
         line(0, "for each element: y = " + epi + "(((z - mean_hi) - mean_lo) * alpha + beta)   # one sweep");
     } else {
         line(3, "y = " + epi + "(acc + bias); store y   # written once");

@@ -153,11 +153,8 @@ struct no_stats {
     }
 };
 
-/// Per-channel count, mean and M2 (sum of squared deviations from the mean) of the values
-/// a forward writes, in double, for one block of output rows.  Each tile's values are
-/// reduced on their own (their mean, then M2 around it) and merged into the block's
-/// moments with Chan's formula; blocks are merged the same way in block order.  As
-/// robust as the two-pass statistics when |mean| >> std (no E[x^2] - E[x]^2 cancellation).
+/// Per-channel count, mean and M2 (sum of squared deviations from the mean), in double.
+/// merge() is Chan's formula: two sets' moments combined without cancellation.
 struct channel_moments {
     double *count, *mean, *m2; // OCP each (whole vectors)
 
@@ -179,32 +176,58 @@ struct channel_moments {
         ma.store_unaligned(mean + c);
         m2a.store_unaligned(m2 + c);
     }
+};
+
+/// The moments of the values one block of output rows stores, accumulated while each tile
+/// is still in registers: per channel, the sums of d = x - K and d^2 around a shift K (the
+/// channel's first value in the block), with no division per tile.  finish() turns them
+/// into (count, mean = K + s1/n, M2 = s2 - s1^2/n); the cancellation in M2 is bounded by
+/// ((mean - K)/std)^2 * 2^-52 (a value of the same channel is within a few std of its
+/// mean; even 1e4 std away this stays below float precision), and blocks are then merged
+/// with Chan's formula in block order.
+struct block_moments {
+    double *count, *shift, *s1, *s2; // OCP each
+
     /// Inlined into the tile: the accumulators must stay in registers (a call would take
     /// their address and spill them for the whole tile loop).
     template <int PB, int VB>
     [[gnu::always_inline]] void add_tile(const fvec (&v)[PB][VB], index_t npix, index_t oc0) noexcept
     {
-        const simd::dvec nb(static_cast<double>(npix));
+        const bool first = count[oc0] == 0; // per chunk: all its channels start together
         for (int j = 0; j < VB; ++j) {
-            simd::dpair w[PB];
-            simd::dpair sum{simd::dvec(0.0), simd::dvec(0.0)};
-            for (int p = 0; p < PB; ++p) {
-                w[p] = simd::widen(v[p][j]); // every tile pixel holds a value (unused ones 0)
-                if (p < npix) {
-                    sum.lo += w[p].lo;
-                    sum.hi += w[p].hi;
-                }
-            }
-            const simd::dpair m{sum.lo / nb, sum.hi / nb};
-            simd::dpair sq{simd::dvec(0.0), simd::dvec(0.0)};
-            for (int p = 0; p < PB; ++p)
-                if (p < npix) {
-                    sq.lo += (w[p].lo - m.lo) * (w[p].lo - m.lo);
-                    sq.hi += (w[p].hi - m.hi) * (w[p].hi - m.hi);
-                }
             const index_t c = oc0 + j * width;
-            merge_into(c, nb, m.lo, sq.lo);
-            merge_into(c + static_cast<index_t>(simd::dvec::size), nb, m.hi, sq.hi);
+            simd::dpair w[PB];
+            for (int p = 0; p < PB; ++p) w[p] = simd::widen(v[p][j]);
+            if (first) {
+                w[0].lo.store_unaligned(shift + c);
+                w[0].hi.store_unaligned(shift + c + static_cast<index_t>(simd::dvec::size));
+            }
+            for (int h = 0; h < 2; ++h) {
+                const index_t ch = c + h * static_cast<index_t>(simd::dvec::size);
+                const simd::dvec k = simd::dvec::load_unaligned(shift + ch);
+                simd::dvec a = simd::dvec::load_unaligned(s1 + ch), b = simd::dvec::load_unaligned(s2 + ch);
+                for (int p = 0; p < PB; ++p)
+                    if (p < npix) {
+                        const simd::dvec d = (h == 0 ? w[p].lo : w[p].hi) - k;
+                        a += d;
+                        b = xsimd::fma(d, d, b);
+                    }
+                a.store_unaligned(s1 + ch);
+                b.store_unaligned(s2 + ch);
+                (simd::dvec::load_unaligned(count + ch) + simd::dvec(static_cast<double>(npix)))
+                    .store_unaligned(count + ch);
+            }
+        }
+    }
+    /// In place: (count, shift, s1, s2) -> (count, mean, M2, -) for channels [0, n).
+    void finish(index_t n) noexcept
+    {
+        for (index_t c = 0; c < n; ++c) {
+            if (count[c] == 0) continue;
+            const double mean_d = s1[c] / count[c];
+            const double m2 = s2[c] - s1[c] * mean_d;
+            shift[c] += mean_d;
+            s1[c] = m2 < 0 ? 0 : m2;
         }
     }
 };
@@ -213,10 +236,10 @@ struct channel_moments {
 /// on the thread count).
 inline constexpr index_t moment_rows = 8;
 
-/// Doubles of workspace forward_moments needs: count, mean, M2 per block plus the result.
+/// Doubles of workspace forward's moments need: count, shift, s1, s2 per block plus the result.
 inline index_t moments_workspace(index_t rows, index_t OC) noexcept
 {
-    return 3 * round_up(OC, width) * ((rows + moment_rows - 1) / moment_rows + 1);
+    return 4 * round_up(OC, width) * ((rows + moment_rows - 1) / moment_rows + 1);
 }
 
 /// y[n][od][oh][ow][oc] = epi(bias[oc] + sum over taps and ic of x * w) (NDHWC in and out).
@@ -255,10 +278,11 @@ void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, c
     };
     parallel::parallel_for(blocks, rows * out.w * OC * IC * g.taps(), [&](index_t b) {
         if (moments) {
-            double* m = moments + 3 * OCP * (b + 1);
-            std::fill(m, m + 3 * OCP, 0.0);
-            channel_moments stats{m, m + OCP, m + 2 * OCP};
+            double* m = moments + 4 * OCP * (b + 1);
+            std::fill(m, m + 4 * OCP, 0.0);
+            block_moments stats{m, m + OCP, m + 2 * OCP, m + 3 * OCP};
             for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) run(stats, row);
+            stats.finish(OCP); // -> count, mean, M2
         } else {
             no_stats none;
             run(none, b);
@@ -268,7 +292,7 @@ void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, c
         std::fill(moments, moments + 3 * OCP, 0.0);
         channel_moments total{moments, moments + OCP, moments + 2 * OCP};
         for (index_t b = 0; b < blocks; ++b) {
-            const double* m = moments + 3 * OCP * (b + 1);
+            const double* m = moments + 4 * OCP * (b + 1);
             for (index_t c = 0; c < OCP; c += static_cast<index_t>(simd::dvec::size))
                 total.merge_into(c, simd::dvec::load_unaligned(m + c), simd::dvec::load_unaligned(m + OCP + c),
                                  simd::dvec::load_unaligned(m + 2 * OCP + c));
