@@ -12,6 +12,7 @@
 #include "nn/conv3d.hpp"
 #include "nn/conv_bn_relu3d.hpp"
 #include "parallel/threads.hpp"
+#include "registry/registry.hpp"
 #include "schedule/schedule.hpp"
 #include "shape/conv_geometry.hpp"
 #include "shape/extent.hpp"

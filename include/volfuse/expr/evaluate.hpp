@@ -16,6 +16,7 @@
 #include "../kernels/batch_norm.hpp"
 #include "../kernels/channel_loops.hpp"
 #include "../kernels/conv3d.hpp"
+#include "../registry/registry.hpp"
 #include "../schedule/schedule.hpp"
 #include "nodes.hpp"
 
@@ -70,6 +71,12 @@ void check_pointwise_io(const VX& X, const VY& Y)
 }
 inline kernels::conv::extents3 spatial(const std::array<index_t, 5>& s) noexcept { return {s[2], s[3], s[4]}; }
 
+/// The conv kernels take their epilogue as a flag (identity or relu, through the registry's pointers).
+template <class Epi>
+inline constexpr bool is_relu = std::is_same_v<Epi, expr::relu_t>;
+template <class Epi>
+inline constexpr bool conv_epilogue = std::is_same_v<Epi, expr::relu_t> || std::is_same_v<Epi, expr::identity_t>;
+
 template <class VY, class I>
 constexpr void check_conv_io()
 {
@@ -81,16 +88,18 @@ constexpr void check_conv_io()
 
 /// epi(conv(X)) into Y: one direct-conv pass with the epilogue applied to each tile.
 template <class VY, class M, class I, class Epi>
-void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi op)
+void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi)
 {
     check_conv_io<VY, I>();
+    static_assert(conv_epilogue<Epi>, "vf::evaluate: a conv's epilogue is vf::identity or vf::relu");
     M& conv = *node.module;
     const auto& X = node.in.view;
     const float* x = conv.prepare_forward(X, Y.data(), Y.sizes());
     if (Y.shape().numel() == 0) return;
     float* y = conv.output_for(Y);
-    kernels::conv::forward(conv.geom(), X.sizes()[0], spatial(X.sizes()), spatial(Y.sizes()), x, conv.packed_weight(),
-                           conv.packed_bias(), y, op);
+    conv.template kernels_for<typename VY::layout_type>().forward(conv.dynamic_geom(), X.sizes()[0], spatial(X.sizes()),
+                                                                  spatial(Y.sizes()), x, conv.packed_weight(),
+                                                                  conv.packed_bias(), y, is_relu<Epi>, nullptr);
     conv.finish_output(y, Y);
 }
 
@@ -120,8 +129,10 @@ void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, 
         double* moments = conv.moments(rows); // workspaces before the module commits its state
         const auto step = bn.prepare_forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(y, osz));
         if (!step) return;
-        kernels::conv::forward(conv.geom(), X.sizes()[0], spatial(X.sizes()), spatial(osz), x, conv.packed_weight(),
-                               conv.packed_bias(), z, expr::identity_t{}, moments);
+        conv.template kernels_for<typename VY::layout_type>().forward(conv.dynamic_geom(), X.sizes()[0],
+                                                                      spatial(X.sizes()), spatial(osz), x,
+                                                                      conv.packed_weight(), conv.packed_bias(), z,
+                                                                      false, moments);
         const index_t P = kernels::conv::round_up(C, simd::width);
         const double count = static_cast<double>(n / std::max<index_t>(C, 1));
         for (index_t c = 0; c < C; ++c) {
@@ -138,8 +149,10 @@ void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, 
     } else {
         if (Y.shape().numel() == 0) return;
         conv.fold(bn);
-        kernels::conv::forward(conv.geom(), X.sizes()[0], spatial(X.sizes()), spatial(osz), x, conv.packed_weight(),
-                               conv.packed_bias(), y, op);
+        conv.template kernels_for<typename VY::layout_type>().forward(conv.dynamic_geom(), X.sizes()[0],
+                                                                      spatial(X.sizes()), spatial(osz), x,
+                                                                      conv.packed_weight(), conv.packed_bias(), y,
+                                                                      is_relu<Epi>, nullptr);
     }
     conv.finish_output(y, Y);
 }

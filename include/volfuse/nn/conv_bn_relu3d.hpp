@@ -23,6 +23,7 @@ public:
 
     ConvBnReLU3d(conv_type conv, bn_type bn) : conv_(std::move(conv)), bn_(std::move(bn))
     {
+        conv_.set_registry_op(registry::op::conv_bn_relu); // runtime-shaped: found as the block's layer
         if (bn_.num_features() != conv_.out_channels())
             throw error("ConvBnReLU3d: BatchNorm3d has " + std::to_string(bn_.num_features()) +
                         " features but the Conv3d has " + std::to_string(conv_.out_channels()) + " output channels");
@@ -92,8 +93,9 @@ public:
             // record it as its input; nothing else changes in eval.
             const float* x = conv_.prepare_forward(X, z, osz);
             if (n > 0)
-                kernels::conv::forward(conv_.geom(), X.sizes()[0], detail::spatial(X.sizes()), detail::spatial(osz), x,
-                                       conv_.packed_weight(), conv_.packed_bias(), z, expr::identity_t{});
+                conv_.template kernels_for<typename VX::layout_type>().forward(
+                    conv_.dynamic_geom(), X.sizes()[0], detail::spatial(X.sizes()), detail::spatial(osz), x,
+                    conv_.packed_weight(), conv_.packed_bias(), z, false, nullptr);
             bn_.forward(Z, DZ, relu);
         }
         // dY as NDHWC.

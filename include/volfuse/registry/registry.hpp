@@ -1,0 +1,154 @@
+// The run-time side of gen/: kernels specialized at compile time for the layers of a fixed
+// architecture, found by (op, channel counts, kernel, stride, padding, dilation, layout).
+// Generated code registers them (gen/volfuse_gen.cpp writes the registration); runtime-shaped
+// modules (Conv3d<>, hence ConvBnReLU3d<>) look their shape up on each call and run the
+// specialized instantiation when there is one, the runtime-shaped instantiation of the same
+// kernel template otherwise.  lookup() says which and why.
+// Thread safety: entries are added under an exclusive lock and looked up under a shared one;
+// entries are never removed, so a kernel found stays valid.
+#pragma once
+
+#include <array>
+#include <map>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <tuple>
+
+#include "../expr/pointwise.hpp"
+#include "../kernels/conv3d.hpp"
+#include "../shape/conv_geometry.hpp"
+
+namespace volfuse::registry {
+
+/// What a layer is; the generator's op names.
+enum class op { conv, conv_bn_relu, batch_norm, bn_relu };
+inline const char* op_name(op o) noexcept
+{
+    switch (o) {
+    case op::conv: return "conv";
+    case op::conv_bn_relu: return "conv_bn_relu";
+    case op::batch_norm: return "batch_norm";
+    case op::bn_relu: return "bn_relu";
+    }
+    return "?";
+}
+
+/// A layer's shape as the registry keys it (batch_norm / bn_relu: in = out = channels,
+/// kernel/stride/padding/dilation unused).
+struct key {
+    op o = op::conv;
+    index_t in = 0, out = 0;
+    size3 kernel = 1, stride = 1, padding = 0, dilation = 1;
+    std::string layout = "ncdhw";
+
+    auto tie() const
+    {
+        return std::tie(o, in, out, kernel.d, kernel.h, kernel.w, stride.d, stride.h, stride.w, padding.d, padding.h,
+                        padding.w, dilation.d, dilation.h, dilation.w, layout);
+    }
+    bool operator<(const key& k) const { return tie() < k.tie(); }
+    std::string str() const
+    {
+        std::string s = std::string(op_name(o)) + " in=" + std::to_string(in) + " out=" + std::to_string(out);
+        if (o == op::conv || o == op::conv_bn_relu)
+            s += " kernel=" + kernel.str() + " stride=" + stride.str() + " padding=" + padding.str() +
+                 " dilation=" + dilation.str();
+        return s + " layout=" + layout;
+    }
+};
+
+/// The runtime-shaped geometry every entry is called with.
+using dynamic_geometry = conv_geometry<conv_spec{}>;
+
+/// A conv layer's kernels, called through pointers with the run-time geometry.  A
+/// specialized entry rebuilds its compile-time geometry from it (the values are equal: the
+/// lookup key was), so every loop bound the spec fixes is a constant inside.
+struct conv_kernels {
+    void (*forward)(const dynamic_geometry&, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
+                    const float* x, const float* wp, const float* bias, float* y, bool relu, double* moments);
+    void (*grad_input)(const dynamic_geometry&, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
+                       const float* dy, const float* wt, float* dx);
+    void (*grad_weight)(const dynamic_geometry&, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
+                        const float* x, const float* dy, float* gw);
+};
+
+/// The kernels of one instantiation of the conv templates (S all dynamic: the fallback).
+template <conv_spec S>
+conv_kernels conv_kernels_for() noexcept
+{
+    using G = conv_geometry<S>;
+    return {
+        [](const dynamic_geometry& g, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
+           const float* x, const float* wp, const float* bias, float* y, bool relu, double* moments) {
+            const G gs{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_};
+            if (relu) kernels::conv::forward(gs, N, in, out, x, wp, bias, y, expr::relu_t{}, moments);
+            else kernels::conv::forward(gs, N, in, out, x, wp, bias, y, expr::identity_t{}, moments);
+        },
+        [](const dynamic_geometry& g, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
+           const float* dy, const float* wt, float* dx) {
+            kernels::conv::grad_input(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, N, in, out, dy, wt, dx);
+        },
+        [](const dynamic_geometry& g, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
+           const float* x, const float* dy, float* gw) {
+            kernels::conv::grad_weight(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, N, in, out, x, dy, gw);
+        },
+    };
+}
+
+/// A registered layer: its kernels and where the generator took it from.
+struct entry {
+    conv_kernels conv{};
+    std::string origin; // "gen/examples/video.arch:3 (conv1)"
+};
+
+/// The answer to a lookup: the kernels to run, and why those.
+struct choice {
+    const conv_kernels* kernels = nullptr;
+    bool specialized = false;
+    std::string why;
+};
+
+class table {
+public:
+    /// Adds the entry for k; the first registration of a key wins (an entry, once found,
+    /// never changes under its user).  Returns whether it was added.
+    bool add(const key& k, entry e)
+    {
+        std::unique_lock lock(mutex_);
+        return entries_.emplace(k, std::move(e)).second;
+    }
+    /// The specialized kernels for k, or the runtime-shaped fallback.
+    choice lookup(const key& k) const
+    {
+        {
+            std::shared_lock lock(mutex_);
+            if (const auto it = entries_.find(k); it != entries_.end())
+                return {&it->second.conv, true, "specialized: generated for " + it->second.origin};
+        }
+        return {&fallback(), false, "runtime-shaped fallback: no generated kernel for " + k.str()};
+    }
+    std::size_t size() const
+    {
+        std::shared_lock lock(mutex_);
+        return entries_.size();
+    }
+
+private:
+    static const conv_kernels& fallback()
+    {
+        static const conv_kernels k = conv_kernels_for<conv_spec{}>();
+        return k;
+    }
+    mutable std::shared_mutex mutex_;
+    std::map<key, entry> entries_; // node-based: pointers to entries stay valid as others are added
+};
+
+/// The process-wide registry generated code registers into.
+inline table& global()
+{
+    static table t;
+    return t;
+}
+
+} // namespace volfuse::registry
