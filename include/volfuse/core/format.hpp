@@ -34,7 +34,10 @@ inline std::string python_repr(double v)
     std::string out;
     if (exp < -4 || exp >= 16) {
         out = digits.substr(0, 1);
-        if (digits.size() > 1) out += "." + digits.substr(1);
+        if (digits.size() > 1) {
+            out += '.'; // appended separately: GCC 12's false -Wrestrict (PR 105329) on "." + s
+            out += digits.substr(1);
+        }
         char e[16];
         std::snprintf(e, sizeof e, "e%c%02d", exp < 0 ? '-' : '+', exp < 0 ? -exp : exp);
         out += e;

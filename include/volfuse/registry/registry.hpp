@@ -50,11 +50,25 @@ struct key {
     bool operator<(const key& k) const { return tie() < k.tie(); }
     std::string str() const
     {
-        std::string s = std::string(op_name(o)) + " in=" + std::to_string(in) + " out=" + std::to_string(out);
-        if (o == op::conv || o == op::conv_bn_relu)
-            s += " kernel=" + kernel.str() + " stride=" + stride.str() + " padding=" + padding.str() +
-                 " dilation=" + dilation.str();
-        return s + " layout=" + layout;
+        // Appended piece by piece: GCC 12 warns falsely (-Wrestrict, PR 105329) on chains of +.
+        std::string s = op_name(o);
+        s += " in=";
+        s += std::to_string(in);
+        s += " out=";
+        s += std::to_string(out);
+        if (o == op::conv || o == op::conv_bn_relu) {
+            s += " kernel=";
+            s += kernel.str();
+            s += " stride=";
+            s += stride.str();
+            s += " padding=";
+            s += padding.str();
+            s += " dilation=";
+            s += dilation.str();
+        }
+        s += " layout=";
+        s += layout;
+        return s;
     }
 };
 

@@ -1,0 +1,297 @@
+// volfuse_gen: an architecture description in, a C++ source and header out, with explicit
+// instantiations of volfuse's kernels specialized for exactly those layers and their
+// registry entries (include/volfuse/registry/registry.hpp), so code that only knows shapes
+// at run time still runs specialized kernels.
+//
+//   volfuse_gen ARCH OUT.cpp OUT.hpp [--namespace NAME]
+//
+// ARCH: one layer per line, `#` starts a comment:
+//   conv_bn_relu conv1 in=3 out=64 kernel=7 stride=2 padding=3 layout=ndhwc
+//   conv         proj  in=64 out=64 kernel=1
+//   batch_norm   bn0   channels=64 layout=ncdhw
+//   bn_relu      bn1   channels=64
+// kernel, stride, padding, dilation: one integer or d,h,w (kernel=1,3,3).  Defaults: stride=1,
+// padding=0, dilation=1, layout=ncdhw.  A bad description is reported as
+// FILE:LINE:COLUMN: error: ... and nothing is written.
+#include <cctype>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct triple {
+    long d = 0, h = 0, w = 0;
+    std::string cpp() const
+    {
+        std::string s = "{"; // appended piece by piece: GCC 12's false -Wrestrict (PR 105329)
+        s += std::to_string(d);
+        s += ", ";
+        s += std::to_string(h);
+        s += ", ";
+        s += std::to_string(w);
+        s += "}";
+        return s;
+    }
+};
+
+struct layer {
+    std::string op, name, layout = "ncdhw";
+    long in = 0, out = 0; // batch_norm / bn_relu: channels
+    triple kernel{1, 1, 1}, stride{1, 1, 1}, padding{0, 0, 0}, dilation{1, 1, 1};
+    int line = 0;
+    bool is_conv() const { return op == "conv" || op == "conv_bn_relu"; }
+};
+
+struct parse_error {
+    int line, column;
+    std::string message;
+};
+
+bool is_identifier(const std::string& s)
+{
+    if (s.empty() || !(std::isalpha(static_cast<unsigned char>(s[0])) || s[0] == '_')) return false;
+    for (char c : s)
+        if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_')) return false;
+    return true;
+}
+
+/// A word of a line and the column (1-based) it starts at.
+struct word {
+    std::string text;
+    int column;
+};
+
+std::vector<word> split(const std::string& line)
+{
+    std::vector<word> out;
+    std::size_t i = 0;
+    const std::size_t end = line.find('#') == std::string::npos ? line.size() : line.find('#');
+    while (i < end) {
+        while (i < end && std::isspace(static_cast<unsigned char>(line[i]))) ++i;
+        const std::size_t start = i;
+        while (i < end && !std::isspace(static_cast<unsigned char>(line[i]))) ++i;
+        if (i > start) out.push_back({line.substr(start, i - start), static_cast<int>(start) + 1});
+    }
+    return out;
+}
+
+/// A positive (or, with allow_zero, non-negative) decimal integer.
+std::optional<long> integer(const std::string& s, bool allow_zero)
+{
+    if (s.empty() || s.size() > 9) return std::nullopt;
+    for (char c : s)
+        if (!std::isdigit(static_cast<unsigned char>(c))) return std::nullopt;
+    const long v = std::stol(s);
+    if (v == 0 && !allow_zero) return std::nullopt;
+    return v;
+}
+
+std::optional<triple> parse_triple(const std::string& s, bool allow_zero)
+{
+    std::vector<std::string> parts;
+    std::stringstream ss(s);
+    for (std::string p; std::getline(ss, p, ',');) parts.push_back(p);
+    if (!s.empty() && s.back() == ',') return std::nullopt;
+    if (parts.size() == 1) {
+        const auto v = integer(parts[0], allow_zero);
+        if (!v) return std::nullopt;
+        return triple{*v, *v, *v};
+    }
+    if (parts.size() != 3) return std::nullopt;
+    triple t;
+    long* dst[3] = {&t.d, &t.h, &t.w};
+    for (int i = 0; i < 3; ++i) {
+        const auto v = integer(parts[static_cast<std::size_t>(i)], allow_zero);
+        if (!v) return std::nullopt;
+        *dst[i] = *v;
+    }
+    return t;
+}
+
+layer parse_line(const std::vector<word>& words, int line_no)
+{
+    auto fail = [&](int col, const std::string& msg) { throw parse_error{line_no, col, msg}; };
+    layer l;
+    l.line = line_no;
+    l.op = words[0].text;
+    const bool conv = l.op == "conv" || l.op == "conv_bn_relu";
+    if (!conv && l.op != "batch_norm" && l.op != "bn_relu")
+        fail(words[0].column, "unknown op '" + l.op + "': expected conv, conv_bn_relu, batch_norm or bn_relu");
+    if (words.size() < 2) fail(words[0].column + static_cast<int>(l.op.size()), "expected a layer name after '" + l.op + "'");
+    l.name = words[1].text;
+    if (!is_identifier(l.name) || l.name.find('=') != std::string::npos)
+        fail(words[1].column, "layer name '" + l.name + "' is not an identifier (letters, digits, _)");
+    const std::set<std::string> allowed = conv ? std::set<std::string>{"in", "out", "kernel", "stride", "padding",
+                                                                      "dilation", "layout"}
+                                               : std::set<std::string>{"channels", "layout"};
+    std::map<std::string, int> seen;
+    for (std::size_t i = 2; i < words.size(); ++i) {
+        const auto& w = words[i];
+        const auto eq = w.text.find('=');
+        if (eq == std::string::npos || eq == 0) fail(w.column, "expected key=value, got '" + w.text + "'");
+        const std::string k = w.text.substr(0, eq), v = w.text.substr(eq + 1);
+        const int vcol = w.column + static_cast<int>(eq) + 1;
+        if (!allowed.count(k)) {
+            std::string list;
+            for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
+            fail(w.column, "unknown key '" + k + "' for " + l.op + ": expected one of " + list);
+        }
+        if (seen.count(k)) fail(w.column, "duplicate key '" + k + "' (first at column " + std::to_string(seen[k]) + ")");
+        seen[k] = w.column;
+        if (k == "layout") {
+            if (v != "ncdhw" && v != "ndhwc") fail(vcol, "layout must be ncdhw or ndhwc, got '" + v + "'");
+            l.layout = v;
+        } else if (k == "in" || k == "out" || k == "channels") {
+            const auto n = integer(v, false);
+            if (!n) fail(vcol, k + " must be a positive integer, got '" + v + "'");
+            (k == "out" ? l.out : l.in) = *n;
+            if (k == "channels") l.out = *n;
+        } else {
+            const auto t = parse_triple(v, k == "padding");
+            if (!t)
+                fail(vcol, k + " must be " + (k == "padding" ? "a non-negative" : "a positive") +
+                               " integer or three of them as d,h,w, got '" + v + "'");
+            (k == "kernel" ? l.kernel : k == "stride" ? l.stride : k == "padding" ? l.padding : l.dilation) = *t;
+        }
+    }
+    const int after = words.back().column + static_cast<int>(words.back().text.size());
+    for (const char* req : conv ? std::vector<const char*>{"in", "out", "kernel"} : std::vector<const char*>{"channels"})
+        if (!seen.count(req)) fail(after, std::string("missing key '") + req + "' for " + l.op);
+    return l;
+}
+
+std::vector<layer> parse(std::istream& in)
+{
+    std::vector<layer> layers;
+    std::map<std::string, int> names;
+    std::string line;
+    for (int n = 1; std::getline(in, line); ++n) {
+        const auto words = split(line);
+        if (words.empty()) continue;
+        layer l = parse_line(words, n);
+        if (names.count(l.name))
+            throw parse_error{n, words[1].column,
+                              "duplicate layer name '" + l.name + "' (first on line " + std::to_string(names[l.name]) + ")"};
+        names[l.name] = n;
+        layers.push_back(l);
+    }
+    if (layers.empty()) throw parse_error{1, 1, "no layers: expected lines such as 'conv_bn_relu conv1 in=3 out=64 kernel=3'"};
+    return layers;
+}
+
+std::string spec_of(const layer& l)
+{
+    return "volfuse::conv_spec{.in = " + std::to_string(l.in) + ", .out = " + std::to_string(l.out) +
+           ", .kernel = " + l.kernel.cpp() + ", .stride = " + l.stride.cpp() + ", .padding = " + l.padding.cpp() +
+           ", .dilation = " + l.dilation.cpp() + "}";
+}
+
+std::string base_name(const std::string& path)
+{
+    const auto slash = path.find_last_of('/');
+    return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+void write_header(std::ostream& o, const std::vector<layer>& layers, const std::string& ns, const std::string& src)
+{
+    o << "// Generated by volfuse_gen from " << src << ": do not edit.\n"
+      << "// The layers' specialized module types, and the registration of their kernels.\n"
+      << "#pragma once\n\n#include <volfuse/volfuse.hpp>\n\nnamespace " << ns << " {\n\n";
+    for (const auto& l : layers) {
+        o << "// " << src << ":" << l.line << "\n";
+        if (l.is_conv()) {
+            o << "inline constexpr volfuse::conv_spec " << l.name << "_spec = " << spec_of(l) << ";\n";
+            o << "using " << l.name << "_t = volfuse::" << (l.op == "conv" ? "Conv3d" : "ConvBnReLU3d") << "<"
+              << l.name << "_spec>;\n";
+        } else {
+            o << "using " << l.name << "_t = volfuse::BatchNorm3d<" << l.out << ">;\n";
+        }
+    }
+    o << "\n/// Adds these layers' kernels to volfuse::registry::global().  The generated source also\n"
+      << "/// does it during static initialization; calling it again is harmless.\n"
+      << "void register_kernels();\n\n} // namespace " << ns << "\n\n";
+    o << "// Instantiated once, in the generated source.\n";
+    std::set<std::string> specs;
+    for (const auto& l : layers)
+        if (l.is_conv() && specs.insert(spec_of(l)).second)
+            o << "extern template volfuse::registry::conv_kernels volfuse::registry::conv_kernels_for<" << ns
+              << "::" << l.name << "_spec>() noexcept;\n";
+}
+
+void write_source(std::ostream& o, const std::vector<layer>& layers, const std::string& ns, const std::string& header,
+                  const std::string& src)
+{
+    o << "// Generated by volfuse_gen from " << src << ": do not edit.\n"
+      << "#include \"" << base_name(header) << "\"\n\n";
+    std::set<std::string> specs, channels;
+    for (const auto& l : layers) {
+        if (l.is_conv() && specs.insert(spec_of(l)).second)
+            o << "template volfuse::registry::conv_kernels volfuse::registry::conv_kernels_for<" << ns << "::" << l.name
+              << "_spec>() noexcept;\n";
+        if (!l.is_conv() && channels.insert(std::to_string(l.out)).second)
+            o << "template class volfuse::BatchNorm3d<" << l.out << ">;\n";
+    }
+    o << "\nnamespace " << ns << " {\n\nvoid register_kernels()\n{\n"
+      << "    using volfuse::registry::op;\n    auto& r = volfuse::registry::global();\n";
+    for (const auto& l : layers) {
+        if (!l.is_conv()) continue; // batch_norm lines: specialized types above; no registry entry yet
+        o << "    r.add({op::" << l.op << ", " << l.in << ", " << l.out << ", " << l.kernel.cpp() << ", "
+          << l.stride.cpp() << ", " << l.padding.cpp() << ", " << l.dilation.cpp() << ", \"" << l.layout << "\"},\n"
+          << "          {volfuse::registry::conv_kernels_for<" << l.name << "_spec>(), \"" << src << ":" << l.line
+          << " (" << l.name << ")\"});\n";
+    }
+    o << "}\n\nnamespace {\nconst bool registered = (register_kernels(), true);\n}\n\n} // namespace " << ns << "\n";
+}
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    std::vector<std::string> args(argv + 1, argv + argc);
+    std::string ns = "volfuse_generated";
+    for (std::size_t i = 0; i < args.size(); ++i)
+        if (args[i] == "--namespace" && i + 1 < args.size()) {
+            ns = args[i + 1];
+            args.erase(args.begin() + static_cast<long>(i), args.begin() + static_cast<long>(i) + 2);
+            break;
+        }
+    if (args.size() != 3 || !is_identifier(ns)) {
+        std::cerr << "usage: volfuse_gen ARCH OUT.cpp OUT.hpp [--namespace NAME]\n";
+        return 2;
+    }
+    const std::string& arch = args[0];
+    std::ifstream in(arch);
+    if (!in) {
+        std::cerr << arch << ": error: cannot read the file\n";
+        return 1;
+    }
+    std::vector<layer> layers;
+    try {
+        layers = parse(in);
+    } catch (const parse_error& e) {
+        std::cerr << arch << ":" << e.line << ":" << e.column << ": error: " << e.message << "\n";
+        return 1;
+    }
+    // Everything is known good: only now write (each file whole, then renamed into place).
+    std::ostringstream hpp, cpp;
+    write_header(hpp, layers, ns, base_name(arch));
+    write_source(cpp, layers, ns, args[2], base_name(arch));
+    for (const auto& [path, text] : {std::pair{args[2], hpp.str()}, std::pair{args[1], cpp.str()}}) {
+        const std::string tmp = path + ".tmp";
+        std::ofstream out(tmp);
+        out << text;
+        out.close();
+        if (!out || std::rename(tmp.c_str(), path.c_str()) != 0) {
+            std::cerr << path << ": error: cannot write the file\n";
+            return 1;
+        }
+    }
+    return 0;
+}
