@@ -11,6 +11,7 @@
 #include "nn/batchnorm3d.hpp"
 #include "nn/conv3d.hpp"
 #include "nn/conv_bn_relu3d.hpp"
+#include "nn/pool_linear.hpp"
 #include "parallel/threads.hpp"
 #include "registry/registry.hpp"
 #include "schedule/schedule.hpp"
