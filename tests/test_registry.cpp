@@ -117,3 +117,52 @@ TEST_CASE("the registry answers queries from several threads while entries are a
     REQUIRE_FALSE(wrong);
     REQUIRE(t.size() == 501);
 }
+
+TEST_CASE("a runtime-shaped BatchNorm3d runs the generated kernels, with the fallback's bits", "[registry][bn]")
+{
+    std::mt19937 g(43);
+    const sizes5 s{2, 24, 3, 5, 7};
+    const auto x = randn(numel(s), g, 0.5, 2.0), dy = randn(numel(s), g);
+    auto run = [&](bool registry_on, bool train, bool relu) {
+        vf::registry::global().set_enabled(registry_on);
+        vf::BatchNorm3d<> bn(24);
+        bn.train(train);
+        auto xm = to_layout<vf::ncdhw_t>(x, s), dym = to_layout<vf::ncdhw_t>(dy, s);
+        std::vector<float> y(x.size()), dx(x.size());
+        auto X = view_of<vf::ncdhw_t>(xm.data(), s);
+        if (relu) bn.forward(X, view_of<vf::ncdhw_t>(y.data(), s), vf::relu);
+        else bn.forward(X, view_of<vf::ncdhw_t>(y.data(), s));
+        const bool fwd_specialized = bn.kernel_choice().found != nullptr;
+        if (relu) bn.backward(X, view_of<vf::ncdhw_t>(dym.data(), s), view_of<vf::ncdhw_t>(dx.data(), s), vf::relu);
+        else bn.backward(X, view_of<vf::ncdhw_t>(dym.data(), s), view_of<vf::ncdhw_t>(dx.data(), s));
+        vf::registry::global().set_enabled(true);
+        return std::tuple{y, dx, vec(bn.weight_grad()), vec(bn.running_var()), fwd_specialized, bn.kernel_choice().why};
+    };
+    for (const bool train : {true, false}) {
+        const auto [y1, dx1, gw1, rv1, s1, why1] = run(true, train, false);
+        const auto [y2, dx2, gw2, rv2, s2, why2] = run(false, train, false);
+        REQUIRE(s1);
+        REQUIRE(why1 == "specialized: generated for registry_test.arch:4 (bn_c)");
+        REQUIRE_FALSE(s2);
+        REQUIRE(same_bits(y1, y2));
+        REQUIRE(same_bits(dx1, dx2));
+        REQUIRE(same_bits(gw1, gw2));
+        REQUIRE(same_bits(rv1, rv2));
+        // The .arch registered batch_norm, not bn_relu: with ReLU the lookup misses.
+        const auto [y3, dx3, gw3, rv3, s3, why3] = run(true, train, true);
+        REQUIRE_FALSE(s3);
+        REQUIRE(why3.find("runtime-shaped fallback: no generated kernel for bn_relu in=24") == 0);
+    }
+}
+
+TEST_CASE("the registry can be switched off, for comparing kernels", "[registry]")
+{
+    auto& r = vf::registry::global();
+    const vf::registry::key a{op::conv_bn_relu, 5, 17, 3, 1, 1, 1, "ndhwc"};
+    r.set_enabled(false);
+    const auto off = r.lookup(a);
+    r.set_enabled(true);
+    REQUIRE_FALSE(off.specialized);
+    REQUIRE(off.why == "runtime-shaped fallback: registry disabled (set_enabled(false))");
+    REQUIRE(r.lookup(a).specialized);
+}

@@ -145,6 +145,16 @@ void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, 
             const float var_sum = static_cast<float>(moments[2 * P + c] + count * d * d);
             step->finalize(c, mean_f, var_sum, step->coeffs.alpha[c], step->coeffs.beta[c]);
         }
+        using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
+        const registry::entry* found = conv.kernel_choice().found;
+        if constexpr (conv_epilogue<Epi> && BN::static_channels == dynamic &&
+                      std::is_same_v<std::remove_cv_t<Form>, registry::dynamic_form<ndhwc_t>>) {
+            if (found && found->bn_ndhwc.normalize) { // the generated normalize for this block's channels
+                found->bn_ndhwc.normalize(step->form, z, y, step->coeffs, is_relu<Epi>);
+                conv.finish_output(y, Y);
+                return;
+            }
+        }
         kernels::normalize(step->form, 0, C, z, y, step->coeffs, op);
     } else {
         if (Y.shape().numel() == 0) return;
@@ -177,6 +187,21 @@ void evaluate(const VY& Y, const E& e)
         // The module validates and commits its state; what runs is chosen here.
         const auto& X = in.in.view;
         if (const auto step = in.module->prepare_forward(X, Y)) {
+            using L = typename VY::layout_type;
+            using BN = std::remove_pointer_t<decltype(in.module)>;
+            using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
+            if constexpr (detail::conv_epilogue<std::remove_cv_t<decltype(op)>> && BN::static_channels == dynamic &&
+                          std::is_same_v<std::remove_cv_t<Form>, registry::dynamic_form<L>>) {
+                // runtime-shaped C: the generated kernels for this channel count, if registered
+                if (const auto* k = in.module->template registered_kernels<L>(detail::is_relu<std::remove_cv_t<decltype(op)>>)) {
+                    if (step->batch_stats)
+                        k->train(step->form, X.data(), Y.data(), step->coeffs, step->work,
+                                 registry::train_finalize::of(step->finalize), detail::is_relu<std::remove_cv_t<decltype(op)>>);
+                    else
+                        k->normalize(step->form, X.data(), Y.data(), step->coeffs, detail::is_relu<std::remove_cv_t<decltype(op)>>);
+                    return;
+                }
+            }
             if (step->batch_stats)
                 kernels::batch_norm_train(step->form, X.data(), Y.data(), step->coeffs, step->work, step->finalize, op);
             else

@@ -15,6 +15,7 @@
 #include "../expr/evaluate.hpp"
 #include "../expr/nodes.hpp"
 #include "../kernels/batch_norm.hpp"
+#include "../registry/registry.hpp"
 #include "../shape/view.hpp"
 #include "batch_norm_rules.hpp"
 
@@ -242,6 +243,27 @@ public:
         run_backward(specialize(X.as_const()), dY.data(), dX.data(), epi);
     }
 
+    /// Runtime-shaped C: the kernels gen/ generated for this channel count and layout, if the
+    /// registry has them (null otherwise, and always with a static C: those are specialized
+    /// already).  kernel_choice() then says which ran and why.
+    template <class L>
+    const registry::bn_kernels<L>* registered_kernels(bool relu)
+    {
+        if constexpr (StaticC != dynamic || !(std::is_same_v<L, ncdhw_t> || std::is_same_v<L, ndhwc_t>)) {
+            (void)relu;
+            return nullptr;
+        } else {
+            const registry::key k{relu ? registry::op::bn_relu : registry::op::batch_norm, C_, C_, 1, 1, 0, 1,
+                                  std::string(L::name)};
+            choice_ = registry::global().lookup(k);
+            if (!choice_.found) return nullptr;
+            if constexpr (std::is_same_v<L, ncdhw_t>) return &choice_.found->bn_ncdhw;
+            else return &choice_.found->bn_ndhwc;
+        }
+    }
+    /// Which kernels the last call ran, and why.
+    const registry::choice& kernel_choice() const noexcept { return choice_; }
+
 private:
     struct io_arg {
         const void* data;
@@ -369,22 +391,29 @@ private:
             bias_grad_[c] += static_cast<float>(sum);
             weight_grad_[c] += static_cast<float>(dotp * static_cast<double>(invstd));
         };
-        if (saved_.batch_stats) {
-            kernels::batch_norm_backward<true>(
-                f, X.data(), dy, dx, cf, work,
-                [&](index_t c, double sum, double dotp) {
-                    const float invstd = invstd_[c];
-                    accumulate(c, sum, dotp, invstd);
-                    grad_mean_[c] = static_cast<float>(sum / static_cast<double>(n));
-                    k_[c] = nn::rules::rounded(nn::rules::rounded(static_cast<float>(dotp) * invstd) * invstd) /
-                            static_cast<float>(n);
-                },
-                epi);
-        } else {
-            kernels::batch_norm_backward<false>(
-                f, X.data(), dy, dx, cf, work,
-                [&](index_t c, double sum, double dotp) { accumulate(c, sum, dotp, invstd_[c]); }, epi);
+        auto batch_finalize = [&](index_t c, double sum, double dotp) {
+            const float invstd = invstd_[c];
+            accumulate(c, sum, dotp, invstd);
+            grad_mean_[c] = static_cast<float>(sum / static_cast<double>(n));
+            k_[c] = nn::rules::rounded(nn::rules::rounded(static_cast<float>(dotp) * invstd) * invstd) /
+                    static_cast<float>(n);
+        };
+        auto running_finalize = [&](index_t c, double sum, double dotp) { accumulate(c, sum, dotp, invstd_[c]); };
+        using L = typename V::layout_type;
+        if constexpr ((std::is_same_v<Epi, expr::relu_t> || std::is_same_v<Epi, expr::identity_t>) &&
+                      StaticC == dynamic && std::is_same_v<std::remove_cv_t<decltype(f)>, registry::dynamic_form<L>>) {
+            if (const auto* k = registered_kernels<L>(std::is_same_v<Epi, expr::relu_t>)) {
+                if (saved_.batch_stats)
+                    k->backward(f, true, X.data(), dy, dx, cf, work, registry::backward_finalize::of(batch_finalize),
+                                std::is_same_v<Epi, expr::relu_t>);
+                else
+                    k->backward(f, false, X.data(), dy, dx, cf, work, registry::backward_finalize::of(running_finalize),
+                                std::is_same_v<Epi, expr::relu_t>);
+                return;
+            }
         }
+        if (saved_.batch_stats) kernels::batch_norm_backward<true>(f, X.data(), dy, dx, cf, work, batch_finalize, epi);
+        else kernels::batch_norm_backward<false>(f, X.data(), dy, dx, cf, work, running_finalize, epi);
     }
 
     index_t C_;
@@ -402,6 +431,7 @@ private:
     std::vector<float> grad_mean_, k_;
     std::vector<double> work_;
     saved_t saved_;
+    registry::choice choice_{nullptr, StaticC != dynamic, StaticC != dynamic ? "specialized: compile-time channel count" : ""};
 };
 
 } // namespace volfuse

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <shared_mutex>
@@ -16,7 +17,10 @@
 #include <tuple>
 
 #include "../expr/pointwise.hpp"
+#include "../kernels/batch_norm.hpp"
 #include "../kernels/conv3d.hpp"
+#include "../shape/layout.hpp"
+#include "../shape/shape.hpp"
 #include "../shape/conv_geometry.hpp"
 
 namespace volfuse::registry {
@@ -110,10 +114,74 @@ conv_kernels conv_kernels_for() noexcept
     };
 }
 
+// --- batch norm ----------------------------------------------------------------------
+
+/// A per-channel callback passed through a pointer (the kernels' finalize arguments).
+template <class... A>
+struct callback {
+    const void* ctx;
+    void (*fn)(const void*, A...);
+    void operator()(A... a) const { fn(ctx, a...); }
+    template <class F>
+    static callback of(const F& f) noexcept
+    {
+        return {&f, [](const void* c, A... a) { (*static_cast<const F*>(c))(a...); }};
+    }
+};
+using train_finalize = callback<index_t, float, float, float&, float&>;
+using backward_finalize = callback<index_t, double, double>;
+
+/// The channel form of a runtime-shaped view of layout L (what BatchNorm3d<> runs on).
+template <class L>
+using dynamic_form = decltype(L::form(std::declval<const shape5<index_t, index_t, index_t, index_t, index_t>&>()));
+
+/// BatchNorm3d's kernels for one layout, called through pointers with the runtime-shaped
+/// form; a specialized entry runs them with the channel count fixed at compile time.
+template <class L>
+struct bn_kernels {
+    void (*train)(const dynamic_form<L>&, const float* x, float* y, const kernels::bn_coeffs_out&, double* work,
+                  train_finalize, bool relu);
+    void (*normalize)(const dynamic_form<L>&, const float* x, float* y, const kernels::bn_coeffs&, bool relu);
+    void (*backward)(const dynamic_form<L>&, bool batch_stats, const float* x, const float* dy, float* dx,
+                     const kernels::bn_backward_coeffs&, double* work, backward_finalize, bool relu);
+};
+
+/// The kernels of one instantiation: C fixed (C = dynamic: the runtime-shaped fallback).
+template <index_t C, class L>
+bn_kernels<L> bn_kernels_for() noexcept
+{
+    static constexpr auto form_of = [](const dynamic_form<L>& f) {
+        if constexpr (C == dynamic) return f;
+        else return channel_form{f.outer, fix<C>, f.inner};
+    };
+    return {
+        [](const dynamic_form<L>& f, const float* x, float* y, const kernels::bn_coeffs_out& k, double* work,
+           train_finalize fin, bool relu) {
+            if (relu) kernels::batch_norm_train(form_of(f), x, y, k, work, fin, expr::relu_t{});
+            else kernels::batch_norm_train(form_of(f), x, y, k, work, fin, expr::identity_t{});
+        },
+        [](const dynamic_form<L>& f, const float* x, float* y, const kernels::bn_coeffs& k, bool relu) {
+            const auto g = form_of(f);
+            if (relu) kernels::normalize(g, 0, value_of(g.channels), x, y, k, expr::relu_t{});
+            else kernels::normalize(g, 0, value_of(g.channels), x, y, k, expr::identity_t{});
+        },
+        [](const dynamic_form<L>& f, bool batch_stats, const float* x, const float* dy, float* dx,
+           const kernels::bn_backward_coeffs& cf, double* work, backward_finalize fin, bool relu) {
+            const auto g = form_of(f);
+            if (batch_stats && relu) kernels::batch_norm_backward<true>(g, x, dy, dx, cf, work, fin, expr::relu_t{});
+            else if (batch_stats) kernels::batch_norm_backward<true>(g, x, dy, dx, cf, work, fin, expr::identity_t{});
+            else if (relu) kernels::batch_norm_backward<false>(g, x, dy, dx, cf, work, fin, expr::relu_t{});
+            else kernels::batch_norm_backward<false>(g, x, dy, dx, cf, work, fin, expr::identity_t{});
+        },
+    };
+}
+
 /// A registered layer: its kernels and where the generator took it from.
 struct entry {
     conv_kernels conv{};
     std::string origin; // "gen/examples/video.arch:3 (conv1)"
+    bn_kernels<ncdhw_t> bn_ncdhw{};
+    bn_kernels<ndhwc_t> bn_ndhwc{};
 };
 
 /// The answer to a lookup: the kernels to run, and why those.
@@ -121,6 +189,7 @@ struct choice {
     const conv_kernels* kernels = nullptr;
     bool specialized = false;
     std::string why;
+    const entry* found = nullptr; // the registered entry (its bn kernels), or null
 };
 
 class table {
@@ -135,13 +204,18 @@ public:
     /// The specialized kernels for k, or the runtime-shaped fallback.
     choice lookup(const key& k) const
     {
+        if (!enabled_.load(std::memory_order_relaxed))
+            return {&fallback(), false, "runtime-shaped fallback: registry disabled (set_enabled(false))"};
         {
             std::shared_lock lock(mutex_);
             if (const auto it = entries_.find(k); it != entries_.end())
-                return {&it->second.conv, true, "specialized: generated for " + it->second.origin};
+                return {&it->second.conv, true, "specialized: generated for " + it->second.origin, &it->second};
         }
         return {&fallback(), false, "runtime-shaped fallback: no generated kernel for " + k.str()};
     }
+    /// Turns lookups off (every lookup answers the fallback) or on: for comparing the
+    /// specialized and runtime-shaped kernels on the same shapes.
+    void set_enabled(bool on) noexcept { enabled_.store(on, std::memory_order_relaxed); }
     std::size_t size() const
     {
         std::shared_lock lock(mutex_);
@@ -155,6 +229,7 @@ private:
         return k;
     }
     mutable std::shared_mutex mutex_;
+    std::atomic<bool> enabled_{true};
     std::map<key, entry> entries_; // node-based: pointers to entries stay valid as others are added
 };
 
