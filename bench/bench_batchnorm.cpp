@@ -238,15 +238,7 @@ void register_layout(const sizes5& s, const std::string& layout)
 int main(int argc, char** argv)
 {
     // --threads=N (default 1): threads for the kernels and for the rooflines.
-    int threads = 1;
-    for (int i = 1; i < argc; ++i)
-        if (std::strncmp(argv[i], "--threads=", 10) == 0) {
-            threads = std::atoi(argv[i] + 10);
-            for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-            --argc;
-            --i;
-        }
-    vf::set_num_threads(threads);
+    vf::set_num_threads(report::take_threads_flag(argc, argv));
     for (const auto& s : shapes) {
         add("ntcopy/" + shape_str(s), bm_ntcopy, s);
         add("inplace/" + shape_str(s), bm_inplace, s);

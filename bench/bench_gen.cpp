@@ -77,15 +77,7 @@ public:
 
 int main(int argc, char** argv)
 {
-    int threads = 1;
-    for (int i = 1; i < argc; ++i)
-        if (std::strncmp(argv[i], "--threads=", 10) == 0) {
-            threads = std::atoi(argv[i] + 10);
-            for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-            --argc;
-            --i;
-        }
-    vf::set_num_threads(threads);
+    vf::set_num_threads(report::take_threads_flag(argc, argv));
     for (const auto& l : layers)
         for (const bool train : {true, false})
             for (const bool specialized : {true, false}) {

@@ -3,6 +3,8 @@
 // ("/min_warmup_time:0.2/real_time"), for a table printed in Finalize().
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
@@ -10,6 +12,21 @@
 #include <benchmark/benchmark.h>
 
 namespace report {
+
+/// Removes `--threads=N` from the command line (before Google Benchmark sees it) and
+/// returns N (1 when absent): the thread count for the kernels and the rooflines.
+inline int take_threads_flag(int& argc, char** argv)
+{
+    int threads = 1;
+    for (int i = 1; i < argc; ++i)
+        if (std::strncmp(argv[i], "--threads=", 10) == 0) {
+            threads = std::atoi(argv[i] + 10);
+            for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+            --argc;
+            --i;
+        }
+    return threads;
+}
 
 /// A run's name as registered.
 inline std::string name_of(const benchmark::BenchmarkReporter::Run& r)
