@@ -96,3 +96,52 @@ TEST_CASE("VideoActionRecognizer matches PyTorch, training then eval", "[e2e][go
     const auto eval = m.forward(x, 2, 8, 32, 32);
     CHECK(near(eval, golden.at("eval_logits"), tol));
 }
+
+TEST_CASE("every seed-network layer: generated kernels give the runtime-shaped kernels' bits", "[e2e][registry]")
+{
+    // The layers of gen/examples/*.arch (both networks are generated into this test), run as
+    // runtime-shaped blocks on small inputs with the registry on (specialized) and off.
+    struct layer {
+        index_t in, out, k, s, p;
+        sizes5 x;
+        bool ndhwc;
+    };
+    const layer layers[] = {{3, 64, 7, 2, 3, {2, 3, 6, 10, 12}, true},
+                            {64, 128, 3, 1, 1, {1, 64, 3, 5, 6}, true},
+                            {1, 32, 3, 1, 1, {2, 1, 5, 6, 7}, false},
+                            {32, 64, 3, 1, 1, {1, 32, 4, 5, 6}, false}};
+    std::mt19937 g(51);
+    for (const auto& l : layers) {
+        INFO("Conv3d(" << l.in << ", " << l.out << ", " << l.k << ")");
+        const auto x = randn(numel(l.x), g);
+        for (const bool train : {true, false}) {
+            auto run = [&](auto layout, bool on) {
+                using L = decltype(layout);
+                vf::registry::global().set_enabled(on);
+                vf::ConvBnReLU3d<> block(vf::Conv3d<>(l.in, l.out, l.k, l.s, l.p), vf::BatchNorm3d<>(l.out));
+                block.train(train);
+                const sizes5 ys = block.output_sizes(l.x);
+                std::mt19937 gd(52);
+                auto xm = to_layout<L>(x, l.x), dym = to_layout<L>(randn(numel(ys), gd), ys);
+                std::vector<float> ym(static_cast<std::size_t>(numel(ys))), dxm(xm.size());
+                block.forward(view_of<L>(xm.data(), l.x), view_of<L>(ym.data(), ys));
+                const bool specialized = block.conv().kernel_choice().specialized;
+                block.backward(view_of<L>(xm.data(), l.x), view_of<L>(dym.data(), ys), view_of<L>(dxm.data(), l.x));
+                vf::registry::global().set_enabled(true);
+                return std::tuple{ym, dxm, vec(block.conv().weight_grad()), vec(block.bn().weight_grad()), specialized};
+            };
+            auto both = [&](auto layout) {
+                const auto [y1, dx1, gw1, gg1, s1] = run(layout, true);
+                const auto [y2, dx2, gw2, gg2, s2] = run(layout, false);
+                REQUIRE(s1);
+                REQUIRE_FALSE(s2);
+                REQUIRE(same_bits(y1, y2));
+                REQUIRE(same_bits(dx1, dx2));
+                REQUIRE(same_bits(gw1, gw2));
+                REQUIRE(same_bits(gg1, gg2));
+            };
+            if (l.ndhwc) both(vf::ndhwc_t{});
+            else both(vf::ncdhw_t{});
+        }
+    }
+}
