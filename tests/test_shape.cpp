@@ -134,3 +134,27 @@ TEST_CASE("nCdhw16c: oneDNN's blocked offsets, padded storage, reorders between 
     REQUIRE_THROWS_WITH(vf::reorder(view_of<vf::ncdhw_t>(nc.data(), s), view_of<vf::ndhwc_t>(nc.data() + 1, s)),
                         "reorder: source and destination overlap");
 }
+
+TEST_CASE("ncdhw <-> ndhwc reorders (tiled transposes) over several tiles, both ways and same-layout", "[shape][reorder]")
+{
+    std::mt19937 g(4);
+    for (const sizes5 s : {sizes5{2, 37, 5, 7, 11}, sizes5{1, 1, 3, 1, 70}, sizes5{3, 64, 1, 1, 1}, sizes5{1, 33, 2, 4, 4}}) {
+        INFO("shape " << vf::detail::sizes_str(s));
+        const auto logical = randn(numel(s), g);
+        auto nc = to_layout<vf::ncdhw_t>(logical, s), nd_want = to_layout<vf::ndhwc_t>(logical, s);
+        std::vector<float> nd(nc.size(), NAN), nc2(nc.size(), NAN), copy(nc.size(), NAN);
+        vf::reorder(view_of<vf::ncdhw_t>(nc.data(), s).as_const(), view_of<vf::ndhwc_t>(nd.data(), s));
+        REQUIRE(same_bits(nd, nd_want));
+        vf::reorder(view_of<vf::ndhwc_t>(nd.data(), s), view_of<vf::ncdhw_t>(nc2.data(), s));
+        REQUIRE(same_bits(nc2, nc));
+        vf::reorder(view_of<vf::ncdhw_t>(nc.data(), s), view_of<vf::ncdhw_t>(copy.data(), s));
+        REQUIRE(same_bits(copy, nc));
+    }
+    // A view with a static channel count takes the same path.
+    const sizes5 s{2, 16, 3, 4, 5};
+    const auto logical = randn(numel(s), g);
+    auto nc = to_layout<vf::ncdhw_t>(logical, s);
+    std::vector<float> nd(nc.size());
+    vf::reorder(vf::ncdhw_view(nc.data(), 2, vf::fix<16>, 3, 4, 5), vf::ndhwc_view(nd.data(), 2, vf::fix<16>, 3, 4, 5));
+    REQUIRE(same_bits(nd, to_layout<vf::ndhwc_t>(logical, s)));
+}

@@ -1,8 +1,10 @@
-// Reorders between layouts (ncdhw, ndhwc, nCdhw16c).  One template: the loop order
-// follows the destination's memory order (writes stream, reads gather), strides are
-// compile-time constants wherever the shape's extents are, and images run in parallel.
+// Reorders between layouts (ncdhw, ndhwc, nCdhw16c).  ncdhw <-> ndhwc is a per-image matrix
+// transpose, done in L1-sized tiles; the blocked layout goes element by element with the loop
+// order of the destination's memory (writes stream, reads gather), strides compile-time
+// constants wherever the shape's extents are; images (and tiles) run in parallel.
 #pragma once
 
+#include <algorithm>
 #include <string>
 
 #include "../core/error.hpp"
@@ -29,6 +31,39 @@ void reorder(const VS& src, const VD& dst)
     const index_t N = value_of(s.n()), C = value_of(s.c()), D = value_of(s.d()), H = value_of(s.h()),
                   W = value_of(s.w());
     using LD = typename VD::layout_type;
+    using LS = typename VS::layout_type;
+    constexpr bool plain_src = std::is_same_v<LS, ncdhw_t> || std::is_same_v<LS, ndhwc_t>;
+    constexpr bool plain_dst = std::is_same_v<LD, ncdhw_t> || std::is_same_v<LD, ndhwc_t>;
+    if constexpr (plain_src && plain_dst) {
+        // Between ncdhw and ndhwc an image is a [C][P] <-> [P][C] matrix (P = D*H*W): copy it
+        // whole when the layouts agree, else transpose it in tiles that stay in L1 (both the
+        // gathering and the scattering side then touch a cache line per 16 elements, not per one).
+        const index_t P = D * H * W;
+        const float* sp = src.data();
+        float* dp = dst.data();
+        if constexpr (std::is_same_v<LS, LD>) {
+            parallel::parallel_for(N, N * C * P, [&](index_t n) { std::copy(sp + n * C * P, sp + (n + 1) * C * P, dp + n * C * P); });
+        } else {
+            constexpr index_t T = 32;
+            const index_t tiles = (P + T - 1) / T;
+            parallel::parallel_for(N * tiles, N * C * P, [&](index_t t) {
+                const index_t n = t / tiles, p0 = t % tiles * T, p1 = std::min(P, p0 + T);
+                const float* sn = sp + n * C * P;
+                float* dn = dp + n * C * P;
+                for (index_t c0 = 0; c0 < C; c0 += T) {
+                    const index_t c1 = std::min(C, c0 + T);
+                    if constexpr (std::is_same_v<LD, ndhwc_t>) {
+                        for (index_t p = p0; p < p1; ++p)
+                            for (index_t c = c0; c < c1; ++c) dn[p * C + c] = sn[c * P + p];
+                    } else {
+                        for (index_t c = c0; c < c1; ++c)
+                            for (index_t p = p0; p < p1; ++p) dn[c * P + p] = sn[p * C + c];
+                    }
+                }
+            });
+        }
+        return;
+    }
     parallel::parallel_for(N, src.shape().numel(), [&](index_t n) {
         if constexpr (std::is_same_v<LD, ndhwc_t>) {
             for (index_t d = 0; d < D; ++d)
