@@ -69,8 +69,6 @@ void check_pointwise_io(const VX& X, const VY& Y)
     if (X.shape().numel() > 0 && (X.data() == nullptr || Y.data() == nullptr))
         throw error("vf::evaluate: null data pointer");
 }
-inline kernels::conv::extents3 spatial(const std::array<index_t, 5>& s) noexcept { return {s[2], s[3], s[4]}; }
-
 /// The conv kernels take their epilogue as a flag (identity or relu, through the registry's pointers).
 template <class Epi>
 inline constexpr bool is_relu = std::is_same_v<Epi, expr::relu_t>;
@@ -97,9 +95,7 @@ void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi)
     const float* x = conv.prepare_forward(X, Y.data(), Y.sizes());
     if (Y.shape().numel() == 0) return;
     float* y = conv.output_for(Y);
-    conv.template kernels_for<typename VY::layout_type>().forward(conv.dynamic_geom(), X.sizes()[0], spatial(X.sizes()),
-                                                                  spatial(Y.sizes()), x, conv.packed_weight(),
-                                                                  conv.packed_bias(), y, is_relu<Epi>, nullptr);
+    conv.template run_forward<typename VY::layout_type>(X.sizes(), x, y, is_relu<Epi>);
     conv.finish_output(y, Y);
 }
 
@@ -129,10 +125,7 @@ void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, 
         double* moments = conv.moments(rows); // workspaces before the module commits its state
         const auto step = bn.prepare_forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(y, osz));
         if (!step) return;
-        conv.template kernels_for<typename VY::layout_type>().forward(conv.dynamic_geom(), X.sizes()[0],
-                                                                      spatial(X.sizes()), spatial(osz), x,
-                                                                      conv.packed_weight(), conv.packed_bias(), z,
-                                                                      false, moments);
+        conv.template run_forward<typename VY::layout_type>(X.sizes(), x, z, false, moments);
         const index_t P = kernels::conv::round_up(C, simd::width);
         const double count = static_cast<double>(n / std::max<index_t>(C, 1));
         for (index_t c = 0; c < C; ++c) {
@@ -159,10 +152,7 @@ void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, 
     } else {
         if (Y.shape().numel() == 0) return;
         conv.fold(bn);
-        conv.template kernels_for<typename VY::layout_type>().forward(conv.dynamic_geom(), X.sizes()[0],
-                                                                      spatial(X.sizes()), spatial(osz), x,
-                                                                      conv.packed_weight(), conv.packed_bias(), y,
-                                                                      is_relu<Epi>, nullptr);
+        conv.template run_forward<typename VY::layout_type>(X.sizes(), x, y, is_relu<Epi>);
     }
     conv.finish_output(y, Y);
 }

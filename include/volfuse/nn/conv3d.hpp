@@ -215,6 +215,17 @@ public:
             return k;
         }
     }
+    /// The forward kernel on NDHWC data x (input sizes `in`) into y, with the weights
+    /// prepare_forward (or fold) packed, the epilogue ReLU or identity, and optionally the
+    /// per-channel moments of what it stores (kernels::conv::forward).
+    template <class Layout>
+    void run_forward(const std::array<index_t, 5>& in, const float* x, float* y, bool relu,
+                     double* moments = nullptr)
+    {
+        const auto out = output_sizes(in);
+        kernels_for<Layout>().forward(dynamic_geom(), in[0], extents(in), extents(out), x, packed_weight(),
+                                      packed_bias(), y, relu, moments);
+    }
     /// Which kernels the last call ran, and why (for micro-benchmarking and debugging).
     const registry::choice& kernel_choice() const noexcept { return choice_; }
     /// The run-time geometry the registry's kernels take.

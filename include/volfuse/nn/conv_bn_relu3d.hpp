@@ -93,9 +93,7 @@ public:
             // record it as its input; nothing else changes in eval.
             const float* x = conv_.prepare_forward(X, z, osz);
             if (n > 0)
-                conv_.template kernels_for<typename VX::layout_type>().forward(
-                    conv_.dynamic_geom(), X.sizes()[0], detail::spatial(X.sizes()), detail::spatial(osz), x,
-                    conv_.packed_weight(), conv_.packed_bias(), z, false, nullptr);
+                conv_.template run_forward<typename VX::layout_type>(X.sizes(), x, z, false);
             bn_.forward(Z, DZ, relu);
         }
         // dY as NDHWC.
