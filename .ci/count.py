@@ -1,14 +1,23 @@
 #!/usr/bin/env python3
 """Counts test cases over meson build directories: each Catch2 test writes an XML report
 (OverallResultsCases); a test that crashed or wrote no report counts as one failed case,
-and a non-Catch test (a script) as one case.  Prints 'N passed, N failed'."""
+and a non-Catch test (a script) as one case; `--steps FILE` adds CI's script steps, one line
+each ('ok NAME' or 'fail NAME').  Prints 'N passed, N failed'."""
 import json
 import os
 import sys
 import xml.etree.ElementTree as ET
 
 passed = failed = 0
-for build in sys.argv[1:]:
+args = sys.argv[1:]
+if args[:1] == ["--steps"]:
+    for line in open(args[1]):
+        if line.strip():
+            ok = line.startswith("ok ")
+            passed += ok
+            failed += not ok
+    args = args[2:]
+for build in args:
     log = os.path.join(build, "meson-logs", "testlog.json")
     if not os.path.exists(log):
         print("%s: no test log" % build)

@@ -217,7 +217,7 @@ public:
 template <class... A>
 void add(const std::string& name, A&&... a)
 {
-    benchmark::RegisterBenchmark(name.c_str(), std::forward<A>(a)...)->UseRealTime()->MinWarmUpTime(0.05);
+    report::add(name, 0.05, std::forward<A>(a)...);
 }
 
 template <class L>
@@ -237,8 +237,8 @@ void register_layout(const sizes5& s, const std::string& layout)
 
 int main(int argc, char** argv)
 {
-    // --threads=N (default 1): threads for the kernels and for the rooflines.
-    vf::set_num_threads(report::take_threads_flag(argc, argv));
+    // --threads=N (default 1): threads for the kernels and for the rooflines; --smoke.
+    vf::set_num_threads(report::take_flags(argc, argv).threads);
     for (const auto& s : shapes) {
         add("ntcopy/" + shape_str(s), bm_ntcopy, s);
         add("inplace/" + shape_str(s), bm_inplace, s);

@@ -230,13 +230,18 @@ public:
 template <class... A>
 void add(const std::string& name, A&&... a)
 {
-    benchmark::RegisterBenchmark(name.c_str(), std::forward<A>(a)...)->UseRealTime()->MinWarmUpTime(0.2);
+    report::add(name, 0.2, std::forward<A>(a)...);
 }
 
 } // namespace
 
 int main(int argc, char** argv)
 {
+    // --smoke; no --threads: this program measures 1 and 2 threads itself.
+    if (report::take_flags(argc, argv).threads != 1) {
+        std::fprintf(stderr, "--threads: this benchmark runs 1 and 2 threads itself\n");
+        return 1;
+    }
     peers::install_torch_cache();
     using fn = void (*)(benchmark::State&, const layer*, int, what);
     const fn specialized[] = {run_volfuse<spec0>, run_volfuse<spec1>, run_volfuse<spec2>, run_volfuse<spec3>};

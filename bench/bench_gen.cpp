@@ -77,14 +77,14 @@ public:
 
 int main(int argc, char** argv)
 {
-    vf::set_num_threads(report::take_threads_flag(argc, argv));
+    vf::set_num_threads(report::take_flags(argc, argv).threads);
     for (const auto& l : layers)
         for (const bool train : {true, false})
             for (const bool specialized : {true, false}) {
                 const std::string name = std::string("gen/") + l.name + "/" + (train ? "train" : "eval") + "/" +
                                          (specialized ? "specialized" : "fallback");
                 auto* fn = l.ndhwc ? run<vf::ndhwc_t> : run<vf::ncdhw_t>;
-                benchmark::RegisterBenchmark(name.c_str(), fn, &l, specialized, train)->UseRealTime()->MinWarmUpTime(0.1);
+                report::add(name, 0.1, fn, &l, specialized, train);
             }
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -259,11 +259,16 @@ public:
 template <class... A>
 void add(const std::string& name, A&&... a)
 {
-    benchmark::RegisterBenchmark(name.c_str(), std::forward<A>(a)...)->UseRealTime()->MinWarmUpTime(0.2);
+    report::add(name, 0.2, std::forward<A>(a)...);
 }
 
 int main(int argc, char** argv)
 {
+    // --smoke; no --threads: this program measures 1 and 2 threads itself.
+    if (report::take_flags(argc, argv).threads != 1) {
+        std::fprintf(stderr, "--threads: this benchmark runs 1 and 2 threads itself\n");
+        return 1;
+    }
     peers::install_torch_cache();
     // libtorch first: once any oneDNN primitive has run in this process, libtorch's training
     // forward on the larger shapes is ~5x slower ([2,64,64,64,64]: 430 ms instead of 80 ms;

@@ -7,25 +7,56 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <benchmark/benchmark.h>
 
 namespace report {
 
-/// Removes `--threads=N` from the command line (before Google Benchmark sees it) and
-/// returns N (1 when absent): the thread count for the kernels and the rooflines.
-inline int take_threads_flag(int& argc, char** argv)
-{
+/// The benchmark programs' own flags, taken off the command line before Google Benchmark
+/// sees it: `--threads=N` (threads for the kernels and the rooflines of programs that do not
+/// sweep thread counts themselves; 1 when absent) and `--smoke` (three iterations per row and
+/// no warm-up: CI's proof that every row still runs, not a measurement).
+struct flags {
     int threads = 1;
-    for (int i = 1; i < argc; ++i)
+    bool smoke = false;
+};
+
+inline flags& options()
+{
+    static flags f;
+    return f;
+}
+
+inline const flags& take_flags(int& argc, char** argv)
+{
+    auto drop = [&](int i) {
+        for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+        --argc;
+    };
+    for (int i = 1; i < argc;)
         if (std::strncmp(argv[i], "--threads=", 10) == 0) {
-            threads = std::atoi(argv[i] + 10);
-            for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-            --argc;
-            --i;
+            options().threads = std::atoi(argv[i] + 10);
+            drop(i);
+        } else if (std::strcmp(argv[i], "--smoke") == 0) {
+            options().smoke = true;
+            drop(i);
+        } else {
+            ++i;
         }
-    return threads;
+    return options();
+}
+
+/// Registers a benchmark as all of them run: wall time (threads), and `warmup_s` seconds of
+/// warm-up first (page-in, caches, peers building their kernels), or the smoke run's three
+/// iterations.  Call after take_flags.
+template <class... A>
+void add(const std::string& name, double warmup_s, A&&... a)
+{
+    auto* b = benchmark::RegisterBenchmark(name.c_str(), std::forward<A>(a)...)->UseRealTime();
+    if (options().smoke) b->Iterations(3);
+    else b->MinWarmUpTime(warmup_s);
 }
 
 /// A run's name as registered.
@@ -33,6 +64,7 @@ inline std::string name_of(const benchmark::BenchmarkReporter::Run& r)
 {
     std::string name = r.benchmark_name();
     if (const auto cut = name.find("/min_warmup_time"); cut != std::string::npos) name.erase(cut);
+    if (const auto cut = name.find("/iterations:"); cut != std::string::npos) name.erase(cut);
     if (const auto cut = name.find("/real_time"); cut != std::string::npos) name.erase(cut);
     return name;
 }
