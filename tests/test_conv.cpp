@@ -196,3 +196,82 @@ TEST_CASE("the float64 conv reference's backward matches its own finite differen
     check(w, ref.dw);
     check(b, ref.db);
 }
+
+TEST_CASE("stride-1 grad input runs as a forward conv of dY and matches the float64 reference", "[conv][numerics]")
+{
+    // Stride 1 with padding within the dilated kernel: dX is the forward kernel on dY with
+    // flipped, transposed weights.  Random kernels, paddings, dilations, odd sizes, channel
+    // counts that are not multiples of the vector width; both layouts; a spec that fixes
+    // everything (the formulation chosen at compile time) gives the runtime-shaped bits.
+    std::mt19937 g(26);
+    std::mt19937 pickg(27);
+    auto pick = [&](int lo, int hi) { return static_cast<index_t>(std::uniform_int_distribution<int>(lo, hi)(pickg)); };
+    const index_t channels[] = {1, 3, 5, 16, 17, 33};
+    for (int i = 0; i < 25; ++i) {
+        const vf::size3 k{pick(1, 3), pick(1, 3), pick(1, 5)}, dil{pick(1, 2), 1, pick(1, 2)};
+        const vf::size3 p{pick(0, dil.d * (k.d - 1)), pick(0, k.h - 1), pick(0, dil.w * (k.w - 1))};
+        const conv_config cf{channels[pick(0, 5)], channels[pick(0, 5)], k, 1, p, dil, pick(0, 1) != 0};
+        const sizes5 xs{pick(1, 2), cf.in, dil.d * (k.d - 1) + pick(1, 3), k.h + pick(0, 4), dil.w * (k.w - 1) + pick(1, 13)};
+        case_t c{cf, xs};
+        INFO(describe(c));
+        conv_reference ref(cf, xs);
+        const auto x = randn(numel(xs), g), dy = randn(numel(ref.ys), g);
+        const auto w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3), b = randn(cf.out, g);
+        ref.forward(x, w, b);
+        ref.backward(x, w, dy);
+        vf::Conv3d<> a(cf.in, cf.out, k, 1, p, dil, 1, cf.bias);
+        REQUIRE(vf::kernels::conv::grad_input_as_forward(a.geom()));
+        const auto r1 = run_conv<vf::ndhwc_t>(a, ref, x, w, cf.bias ? b : std::vector<float>{}, dy);
+        check_against_reference(r1, ref);
+        vf::Conv3d<> m(cf.in, cf.out, k, 1, p, dil, 1, cf.bias);
+        const auto r2 = run_conv<vf::ncdhw_t>(m, ref, x, w, cf.bias ? b : std::vector<float>{}, dy);
+        REQUIRE(same_bits(r1.dx, r2.dx));
+    }
+    // Fixed at compile time: only the forward formulation is instantiated.
+    const conv_config cf{17, 20, {3, 3, 3}, 1, {1, 2, 0}, {1, 1, 2}, true};
+    const sizes5 xs{2, 17, 4, 5, 9};
+    conv_reference ref(cf, xs);
+    const auto x = randn(numel(xs), g), dy = randn(numel(ref.ys), g);
+    const auto w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3), b = randn(cf.out, g);
+    vf::Conv3d<> dyn(17, 20, 3, 1, {1, 2, 0}, {1, 1, 2});
+    vf::Conv3d<vf::conv_spec{.in = 17, .out = 20, .kernel = 3, .stride = 1, .padding = {1, 2, 0}, .dilation = {1, 1, 2}}>
+        fixed;
+    const auto r1 = run_conv<vf::ndhwc_t>(dyn, ref, x, w, b, dy);
+    const auto r2 = run_conv<vf::ndhwc_t>(fixed, ref, x, w, b, dy);
+    REQUIRE(same_bits(r1.dx, r2.dx));
+    REQUIRE(same_bits(r1.gw, r2.gw));
+}
+
+TEST_CASE("backward_input and backward_weight are backward's two halves", "[conv][semantics]")
+{
+    // torch.nn.grad.conv3d_input / conv3d_weight: the same bits as backward, both layouts,
+    // stride 1 (forward formulation) and stride 2 (scatter); backward_input changes no grad.
+    std::mt19937 g(28);
+    for (const index_t s : {1, 2}) {
+        const conv_config cf{5, 19, {3, 2, 3}, s, 1, 1, true};
+        const sizes5 xs{2, 5, 5, 4, 9};
+        conv_reference ref(cf, xs);
+        const auto x = randn(numel(xs), g), dy = randn(numel(ref.ys), g);
+        const auto w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3), b = randn(cf.out, g);
+        ref.forward(x, w, b);
+        ref.backward(x, w, dy);
+        auto both = [&]<class L>(L) {
+            vf::Conv3d<> whole(5, 19, {3, 2, 3}, s, 1), halves(5, 19, {3, 2, 3}, s, 1);
+            const auto r = run_conv<L>(whole, ref, x, w, b, dy);
+            std::copy(w.begin(), w.end(), halves.weight().begin());
+            auto xm = to_layout<L>(x, ref.xs), dym = to_layout<L>(dy, ref.ys);
+            auto dxm = to_layout<L>(std::vector<float>(x.size(), NAN), ref.xs);
+            halves.backward_input(view_of<L>(dym.data(), ref.ys), view_of<L>(dxm.data(), ref.xs));
+            for (float v : halves.weight_grad()) REQUIRE(v == 0.f);
+            for (float v : halves.bias_grad()) REQUIRE(v == 0.f);
+            REQUIRE(same_bits(from_layout<L>(dxm, ref.xs), r.dx));
+            halves.backward_weight(view_of<L>(xm.data(), ref.xs),
+                                   view_of<L>(dym.data(), ref.ys));
+            REQUIRE(same_bits(vec(halves.weight_grad()), r.gw));
+            REQUIRE(same_bits(vec(halves.bias_grad()), r.gb));
+            check_against_reference(r, ref);
+        };
+        both(vf::ndhwc_t{});
+        both(vf::ncdhw_t{});
+    }
+}

@@ -148,3 +148,38 @@ TEST_CASE("the block's moments stay exact when the conv output's mean is 1e4 tim
     for (std::size_t i = 0; i < y1.size(); ++i) worst = std::max(worst, std::abs(static_cast<double>(y1[i]) - y2[i]));
     CHECK(worst <= 1e-5);
 }
+
+TEST_CASE("the block's backward without dX gives backward's grads and runs no grad input", "[block][semantics]")
+{
+    // A network's first layer: autograd computes no input grad, and neither does this call.
+    // Both layouts, train and eval; the grads are bitwise those of backward(X, dY, dX).
+    std::mt19937 g(35);
+    const sizes5 xs{2, 3, 5, 6, 7};
+    const auto x = randn(numel(xs), g);
+    auto run = [&]<class L>(L, bool train) {
+        vf::ConvBnReLU3d<> with(vf::Conv3d<>(3, 20, 3, 1, 1), vf::BatchNorm3d<>(20));
+        vf::ConvBnReLU3d<> without = with;
+        const sizes5 ys = with.output_sizes(xs);
+        const auto dy = randn(numel(ys), g);
+        auto xm = to_layout<L>(x, xs), dym = to_layout<L>(dy, ys);
+        std::vector<float> y1(static_cast<std::size_t>(numel(ys))), y2 = y1, dx(xm.size(), 5.f);
+        for (auto* b : {&with, &without}) b->train(train);
+        const auto X = view_of<L>(xm.data(), xs);
+        with.forward(X, view_of<L>(y1.data(), ys));
+        without.forward(X, view_of<L>(y2.data(), ys));
+        with.backward(X, view_of<L>(dym.data(), ys), view_of<L>(dx.data(), xs));
+        without.backward(X, view_of<L>(dym.data(), ys));
+        REQUIRE(same_bits(y1, y2));
+        REQUIRE(same_bits(vec(with.conv().weight_grad()), vec(without.conv().weight_grad())));
+        REQUIRE(same_bits(vec(with.conv().bias_grad()), vec(without.conv().bias_grad())));
+        REQUIRE(same_bits(vec(with.bn().weight_grad()), vec(without.bn().weight_grad())));
+        REQUIRE(same_bits(vec(with.bn().bias_grad()), vec(without.bn().bias_grad())));
+        bool any_nonzero = false;
+        for (float v : without.conv().weight_grad()) any_nonzero |= v != 0.f;
+        REQUIRE(any_nonzero);
+    };
+    for (bool train : {true, false}) {
+        run(vf::ndhwc_t{}, train);
+        run(vf::ncdhw_t{}, train);
+    }
+}

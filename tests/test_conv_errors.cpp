@@ -93,3 +93,55 @@ TEST_CASE("ConvBnReLU3d errors change nothing", "[block][errors]")
     for (float v : block.conv().weight_grad()) REQUIRE(v == 0.f);
     for (float v : block.bn().weight_grad()) REQUIRE(v == 0.f);
 }
+
+TEST_CASE("ConvBnReLU3d::backward checks every argument before any grad changes", "[block][errors]")
+{
+    // A bad dX (null, overlapping dY) is found before the BatchNorm3d's grads are accumulated:
+    // a retry after the fix must not count anything twice.
+    for (bool ncdhw : {false, true}) {
+        vf::ConvBnReLU3d<> block(vf::Conv3d<>(3, 8, 3, 1, 1), vf::BatchNorm3d<>(8));
+        std::vector<float> x(2 * 3 * 3 * 3 * 3), y(2 * 8 * 3 * 3 * 3), dy(y.size(), 1.f), dx(x.size(), 5.f);
+        for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 7) - 3.f;
+        auto run = [&](auto make) {
+            block.forward(make(x.data(), 3), make(y.data(), 8));
+            REQUIRE_THROWS_WITH(block.backward(make(x.data(), 3), make(dy.data(), 8), make(static_cast<float*>(nullptr), 3)),
+                                Equals("grad_input data pointer is null"));
+            REQUIRE_THROWS_WITH(block.backward(make(x.data(), 3), make(dy.data(), 8), make(x.data(), 3)),
+                                Equals("grad_input overlaps input"));
+            REQUIRE_THROWS_WITH(block.backward(make(x.data(), 3), make(static_cast<float*>(nullptr), 8), make(dx.data(), 3)),
+                                Equals("grad_output data pointer is null"));
+            REQUIRE_THROWS_WITH(block.backward(make(x.data(), 3), make(static_cast<float*>(nullptr), 8)),
+                                Equals("grad_output data pointer is null"));
+        };
+        if (ncdhw) run([](float* p, vf::index_t c) { return vf::ncdhw_view(p, 2, c, 3, 3, 3); });
+        else run([](float* p, vf::index_t c) { return vf::ndhwc_view(p, 2, c, 3, 3, 3); });
+        for (float v : dx) REQUIRE(v == 5.f);
+        for (float v : block.conv().weight_grad()) REQUIRE(v == 0.f);
+        for (float v : block.conv().bias_grad()) REQUIRE(v == 0.f);
+        for (float v : block.bn().weight_grad()) REQUIRE(v == 0.f);
+        for (float v : block.bn().bias_grad()) REQUIRE(v == 0.f);
+    }
+}
+
+TEST_CASE("Conv3d backward_input and backward_weight validate like backward", "[conv][errors]")
+{
+    vf::Conv3d<> conv(3, 4, 3, 1, 1);
+    std::vector<float> x(2 * 3 * 3 * 3 * 3, 1.f), dy(2 * 4 * 3 * 3 * 3, 1.f), dx(x.size(), 5.f);
+    REQUIRE_THROWS_WITH(conv.backward_input(vf::ndhwc_view(dy.data(), 2, 4, 3, 3, 2), vf::ndhwc_view(dx.data(), 2, 3, 3, 3, 3)),
+                        Equals("grad_output has shape [2, 4, 3, 3, 2] but Conv3d expects [2, 4, 3, 3, 3] for input "
+                               "[2, 3, 3, 3, 3]"));
+    REQUIRE_THROWS_WITH(conv.backward_input(vf::ndhwc_view(dy.data(), 2, 4, 3, 3, 3), vf::ndhwc_view(dy.data(), 2, 3, 3, 3, 3)),
+                        Equals("grad_output overlaps grad_input"));
+    REQUIRE_THROWS_WITH(conv.backward_input(vf::ndhwc_view(dy.data(), 2, 4, 3, 3, 3),
+                                            vf::ndhwc_view(static_cast<float*>(nullptr), 2, 3, 3, 3, 3)),
+                        Equals("grad_input data pointer is null"));
+    REQUIRE_THROWS_WITH(conv.backward_weight(vf::ndhwc_view(x.data(), 2, 2, 3, 3, 3), vf::ndhwc_view(dy.data(), 2, 4, 3, 3, 3)),
+                        Equals("Given groups=1, weight of size [4, 3, 3, 3, 3], expected input[2, 2, 3, 3, 3] to have 3 "
+                               "channels, but got 2 channels instead"));
+    REQUIRE_THROWS_WITH(conv.backward_weight(vf::ndhwc_view(x.data(), 2, 3, 3, 3, 3),
+                                             vf::ndhwc_view(static_cast<float*>(nullptr), 2, 4, 3, 3, 3)),
+                        Equals("grad_output data pointer is null"));
+    for (float v : dx) REQUIRE(v == 5.f);
+    for (float v : conv.weight_grad()) REQUIRE(v == 0.f);
+    for (float v : conv.bias_grad()) REQUIRE(v == 0.f);
+}

@@ -3,11 +3,13 @@
 // the spec fixes them) with register-blocked SIMD tiles:
 //   forward:      acc[PB output pixels along w][VB output-channel vectors]
 //                 += broadcast(x[pixel][ic]) * w[tap][ic][oc vector]
-//   grad input:   acc[PB pixels][VB input-channel vectors] += broadcast(dy[pixel][oc]) * w[tap][oc][ic vector],
-//                 then added into dx at the input pixel each output pixel reads (a scatter,
-//                 so stride and dilation need no special case)
-//   grad weight:  acc[IB input channels][VB output-channel vectors] += broadcast(x) * dy,
-//                 over the output pixels of a row, per tap
+//   grad input:   stride 1: the forward kernel on dy with the taps flipped and the weight
+//                 transposed (no scatter); other strides: acc[PB pixels][VB input-channel
+//                 vectors] += broadcast(dy[pixel][oc]) * w[tap][oc][ic vector], added into dx
+//                 at the input pixel each output pixel reads (a scatter)
+//   grad weight:  a GEMM over output pixels: acc[MB (tap, ic) rows][VB output-channel vectors]
+//                 += broadcast(x_padded[pixel + tap][ic]) * dy[pixel][oc vector], kept in
+//                 registers across a cache block of output rows
 // A tile's accumulators stay in registers over the whole reduction (taps x channels).
 // Work is split into tasks that own disjoint outputs and sum in a fixed order, so the
 // bits do not depend on the number of threads.  FLOPs per output element: 2 * IC * taps.
@@ -61,19 +63,29 @@ void for_channel_chunks(index_t channels, F&& f)
         with_vectors(std::min<index_t>(max_vectors, vectors - v0), [&]<int V>() { f.template operator()<V>(v0 * width); });
 }
 
-/// Packs PyTorch's weight [OC][IC][KD][KH][KW] for the kernels: the forward layout
-/// [tap][IC][OCP] (OCP = OC rounded up to whole vectors), or with `transposed` grad input's
-/// [tap][OC][ICP]; padding lanes are zero.
+/// How pack() lays PyTorch's weight [OC][IC][KD][KH][KW] out for the kernels.
+enum class packing {
+    forward,           ///< [tap][IC][OCP]: the forward kernel's
+    transposed,        ///< [tap][OC][ICP]: grad input's scatter
+    flipped_transposed ///< [KD-1-kd][KH-1-kh][KW-1-kw][OC][ICP]: grad input as a forward conv of dY
+};
+
+/// Packs PyTorch's weight for the kernels (OCP / ICP: rounded up to whole vectors; padding
+/// lanes are zero).
 template <class G>
-void pack(const G& g, const float* w, float* out, bool transposed = false) noexcept
+void pack(const G& g, const float* w, float* out, packing how = packing::forward) noexcept
 {
     const index_t IC = g.in(), OC = g.out(), T = g.taps();
-    const index_t rows = transposed ? OC : IC, lanes = round_up(transposed ? IC : OC, width);
+    const bool tr = how != packing::forward;
+    const index_t rows = tr ? OC : IC, lanes = round_up(tr ? IC : OC, width);
     std::fill(out, out + T * rows * lanes, 0.f);
     for (index_t oc = 0; oc < OC; ++oc)
         for (index_t ic = 0; ic < IC; ++ic)
-            for (index_t t = 0; t < T; ++t)
-                out[(t * rows + (transposed ? oc : ic)) * lanes + (transposed ? ic : oc)] = w[(oc * IC + ic) * T + t];
+            for (index_t t = 0; t < T; ++t) {
+                // taps are row-major (kd, kh, kw): the flipped tap is T-1-t
+                const index_t tp = how == packing::flipped_transposed ? T - 1 - t : t;
+                out[(tp * rows + (tr ? oc : ic)) * lanes + (tr ? ic : oc)] = w[(oc * IC + ic) * T + t];
+            }
 }
 
 /// Valid output positions along one dimension for tap k: o with 0 <= o*s - p + k*dil < in,
@@ -301,12 +313,53 @@ void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, c
 }
 
 // --- grad input ----------------------------------------------------------------------
+// With stride 1, dx is a forward convolution of dy: input channels OC, output channels IC,
+// the taps flipped, padding dil*(k-1) - p (so the output has the input's extents); it runs
+// the forward micro-kernel (no scatter, no zero-fill, each dx element one fma chain).  Other
+// strides (or a padding past the dilated kernel, where that padding would be negative) scatter.
+
+/// Padding of grad input's forward convolution, per dimension dil*(k-1) - p (dynamic where
+/// any of the three is).
+constexpr size3 transposed_padding(size3 k, size3 p, size3 dil) noexcept
+{
+    auto one = [&](int i) {
+        if (k[i] == dynamic || p[i] == dynamic || dil[i] == dynamic) return dynamic;
+        const index_t v = dil[i] * (k[i] - 1) - p[i];
+        return v < 0 ? dynamic : v; // negative: grad input scatters instead
+    };
+    return {one(0), one(1), one(2)};
+}
+
+/// The spec of grad input's forward convolution (what S fixes stays fixed; stride 1).
+constexpr conv_spec transposed_spec(conv_spec S) noexcept
+{
+    return {.in = S.out, .out = S.in, .kernel = S.kernel, .stride = 1,
+            .padding = transposed_padding(S.kernel, S.padding, S.dilation), .dilation = S.dilation};
+}
+
+/// Whether grad input runs as a forward convolution of dy (stride 1, padding within the
+/// dilated kernel); pack() with packing::flipped_transposed then, packing::transposed otherwise.
+template <class G>
+constexpr bool grad_input_as_forward(const G& g) noexcept
+{
+    return g.template s<0>() == 1 && g.template s<1>() == 1 && g.template s<2>() == 1 &&
+           g.template p<0>() <= g.template dil<0>() * (g.template k<0>() - 1) &&
+           g.template p<1>() <= g.template dil<1>() * (g.template k<1>() - 1) &&
+           g.template p<2>() <= g.template dil<2>() * (g.template k<2>() - 1);
+}
+template <class G>
+constexpr packing grad_input_packing(const G& g) noexcept
+{
+    return grad_input_as_forward(g) ? packing::flipped_transposed : packing::transposed;
+}
+
 
 /// dx = sum over output pixels and taps of dy * w, scattered to the input pixel each
-/// output pixel read (NDHWC).  wt: pack(.., transposed)'s layout.  Tasks: (image n, input
-/// channel chunk), each owning its slice of dx and summing in a fixed order.
+/// output pixel read (NDHWC).  wt: pack(.., packing::transposed)'s layout.  Tasks: (image n,
+/// input channel chunk), each owning its slice of dx and summing in a fixed order.
 template <class G>
-void grad_input(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wt, float* dx) noexcept
+void grad_input_scatter(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wt,
+                        float* dx) noexcept
 {
     const index_t IC = g.in(), OC = g.out(), ICP = round_up(IC, width);
     const index_t chunk = max_vectors * width, chunks = (IC + chunk - 1) / chunk;
@@ -367,77 +420,166 @@ void grad_input(const G& g, index_t N, extents3 in, extents3 out, const float* d
     });
 }
 
-// --- grad weight ---------------------------------------------------------------------
+/// dx (NDHWC, overwritten) for dy; wt packed as grad_input_packing(g) says.  Only the
+/// formulation(s) the spec leaves possible are instantiated.
+template <class G>
+void grad_input(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wt, float* dx) noexcept
+{
+    constexpr conv_spec S = G::spec;
+    constexpr bool stride_fixed = S.stride.d != dynamic && S.stride.h != dynamic && S.stride.w != dynamic;
+    constexpr bool unit_stride = S.stride == size3(1);
+    constexpr bool padding_fits = transposed_spec(S).padding.d != dynamic &&
+                                  transposed_spec(S).padding.h != dynamic && transposed_spec(S).padding.w != dynamic;
+    auto as_forward = [&] {
+        // g's run-time members hold every value, fixed by the spec or not
+        const conv_geometry<transposed_spec(S)> gt{g.out(), g.in(), g.k_, 1, transposed_padding(g.k_, g.p_, g.dil_),
+                                                   g.dil_};
+        forward(gt, N, out, in, dy, wt, nullptr, dx, expr::identity_t{});
+    };
+    if constexpr (unit_stride && padding_fits) as_forward();
+    else if constexpr (stride_fixed && !unit_stride) grad_input_scatter(g, N, in, out, dy, wt, dx);
+    else if (grad_input_as_forward(g)) as_forward();
+    else grad_input_scatter(g, N, in, out, dy, wt, dx);
+}
 
-/// Input channels per grad-weight tile for VB output-channel vectors.
+// --- grad weight: a GEMM over output pixels --------------------------------------------
+// gw[(tap, ic)][oc] = sum over output pixels P of x[P's input pixel for tap][ic] * dy[P][oc]:
+// a GEMM whose rows are the (tap, ic) pairs and whose reduction runs over every output pixel.
+// x is read from a copy with its zero padding made explicit (pad_input), so every row reads
+// without bounds checks, and a tile of MB rows x VB output-channel vectors keeps its
+// accumulators in registers over a cache block of output rows.  Rows mix taps, so small
+// in_channels (1-4) still fill the tile.
+
+/// (tap, ic) rows per grad-weight tile for VB output-channel vectors.
 template <int VB>
 inline constexpr int inputs_for = std::min(8, acc_registers / VB);
 
-/// gw[tap][ic][OCP] += sum over images and output pixels of x[input pixel][ic] * dy[pixel][oc]
-/// (NDHWC; gw in pack()'s forward layout, accumulated into).  Tasks: (kd, input channel
-/// block, output channel chunk), each owning its part of gw and sweeping every output
-/// row in order.
+/// Extents of x with its padding made explicit.
 template <class G>
-void grad_weight(const G& g, index_t N, extents3 in, extents3 out, const float* x, const float* dy, float* gw) noexcept
+extents3 padded_extents(const G& g, extents3 in) noexcept
 {
-    const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
-    const index_t KD = g.template k<0>(), KH = g.template k<1>(), KW = g.template k<2>();
+    return {in.d + 2 * g.template p<0>(), in.h + 2 * g.template p<1>(), in.w + 2 * g.template p<2>()};
+}
+
+/// Floats pad_input writes.
+template <class G>
+index_t padded_size(const G& g, index_t N, extents3 in) noexcept
+{
+    const extents3 e = padded_extents(g, in);
+    return N * e.d * e.h * e.w * g.in();
+}
+
+/// xp = x with zeros around it (NDHWC, padded_extents); parallel over (image, padded depth).
+template <class G>
+void pad_input(const G& g, index_t N, extents3 in, const float* x, float* xp) noexcept
+{
+    const index_t IC = g.in(), pd = g.template p<0>(), ph = g.template p<1>(), pw = g.template p<2>();
+    const extents3 e = padded_extents(g, in);
+    const index_t plane = e.h * e.w * IC;
+    parallel::parallel_for(N * e.d, N * e.d * plane, [&](index_t nd) {
+        const index_t n = nd / e.d, d = nd % e.d - pd;
+        float* out = xp + nd * plane;
+        if (d < 0 || d >= in.d) {
+            std::fill(out, out + plane, 0.f);
+            return;
+        }
+        for (index_t h = 0; h < e.h; ++h) {
+            float* row = out + h * e.w * IC;
+            const index_t ih = h - ph;
+            if (ih < 0 || ih >= in.h) {
+                std::fill(row, row + e.w * IC, 0.f);
+                continue;
+            }
+            std::fill(row, row + pw * IC, 0.f);
+            const float* src = x + ((n * in.d + d) * in.h + ih) * in.w * IC;
+            std::copy(src, src + in.w * IC, row + pw * IC);
+            std::fill(row + (pw + in.w) * IC, row + e.w * IC, 0.f);
+        }
+    });
+}
+
+/// Output pixels a grad-weight row block covers at least: enough that reloading a tile's
+/// accumulators per block costs little, few enough that the block's dy and x stay in L2.
+inline constexpr index_t gemm_block_pixels = 256;
+
+/// gw[tap][ic][OCP] += the GEMM above (NDHWC dy; xp from pad_input; gw in pack()'s forward
+/// layout, accumulated into).  Cache blocking: each thread takes a fixed range of tiles and
+/// runs all of them over one block of output rows before the next block, so the block's dy
+/// and x are read from cache by every tile; a tile's accumulators go through gw between
+/// blocks (exactly: float stores and loads), so each gw element sums the pixels in the same
+/// order whatever the split.
+template <class G>
+void grad_weight(const G& g, index_t N, extents3 in, extents3 out, const float* xp, const float* dy,
+                      float* gw) noexcept
+{
+    const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width), M = g.taps() * IC;
+    const index_t KH = g.template k<1>(), KW = g.template k<2>();
+    const extents3 e = padded_extents(g, in);
     const index_t chunk = max_vectors * width, oc_chunks = (OC + chunk - 1) / chunk;
-    constexpr index_t IB_max = inputs_for<max_vectors>;
-    const index_t ic_blocks = (IC + IB_max - 1) / IB_max;
-    parallel::parallel_for(KD * ic_blocks * oc_chunks, N * out.d * out.h * out.w * OC * IC * g.taps(), [&](index_t task) {
-        const index_t kd = task / (ic_blocks * oc_chunks), icb = task / oc_chunks % ic_blocks;
-        const index_t oc0 = task % oc_chunks * chunk, ic0 = icb * IB_max;
-        const index_t nic = std::min(IB_max, IC - ic0);
+    constexpr index_t MB_max = inputs_for<max_vectors>;
+    const index_t m_blocks = (M + MB_max - 1) / MB_max, tiles = m_blocks * oc_chunks;
+    const index_t rows = N * out.d * out.h, rb = std::max<index_t>(1, (gemm_block_pixels + out.w - 1) / out.w);
+    // One tile over output rows [r0, r1).
+    auto tile = [&](index_t task, index_t r0, index_t r1) {
+        const index_t m0 = task / oc_chunks * MB_max, nm = std::min(MB_max, M - m0);
+        const index_t oc0 = task % oc_chunks * chunk;
         const index_t vectors = (std::min(OC, oc0 + chunk) - oc0 + width - 1) / width;
         with_vectors(vectors, [&]<int VB>() {
-            constexpr int IB = inputs_for<VB>;
-            // IB_max <= IB: a block of nic <= IB_max inputs fits the tile.
-            static_assert(inputs_for<max_vectors> <= IB);
-            for (index_t n = 0; n < N; ++n)
-                for (index_t od = 0; od < out.d; ++od) {
-                    const index_t id = od * g.template s<0>() - g.template p<0>() + kd * g.template dil<0>();
-                    if (id < 0 || id >= in.d) continue;
-                    for (index_t oh = 0; oh < out.h; ++oh) {
-                        const float* dyrow = dy + ((n * out.d + od) * out.h + oh) * out.w * OC + oc0;
-                        for (index_t kh = 0; kh < KH; ++kh) {
-                            const index_t ih = oh * g.template s<1>() - g.template p<1>() + kh * g.template dil<1>();
-                            if (ih < 0 || ih >= in.h) continue;
-                            const float* xr = x + ((n * in.d + id) * in.h + ih) * in.w * IC + ic0;
-                            for (index_t kw = 0; kw < KW; ++kw) {
-                                const index_t off = kw * g.template dil<2>();
-                                const range r = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), off);
-                                if (r.lo >= r.hi) continue;
-                                float* gwk = gw + (((kd * KH + kh) * KW + kw) * IC + ic0) * OCP + oc0;
-                                fvec acc[IB][VB];
-                                for (int i = 0; i < IB; ++i)
-                                    for (int j = 0; j < VB; ++j)
-                                        acc[i][j] = i < nic ? simd::load(gwk + i * OCP + j * width) : fvec(0.f);
-                                for (index_t ow = r.lo; ow < r.hi; ++ow) {
-                                    const index_t iw = ow * g.template s<2>() - g.template p<2>() + off;
-                                    const float* xp = xr + iw * IC;
-                                    fvec d[VB];
-                                    for (int j = 0; j < VB; ++j) {
-                                        // the chunk's last vector may pass OC: read only its real lanes
-                                        const index_t lanes = std::min<index_t>(width, OC - oc0 - j * width);
-                                        d[j] = lanes == width ? simd::load(dyrow + ow * OC + j * width)
-                                                              : simd::load_partial(dyrow + ow * OC + j * width, lanes);
-                                    }
-                                    for (int i = 0; i < IB; ++i) {
-                                        if (i >= nic) break;
-                                        const fvec b(xp[i]);
-                                        for (int j = 0; j < VB; ++j) acc[i][j] = simd::fma(b, d[j], acc[i][j]);
-                                    }
-                                }
-                                for (int i = 0; i < IB; ++i) {
-                                    if (i >= nic) break;
-                                    for (int j = 0; j < VB; ++j) simd::store(gwk + i * OCP + j * width, acc[i][j]);
-                                }
-                            }
-                        }
+            constexpr int MB = inputs_for<VB>;
+            static_assert(inputs_for<max_vectors> <= MB);
+            // Offset of row m's input element from the output pixel's window origin in xp,
+            // stepping (kd, kh, kw, ic) from the block's first row; rows past nm repeat the
+            // first (read, never stored).
+            index_t off[MB];
+            index_t t = m0 / IC, ic = m0 % IC, kd = t / (KH * KW), kh = t / KW % KH, kw = t % KW;
+            auto offset = [&] {
+                return ((kd * g.template dil<0>() * e.h + kh * g.template dil<1>()) * e.w + kw * g.template dil<2>()) *
+                           IC + ic;
+            };
+            const index_t first = offset();
+            for (int m = 0; m < MB; ++m) {
+                off[m] = m < nm ? offset() : first;
+                if (++ic == IC) {
+                    ic = 0;
+                    if (++kw == KW) {
+                        kw = 0;
+                        if (++kh == KH) kh = 0, ++kd;
                     }
                 }
+            }
+            const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
+            float* o = gw + m0 * OCP + oc0;
+            fvec acc[MB][VB];
+            for (int m = 0; m < MB; ++m)
+                for (int j = 0; j < VB; ++j) acc[m][j] = m < nm ? simd::load(o + m * OCP + j * width) : fvec(0.f);
+            for (index_t row = r0; row < r1; ++row) {
+                const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
+                const float* base = xp + ((n * e.d + od * g.template s<0>()) * e.h + oh * g.template s<1>()) * e.w * IC;
+                const float* dyrow = dy + row * out.w * OC + oc0;
+                for (index_t ow = 0; ow < out.w; ++ow) {
+                    const float* bp = base + ow * g.template s<2>() * IC;
+                    fvec d[VB];
+                    for (int j = 0; j < VB; ++j)
+                        d[j] = j + 1 < VB || last_lanes == width
+                                   ? simd::load(dyrow + ow * OC + j * width)
+                                   : simd::load_partial(dyrow + ow * OC + j * width, last_lanes);
+                    for (int m = 0; m < MB; ++m) {
+                        const fvec b(bp[off[m]]);
+                        for (int j = 0; j < VB; ++j) acc[m][j] = simd::fma(b, d[j], acc[m][j]);
+                    }
+                }
+            }
+            for (int m = 0; m < MB; ++m) {
+                if (m >= nm) break;
+                for (int j = 0; j < VB; ++j) simd::store(o + m * OCP + j * width, acc[m][j]);
+            }
         });
+    };
+    const index_t parts = std::min<index_t>(tiles, get_num_threads());
+    parallel::parallel_for(parts, N * out.d * out.h * out.w * OC * M, [&](index_t part) {
+        const index_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
+        for (index_t r0 = 0; r0 < rows; r0 += rb)
+            for (index_t task = t0; task < t1; ++task) tile(task, r0, std::min(rows, r0 + rb));
     });
 }
 

@@ -170,16 +170,41 @@ public:
         check_views<VX, VDY>();
         check_views<VX, VDX>();
         static_assert(!std::is_const_v<typename VDX::value_type>, "Conv3d::backward: dX must be writable");
-        check_input(X);
-        check_other(X, dY.data(), dY.sizes(), output_sizes(X.sizes()), "grad_output");
-        check_other(X, dX.data(), dX.sizes(), X.sizes(), "grad_input");
-        if (overlaps(dX.data(), dX.storage(), dY.data(), dY.storage()))
-            throw error("Conv3d::backward: grad_input overlaps grad_output");
+        check_backward(X, dY.data(), dY.sizes(), dY.storage(), &dX);
         const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
-        const float* x = X.shape().numel() > 0 ? channels_last(X, xbuf_) : nullptr;
+        const float* x = X.shape().numel() > 0 ? input_of(X) : nullptr;
         float* dx = channels_last_out(dX, xgbuf_);
         backward_channels_last<typename VX::layout_type>(X.sizes(), x, dy, dx);
         if (dx != dX.data() && X.shape().numel() > 0) reorder(ndhwc_view(static_cast<const float*>(dx), X.sizes()), dX);
+    }
+
+    /// torch.nn.grad.conv3d_input: the gradient of the input (dX, whose sizes are the
+    /// input's) for the output gradient dY, with the current weight.  No grads change.
+    template <class VDY, class VDX>
+    void backward_input(const VDY& dY, const VDX& dX)
+    {
+        check_views<VDX, VDY>();
+        static_assert(!std::is_const_v<typename VDX::value_type>, "Conv3d::backward_input: dX must be writable");
+        const auto sz = dX.sizes();
+        check_input(sz, dX.data(), "grad_input");
+        check_other(sz, dX.data(), dX.storage(), dY.data(), dY.sizes(), output_sizes(sz), "grad_output",
+                    "grad_input");
+        const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
+        float* dx = channels_last_out(dX, xgbuf_);
+        grad_input_channels_last<typename VDX::layout_type>(sz, dy, dx);
+        if (dx != dX.data() && dX.shape().numel() > 0) reorder(ndhwc_view(static_cast<const float*>(dx), sz), dX);
+    }
+
+    /// torch.nn.grad.conv3d_weight, plus the bias: adds the gradients of the weight and bias at
+    /// input X for the output gradient dY into weight_grad() and bias_grad().
+    template <class VX, class VDY>
+    void backward_weight(const VX& X, const VDY& dY)
+    {
+        check_views<VX, VDY>();
+        check_backward(X, dY.data(), dY.sizes(), dY.storage(), static_cast<const VX*>(nullptr));
+        const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
+        const float* x = X.shape().numel() > 0 ? input_of(X) : nullptr;
+        backward_channels_last<typename VX::layout_type>(X.sizes(), x, dy, nullptr);
     }
 
     // --- the evaluator's and the fused block's side --------------------------------------
@@ -191,13 +216,38 @@ public:
     const float* prepare_forward(const VX& X, const void* y, const std::array<index_t, 5>& out_sizes)
     {
         static_assert(is_view_v<VX>, "Conv3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
-        check_input(X);
-        check_other(X, y, out_sizes, output_sizes(X.sizes()), "output");
+        check_input(X.sizes(), X.data(), "input");
+        check_other(X.sizes(), X.data(), X.storage(), y, out_sizes, output_sizes(X.sizes()), "output");
         packed_.resize(static_cast<std::size_t>(g_.taps() * g_.in() * ocp()));
         bias_padded_.assign(static_cast<std::size_t>(ocp()), 0.f);
         std::copy(bias_.begin(), bias_.end(), bias_padded_.begin());
         kernels::conv::pack(g_, weight_.data(), packed_.data());
-        return X.shape().numel() > 0 ? channels_last(X, xbuf_) : X.data();
+        return X.shape().numel() > 0 ? input_of(X) : X.data();
+    }
+    /// X's data as NDHWC: X's own memory, or (other layouts) a copy in a module buffer.
+    template <class VX>
+    const float* input_of(const VX& X)
+    {
+        if constexpr (!std::is_same_v<typename VX::layout_type, ndhwc_t>) ++input_copy_stamp_;
+        return channels_last(X, xbuf_);
+    }
+    /// The NDHWC copy input_of last made, and a stamp that changes whenever it is remade: the
+    /// fused block's backward reuses its forward's copy when the stamp has not moved.
+    const float* input_copy() const noexcept { return xbuf_.data(); }
+    std::uint64_t input_copy_stamp() const noexcept { return input_copy_stamp_; }
+    /// Validates backward(X, dY, dX)'s arguments (dX null: backward_weight's) and computes
+    /// nothing: what the fused block checks before any part of its backward writes.
+    template <class VX, class VDX>
+    void check_backward(const VX& X, const void* dy, const std::array<index_t, 5>& dy_sizes, index_t dy_storage,
+                        const VDX* dX) const
+    {
+        check_input(X.sizes(), X.data(), "input");
+        check_other(X.sizes(), X.data(), X.storage(), dy, dy_sizes, output_sizes(X.sizes()), "grad_output");
+        if (dX) {
+            check_other(X.sizes(), X.data(), X.storage(), dX->data(), dX->sizes(), X.sizes(), "grad_input");
+            if (overlaps(dX->data(), dX->storage(), dy, dy_storage))
+                throw error("Conv3d::backward: grad_input overlaps grad_output");
+        }
     }
     /// The kernels for a call on `Layout` views: the instantiation for Spec when it fixes
     /// anything, else what the registry holds for this shape (generated by gen/) or the
@@ -281,7 +331,8 @@ public:
         return moments_.data();
     }
 
-    /// backward on NDHWC data (x, dy may be null when empty): dx written, grads accumulated.
+    /// backward on NDHWC data (x, dy may be null when empty): dx written unless null, grads
+    /// accumulated.  Nothing is written before every workspace is allocated.
     template <class Layout = ndhwc_t>
     void backward_channels_last(const std::array<index_t, 5>& sz, const float* x, const float* dy, float* dx)
     {
@@ -291,22 +342,16 @@ public:
         index_t n_in = 1, n_out = 1;
         for (int i = 0; i < 5; ++i) n_in *= sz[i], n_out *= osz[i];
         // Workspaces first (the steps that may allocate), then no state changes until all is computed.
-        const index_t nw = g_.taps() * g_.in() * ocp();
-        packed_.resize(static_cast<std::size_t>(std::max(nw, g_.taps() * g_.out() * icp())));
-        gw_.assign(static_cast<std::size_t>(nw), 0.f);
+        reserve_backward(sz);
+        std::fill(gw_.begin(), gw_.end(), 0.f);
         if (n_in == 0) return;
-        if (n_out == 0) {
-            std::fill(dx, dx + n_in, 0.f);
-            return;
-        }
-        kernels::conv::pack(g_, weight_.data(), packed_.data(), /*transposed*/ true);
-        const registry::conv_kernels& k = kernels_for<Layout>();
-        k.grad_input(dynamic_geom(), N, in, out, dy, packed_.data(), dx);
-        k.grad_weight(dynamic_geom(), N, in, out, x, dy, gw_.data());
+        if (dx) grad_input_channels_last<Layout>(sz, dy, dx);
+        if (n_out == 0) return;
+        kernels::conv::pad_input(g_, N, in, x, xpad_.data());
+        kernels_for<Layout>().grad_weight(dynamic_geom(), N, in, out, xpad_.data(), dy, gw_.data());
         // Bias: per-channel sums of dY in double (kernels::reduce_channels over an NDHWC form).
         if (has_bias_) {
             const auto f = ndhwc_view(dy, osz).form();
-            work_.resize(static_cast<std::size_t>(kernels::reduce_workspace(f, 1)));
             kernels::reduce_channels<1, 1, 0>(
                 f, 0, g_.out(), kernels::srcs<1>{dy}, kernels::srcs<0>{},
                 [](const kernels::fvecs<1>& v, const kernels::fvecs<0>&) { return v; }, work_.data(),
@@ -317,6 +362,42 @@ public:
         for (index_t oc = 0; oc < g_.out(); ++oc)
             for (index_t ic = 0; ic < IC; ++ic)
                 for (index_t t = 0; t < T; ++t) weight_grad_[(oc * IC + ic) * T + t] += gw_[(t * IC + ic) * ocp() + oc];
+    }
+
+    /// Allocates every workspace backward_channels_last needs for input sizes sz (so that a
+    /// caller can allocate before it commits anything).
+    void reserve_backward(const std::array<index_t, 5>& sz)
+    {
+        const index_t nw = g_.taps() * g_.in() * ocp();
+        packed_.resize(static_cast<std::size_t>(std::max(nw, g_.taps() * g_.out() * icp())));
+        gw_.resize(static_cast<std::size_t>(nw));
+        xpad_.resize(static_cast<std::size_t>(kernels::conv::padded_size(g_, sz[0], extents(sz))));
+        if (has_bias_)
+            work_.resize(static_cast<std::size_t>(
+                kernels::reduce_workspace(ndhwc_view(static_cast<const float*>(nullptr), output_sizes(sz)).form(), 1)));
+    }
+    /// Where an NDHWC grad input for dX goes: dX's memory, or a module buffer (reorder after).
+    template <class VDX>
+    float* grad_input_for(const VDX& dX)
+    {
+        return channels_last_out(dX, xgbuf_);
+    }
+
+    /// grad input on NDHWC data: dx (input sizes sz) for dy (null when empty).
+    template <class Layout = ndhwc_t>
+    void grad_input_channels_last(const std::array<index_t, 5>& sz, const float* dy, float* dx)
+    {
+        const auto osz = output_sizes(sz);
+        index_t n_in = 1, n_out = 1;
+        for (int i = 0; i < 5; ++i) n_in *= sz[i], n_out *= osz[i];
+        packed_.resize(static_cast<std::size_t>(std::max(g_.taps() * g_.in() * ocp(), g_.taps() * g_.out() * icp())));
+        if (n_in == 0) return;
+        if (n_out == 0) {
+            std::fill(dx, dx + n_in, 0.f);
+            return;
+        }
+        kernels::conv::pack(g_, weight_.data(), packed_.data(), kernels::conv::grad_input_packing(g_));
+        kernels_for<Layout>().grad_input(dynamic_geom(), sz[0], extents(sz), extents(osz), dy, packed_.data(), dx);
     }
 
 private:
@@ -367,11 +448,10 @@ private:
                pb < pa + static_cast<std::uintptr_t>(na) * sizeof(float);
     }
 
-    /// PyTorch's input checks, in its order: channels, then kernel against padded input.
-    template <class VX>
-    void check_input(const VX& X) const
+    /// PyTorch's input checks, in its order: channels, then kernel against padded input;
+    /// then the data of the tensor with the input's sizes (`name`) is not null.
+    void check_input(const std::array<index_t, 5>& s, const void* data, const char* name) const
     {
-        const auto s = X.sizes();
         if (s[1] != g_.in())
             throw error("Given groups=1, weight of size " + weight_sizes() + ", expected input" + detail::sizes_str(s) +
                         " to have " + std::to_string(g_.in()) + " channels, but got " + std::to_string(s[1]) +
@@ -386,20 +466,21 @@ private:
                         std::to_string(ph) + " x " + std::to_string(pw) + "). Kernel size: (" + std::to_string(kd) +
                         " x " + std::to_string(kh) + " x " + std::to_string(kw) +
                         "). Kernel size can't be greater than actual input size");
-        if (X.shape().numel() > 0 && X.data() == nullptr) throw error("input data pointer is null");
+        if (s[0] * s[1] * s[2] * s[3] * s[4] > 0 && data == nullptr) throw error(std::string(name) + " data pointer is null");
     }
-    /// Another tensor of the call: its expected shape, non-null, disjoint from X.
-    template <class VX>
-    static void check_other(const VX& X, const void* data, const std::array<index_t, 5>& got,
-                            const std::array<index_t, 5>& want, const char* name)
+    /// Another tensor of the call: its expected shape, non-null, disjoint from the tensor
+    /// with the input's sizes `in` (at `in_data`, `in_storage` elements).
+    static void check_other(const std::array<index_t, 5>& in, const void* in_data, index_t in_storage,
+                            const void* data, const std::array<index_t, 5>& got, const std::array<index_t, 5>& want,
+                            const char* name, const char* in_name = "input")
     {
         if (got != want)
             throw error(std::string(name) + " has shape " + detail::sizes_str(got) + " but Conv3d expects " +
-                        detail::sizes_str(want) + " for input " + detail::sizes_str(X.sizes()));
+                        detail::sizes_str(want) + " for input " + detail::sizes_str(in));
         index_t n = 1;
         for (index_t v : got) n *= v;
         if (n > 0 && data == nullptr) throw error(std::string(name) + " data pointer is null");
-        if (overlaps(data, n, X.data(), X.storage())) throw error(std::string(name) + " overlaps input");
+        if (overlaps(data, n, in_data, in_storage)) throw error(std::string(name) + " overlaps " + in_name);
     }
 
     /// The data of V as NDHWC: V's own memory, or a reorder into `buf`.
@@ -433,9 +514,11 @@ private:
     bool has_bias_;
     std::vector<float> weight_, bias_, weight_grad_, bias_grad_;
     // Workspaces, reused across calls: packed weights, padded bias, grad-weight
-    // accumulators, NDHWC copies of NCDHW operands, bias-grad sums.
-    std::vector<float> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_, kept_;
+    // accumulators, NDHWC copies of NCDHW operands, the input with its padding made explicit
+    // (grad weight), bias-grad sums.
+    std::vector<float> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_, kept_, xpad_;
     std::vector<double> work_, moments_;
+    std::uint64_t input_copy_stamp_ = 0;
     bool folded_ = false; // packed_/bias_padded_ hold a BatchNorm3d folded in (until finish_output)
     registry::op registry_op_ = registry::op::conv;
     registry::choice choice_;

@@ -56,68 +56,96 @@ public:
     {
         evaluate(Y, relu(bn_(conv_(X))));
         const bool batch_stats = bn_.training() || !bn_.track_running_stats();
-        last_ = {batch_stats, X.data(), X.sizes()};
+        last_ = {batch_stats, X.data(), X.sizes(), conv_.input_copy_stamp()};
     }
 
     /// Gradients through ReLU, BatchNorm3d and Conv3d for dY: writes dX, accumulates the
     /// conv's and the BN's weight and bias grads.  After a batch-statistics forward, X must be
     /// that forward's input (its conv output was kept); with running statistics, the conv
-    /// output is recomputed from X.
+    /// output is recomputed from X.  Every argument is checked before anything is written.
     template <class VX, class VDY, class VDX>
     void backward(const VX& X, const VDY& dY, const VDX& dX)
     {
-        static_assert(std::is_same_v<typename VX::layout_type, typename VDY::layout_type> &&
-                          std::is_same_v<typename VX::layout_type, typename VDX::layout_type>,
-                      "ConvBnReLU3d: all tensors of one call must have the same layout");
         static_assert(!std::is_const_v<typename VDX::value_type>, "ConvBnReLU3d::backward: dX must be writable");
+        run_backward(X, dY, &dX);
+    }
+    /// The same without the input's gradient: for a network's first layer, whose input needs
+    /// none (autograd skips it, and so does this: no grad-input convolution runs).
+    template <class VX, class VDY>
+    void backward(const VX& X, const VDY& dY)
+    {
+        run_backward(X, dY, static_cast<const no_grad_input*>(nullptr));
+    }
+
+private:
+    // NCDHW (or any non-NDHWC layout) pays one reorder each way: dY in, dX out; X is the
+    // forward's own NDHWC copy when the conv still holds it, and dz stays NDHWC throughout.
+    struct no_grad_input {};
+
+    template <class VX, class VDY, class VDX>
+    void run_backward(const VX& X, const VDY& dY, const VDX* dX)
+    {
+        constexpr bool want_dx = !std::is_same_v<VDX, no_grad_input>;
+        using L = typename VX::layout_type;
+        static_assert(std::is_same_v<L, typename VDY::layout_type>,
+                      "ConvBnReLU3d: all tensors of one call must have the same layout");
+        if constexpr (want_dx)
+            static_assert(std::is_same_v<L, typename VDX::layout_type>,
+                          "ConvBnReLU3d: all tensors of one call must have the same layout");
+        constexpr bool direct = std::is_same_v<L, ndhwc_t>;
         const auto osz = output_sizes(X.sizes());
+        // Every check first: shapes, the conv's (channels, nulls, overlaps), the pairing with forward.
         if (dY.sizes() != osz)
             throw error("grad_output has shape " + detail::sizes_str(dY.sizes()) + " but ConvBnReLU3d expects " +
                         detail::sizes_str(osz) + " for input " + detail::sizes_str(X.sizes()));
-        if (dX.sizes() != X.sizes())
-            throw error("grad_input has shape " + detail::sizes_str(dX.sizes()) + " but input has shape " +
-                        detail::sizes_str(X.sizes()));
+        if constexpr (want_dx)
+            if (dX->sizes() != X.sizes())
+                throw error("grad_input has shape " + detail::sizes_str(dX->sizes()) + " but input has shape " +
+                            detail::sizes_str(X.sizes()));
+        if constexpr (want_dx) conv_.check_backward(X, dY.data(), dY.sizes(), dY.storage(), dX);
+        else conv_.check_backward(X, dY.data(), dY.sizes(), dY.storage(), static_cast<const VX*>(nullptr));
         const bool batch_stats = bn_.training() || !bn_.track_running_stats();
         if (batch_stats && !(last_.batch_stats && last_.x == X.data() && last_.sizes == X.sizes()))
             throw error("ConvBnReLU3d::backward: X is not the input of the last training forward "
                         "(run forward(X, Y) in training mode first)");
         index_t n = 1;
         for (index_t v : osz) n *= v;
+        // Then every allocation.
         dz_.resize(static_cast<std::size_t>(n));
-        dy_.resize(static_cast<std::size_t>(n));
+        if constexpr (!direct) dy_.resize(static_cast<std::size_t>(n));
+        conv_.reserve_backward(X.sizes());
         float* z = conv_.kept_output(n); // the batch-statistics forward's conv output, kept
+        float* dx = nullptr;
+        if constexpr (want_dx) dx = conv_.grad_input_for(*dX);
         const auto Z = ndhwc_view(static_cast<const float*>(z), osz);
         const auto DZ = ndhwc_view(dz_.data(), osz);
+        const bool empty = X.shape().numel() == 0;
+        const float* x = nullptr;
         if (!batch_stats) {
             // Running statistics: recompute the conv output (unfolded) and let the BN
             // record it as its input; nothing else changes in eval.
-            const float* x = conv_.prepare_forward(X, z, osz);
-            if (n > 0)
-                conv_.template run_forward<typename VX::layout_type>(X.sizes(), x, z, false);
+            x = conv_.prepare_forward(X, z, osz);
+            if (n > 0) conv_.template run_forward<L>(X.sizes(), x, z, false);
             bn_.forward(Z, DZ, relu);
+        } else if (!empty) {
+            x = direct || conv_.input_copy_stamp() != last_.x_stamp ? conv_.input_of(X) : conv_.input_copy();
         }
-        // dY as NDHWC.
         const float* dy = dY.data();
-        if constexpr (!std::is_same_v<typename VDY::layout_type, ndhwc_t>) {
-            reorder(dY, ndhwc_view(dy_.data(), osz));
+        if constexpr (!direct) {
+            if (n > 0) reorder(dY, ndhwc_view(dy_.data(), osz));
             dy = dy_.data();
         }
         bn_.backward(Z, ndhwc_view(dy, osz), DZ, relu);
-        if constexpr (std::is_same_v<typename VX::layout_type, ndhwc_t>) {
-            conv_.backward(X, ndhwc_view(static_cast<const float*>(dz_.data()), osz), dX);
-        } else {
-            using L = typename VX::layout_type;
-            const std::span<const index_t> os(osz);
-            reorder(ndhwc_view(static_cast<const float*>(dz_.data()), osz), make_view<L>(dy_.data(), os));
-            conv_.backward(X, make_view<L>(static_cast<const float*>(dy_.data()), os), dX);
-        }
+        conv_.template backward_channels_last<L>(X.sizes(), x, dz_.data(), dx);
+        if constexpr (want_dx && !direct)
+            if (!empty) reorder(ndhwc_view(static_cast<const float*>(dx), X.sizes()), *dX);
     }
 
-private:
     struct last_forward {
         bool batch_stats = false;
         const void* x = nullptr;
         std::array<index_t, 5> sizes{};
+        std::uint64_t x_stamp = 0; // the conv's NDHWC copy of X as this forward left it
     };
     conv_type conv_;
     bn_type bn_;

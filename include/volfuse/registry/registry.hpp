@@ -87,8 +87,9 @@ struct conv_kernels {
                     const float* x, const float* wp, const float* bias, float* y, bool relu, double* moments);
     void (*grad_input)(const dynamic_geometry&, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
                        const float* dy, const float* wt, float* dx);
+    /// xp: the input with its padding made explicit (kernels::conv::pad_input).
     void (*grad_weight)(const dynamic_geometry&, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
-                        const float* x, const float* dy, float* gw);
+                        const float* xp, const float* dy, float* gw);
 };
 
 /// The kernels of one instantiation of the conv templates (S all dynamic: the fallback).
@@ -108,8 +109,8 @@ conv_kernels conv_kernels_for() noexcept
             kernels::conv::grad_input(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, N, in, out, dy, wt, dx);
         },
         [](const dynamic_geometry& g, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
-           const float* x, const float* dy, float* gw) {
-            kernels::conv::grad_weight(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, N, in, out, x, dy, gw);
+           const float* xp, const float* dy, float* gw) {
+            kernels::conv::grad_weight(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, N, in, out, xp, dy, gw);
         },
     };
 }
