@@ -16,8 +16,8 @@ namespace report {
 
 /// The benchmark programs' own flags, taken off the command line before Google Benchmark
 /// sees it: `--threads=N` (threads for the kernels and the rooflines of programs that do not
-/// sweep thread counts themselves; 1 when absent) and `--smoke` (three iterations per row and
-/// no warm-up: CI's proof that every row still runs, not a measurement).
+/// sweep thread counts themselves; 1 when absent) and `--smoke` (one iteration per row and no
+/// warm-up: CI's proof that every row still runs, within CI's time, not a measurement).
 struct flags {
     int threads = 1;
     bool smoke = false;
@@ -49,13 +49,13 @@ inline const flags& take_flags(int& argc, char** argv)
 }
 
 /// Registers a benchmark as all of them run: wall time (threads), and `warmup_s` seconds of
-/// warm-up first (page-in, caches, peers building their kernels), or the smoke run's three
-/// iterations.  Call after take_flags.
+/// warm-up first (page-in, caches, peers building their kernels), or the smoke run's one
+/// iteration.  Call after take_flags.
 template <class... A>
 void add(const std::string& name, double warmup_s, A&&... a)
 {
     auto* b = benchmark::RegisterBenchmark(name.c_str(), std::forward<A>(a)...)->UseRealTime();
-    if (options().smoke) b->Iterations(3);
+    if (options().smoke) b->Iterations(1);
     else b->MinWarmUpTime(warmup_s);
 }
 

@@ -530,15 +530,12 @@ void grad_weight(const G& g, index_t N, extents3 in, extents3 out, const float* 
             // Offset of row m's input element from the output pixel's window origin in xp,
             // stepping (kd, kh, kw, ic) from the block's first row; rows past nm repeat the
             // first (read, never stored).
-            index_t off[MB];
+            index_t off[MB] = {}; // (zeroed: GCC 12 warns falsely that off[0] may be read unset)
             index_t t = m0 / IC, ic = m0 % IC, kd = t / (KH * KW), kh = t / KW % KH, kw = t % KW;
-            auto offset = [&] {
-                return ((kd * g.template dil<0>() * e.h + kh * g.template dil<1>()) * e.w + kw * g.template dil<2>()) *
-                           IC + ic;
-            };
-            const index_t first = offset();
             for (int m = 0; m < MB; ++m) {
-                off[m] = m < nm ? offset() : first;
+                off[m] = m < nm ? ((kd * g.template dil<0>() * e.h + kh * g.template dil<1>()) * e.w +
+                                   kw * g.template dil<2>()) * IC + ic
+                                : off[0];
                 if (++ic == IC) {
                     ic = 0;
                     if (++kw == KW) {
