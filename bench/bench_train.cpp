@@ -140,29 +140,68 @@ void run_volfuse(benchmark::State& st, const layer* l, int t, op o)
     set_rate(st, flops(*l, o));
 }
 
-/// The core's fused multiply-add throughput: independent accumulators (enough to cover the
-/// FMA latency on every port of the targets), one chain per thread.
+/// `iters` rounds of one fma on each of K independent registers (K chains cover the FMA
+/// latency on every port of the targets), in assembly: compilers reorder or spill such a loop
+/// written in C++ (GCC 12 swaps the loops and runs one latency-bound chain at a time).
+/// Returns K.
+inline int fma_chains(index_t iters)
+{
+#if defined(__AVX512F__)
+    asm volatile("vxorps %%zmm30, %%zmm30, %%zmm30\n vxorps %%zmm31, %%zmm31, %%zmm31\n"
+                 "1:\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm0\n vfmadd231ps %%zmm30, %%zmm31, %%zmm1\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm2\n vfmadd231ps %%zmm30, %%zmm31, %%zmm3\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm4\n vfmadd231ps %%zmm30, %%zmm31, %%zmm5\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm6\n vfmadd231ps %%zmm30, %%zmm31, %%zmm7\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm8\n vfmadd231ps %%zmm30, %%zmm31, %%zmm9\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm10\n vfmadd231ps %%zmm30, %%zmm31, %%zmm11\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm12\n vfmadd231ps %%zmm30, %%zmm31, %%zmm13\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm14\n vfmadd231ps %%zmm30, %%zmm31, %%zmm15\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm16\n vfmadd231ps %%zmm30, %%zmm31, %%zmm17\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm18\n vfmadd231ps %%zmm30, %%zmm31, %%zmm19\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm20\n vfmadd231ps %%zmm30, %%zmm31, %%zmm21\n"
+                 "vfmadd231ps %%zmm30, %%zmm31, %%zmm22\n vfmadd231ps %%zmm30, %%zmm31, %%zmm23\n"
+                 "dec %0\n jnz 1b\n"
+                 : "+r"(iters)
+                 :
+                 : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+                   "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20",
+                   "xmm21", "xmm22", "xmm23", "xmm30", "xmm31", "cc");
+    return 24;
+#elif defined(__AVX2__) && defined(__FMA__)
+    asm volatile("vxorps %%ymm14, %%ymm14, %%ymm14\n vxorps %%ymm15, %%ymm15, %%ymm15\n"
+                 "1:\n"
+                 "vfmadd231ps %%ymm14, %%ymm15, %%ymm0\n vfmadd231ps %%ymm14, %%ymm15, %%ymm1\n"
+                 "vfmadd231ps %%ymm14, %%ymm15, %%ymm2\n vfmadd231ps %%ymm14, %%ymm15, %%ymm3\n"
+                 "vfmadd231ps %%ymm14, %%ymm15, %%ymm4\n vfmadd231ps %%ymm14, %%ymm15, %%ymm5\n"
+                 "vfmadd231ps %%ymm14, %%ymm15, %%ymm6\n vfmadd231ps %%ymm14, %%ymm15, %%ymm7\n"
+                 "vfmadd231ps %%ymm14, %%ymm15, %%ymm8\n vfmadd231ps %%ymm14, %%ymm15, %%ymm9\n"
+                 "vfmadd231ps %%ymm14, %%ymm15, %%ymm10\n vfmadd231ps %%ymm14, %%ymm15, %%ymm11\n"
+                 "dec %0\n jnz 1b\n"
+                 : "+r"(iters)
+                 :
+                 : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+                   "xmm11", "xmm14", "xmm15", "cc");
+    return 12;
+#else
+#error "bench_train's FMA peak needs AVX2+FMA or AVX-512 (build the benchmarks with -march=native)"
+#endif
+}
+
+/// The core's fused multiply-add throughput, measured with the same threads as the kernels.
 void run_peak(benchmark::State& st, int t)
 {
-    namespace simd = vf::simd;
-    constexpr int K = simd::width >= 16 ? 24 : 12; // registers left for the loop's own use
     constexpr index_t iters = 1 << 20;
+    int chains = 0;
     for (auto _ : st) {
-        float sink = 0;
-#pragma omp parallel num_threads(t) reduction(+ : sink)
+#pragma omp parallel num_threads(t)
         {
-            simd::fvec acc[K];
-            for (int k = 0; k < K; ++k) acc[k] = simd::fvec(static_cast<float>(k) * 1e-3f);
-            const simd::fvec a(0.999999f), c(1e-7f);
-            for (index_t i = 0; i < iters; ++i)
-                for (int k = 0; k < K; ++k) acc[k] = simd::fma(acc[k], a, c);
-            simd::fvec s = acc[0];
-            for (int k = 1; k < K; ++k) s += acc[k];
-            sink += xsimd::hadd(s);
+            const int k = fma_chains(iters);
+#pragma omp master
+            chains = k;
         }
-        benchmark::DoNotOptimize(sink);
     }
-    set_rate(st, 2.0 * simd::width * K * static_cast<double>(iters) * t);
+    set_rate(st, 2.0 * vf::simd::width * chains * static_cast<double>(iters) * t);
 }
 
 // --- oneDNN -----------------------------------------------------------------------------
