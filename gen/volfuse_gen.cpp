@@ -3,18 +3,25 @@
 // registry entries (include/volfuse/registry/registry.hpp), so code that only knows shapes
 // at run time still runs specialized kernels.
 //
-//   volfuse_gen ARCH OUT.cpp OUT.hpp [--namespace NAME]
+//   volfuse_gen ARCH OUT.cpp OUT.hpp [--namespace NAME] [--tune [--tune-batch N]]
+//
+// --tune measures candidate conv schedules for each conv layer on this machine (gen/tune.hpp)
+// and writes the fastest into the registration; without it, layers run this CPU's default
+// schedule.  A conv layer's `input=D,H,W` gives the spatial extents it is measured on
+// (default 16,32,32, enlarged to the dilated kernel), with --tune-batch volumes (default 1).
 //
 // ARCH: one layer per line, `#` starts a comment:
 //   conv_bn_relu conv1 in=3 out=64 kernel=7 stride=2 padding=3 layout=ndhwc
 //   conv         proj  in=64 out=64 kernel=1
 //   batch_norm   bn0   channels=64 layout=ncdhw
 //   bn_relu      bn1   channels=64
-// kernel, stride, padding, dilation: one integer or d,h,w (kernel=1,3,3).  Defaults: stride=1,
-// padding=0, dilation=1, layout=ncdhw.  A bad description is reported as
+// kernel, stride, padding, dilation, input: one integer or d,h,w (kernel=1,3,3).  Defaults:
+// stride=1, padding=0, dilation=1, layout=ncdhw.  A bad description is reported as
 // FILE:LINE:COLUMN: error: ... and nothing is written.
+#include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -24,6 +31,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "tune.hpp"
 
 namespace {
 
@@ -46,7 +55,9 @@ struct layer {
     std::string op, name, layout = "ncdhw";
     long in = 0, out = 0; // batch_norm / bn_relu: channels
     triple kernel{1, 1, 1}, stride{1, 1, 1}, padding{0, 0, 0}, dilation{1, 1, 1};
+    triple input{16, 32, 32}; // --tune's measurement extents
     int line = 0;
+    std::optional<volfuse_gen::tune_result> tuned;
     bool is_conv() const { return op == "conv" || op == "conv_bn_relu"; }
 };
 
@@ -130,7 +141,7 @@ layer parse_line(const std::vector<word>& words, int line_no)
     if (!is_identifier(l.name) || l.name.find('=') != std::string::npos)
         fail(words[1].column, "layer name '" + l.name + "' is not an identifier (letters, digits, _)");
     const std::set<std::string> allowed = conv ? std::set<std::string>{"in", "out", "kernel", "stride", "padding",
-                                                                      "dilation", "layout"}
+                                                                      "dilation", "layout", "input"}
                                                : std::set<std::string>{"channels", "layout"};
     std::map<std::string, int> seen;
     for (std::size_t i = 2; i < words.size(); ++i) {
@@ -159,7 +170,8 @@ layer parse_line(const std::vector<word>& words, int line_no)
             if (!t)
                 fail(vcol, k + " must be " + (k == "padding" ? "a non-negative" : "a positive") +
                                " integer or three of them as d,h,w, got '" + v + "'");
-            (k == "kernel" ? l.kernel : k == "stride" ? l.stride : k == "padding" ? l.padding : l.dilation) = *t;
+            (k == "kernel" ? l.kernel : k == "stride" ? l.stride : k == "padding" ? l.padding
+                                      : k == "input"  ? l.input : l.dilation) = *t;
         }
     }
     const int after = words.back().column + static_cast<int>(words.back().text.size());
@@ -263,6 +275,14 @@ void write_source(std::ostream& o, const std::vector<layer>& layers, const std::
         o << "    {\n        volfuse::registry::entry e;\n        e.origin = \"" << src << ":" << l.line << " (" << l.name
           << ")\";\n";
         if (l.is_conv()) o << "        e.conv = volfuse::registry::conv_kernels_for<" << l.name << "_spec>();\n";
+        if (l.tuned) {
+            const auto& t = *l.tuned;
+            o << "        // volfuse_gen --tune: " << t.summary << "\n"
+              << "        e.schedule = volfuse::conv_schedule{.tile_vectors = " << t.tile_vectors
+              << ", .grad_input_vectors = " << t.grad_input_vectors << ", .gw_vectors = " << t.gw_vectors
+              << ", .gw_block_pixels = " << t.gw_block_pixels << ", .origin = \"tuned by volfuse_gen --tune on "
+              << t.tuned_for << " for " << src << ":" << l.line << "\", .tuned_for = \"" << t.tuned_for << "\"};\n";
+        }
         if (l.op != "conv") {
             const auto [c, layout] = bn_of(l);
             o << "        e.bn_" << layout << " = volfuse::registry::bn_kernels_for<" << c << ", volfuse::" << layout
@@ -277,18 +297,53 @@ void write_source(std::ostream& o, const std::vector<layer>& layers, const std::
 
 } // namespace
 
+const char* const usage = "usage: volfuse_gen ARCH OUT.cpp OUT.hpp [--namespace NAME] [--tune [--tune-batch N]]\n";
+
 int main(int argc, char** argv)
 {
-    std::vector<std::string> args(argv + 1, argv + argc);
+    std::vector<std::string> args;
     std::string ns = "volfuse_generated";
-    for (std::size_t i = 0; i < args.size(); ++i)
-        if (args[i] == "--namespace" && i + 1 < args.size()) {
-            ns = args[i + 1];
-            args.erase(args.begin() + static_cast<long>(i), args.begin() + static_cast<long>(i) + 2);
-            break;
+    bool tune = false;
+    long tune_batch = 1;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto value = [&](const char* what) -> std::string {
+            if (i + 1 >= argc) {
+                std::cerr << "volfuse_gen: error: " << a << " needs " << what << "\n" << usage;
+                std::exit(2);
+            }
+            return argv[++i];
+        };
+        if (a == "--help" || a == "-h") {
+            std::cout << usage;
+            return 0;
+        } else if (a == "--namespace") {
+            ns = value("a C++ namespace name");
+            if (!is_identifier(ns)) {
+                std::cerr << "volfuse_gen: error: --namespace '" << ns
+                          << "' is not an identifier (letters, digits, _; not starting with a digit)\n" << usage;
+                return 2;
+            }
+        } else if (a == "--tune") {
+            tune = true;
+        } else if (a == "--tune-batch") {
+            const std::string v = value("a positive integer");
+            const auto n = integer(v, false);
+            if (!n) {
+                std::cerr << "volfuse_gen: error: --tune-batch must be a positive integer, got '" << v << "'\n" << usage;
+                return 2;
+            }
+            tune_batch = *n;
+        } else if (a.size() > 1 && a[0] == '-') {
+            std::cerr << "volfuse_gen: error: unknown option '" << a << "'\n" << usage;
+            return 2;
+        } else {
+            args.push_back(a);
         }
-    if (args.size() != 3 || !is_identifier(ns)) {
-        std::cerr << "usage: volfuse_gen ARCH OUT.cpp OUT.hpp [--namespace NAME]\n";
+    }
+    if (args.size() != 3) {
+        std::cerr << "volfuse_gen: error: expected ARCH OUT.cpp OUT.hpp, got " << args.size() << " file argument"
+                  << (args.size() == 1 ? "" : "s") << "\n" << usage;
         return 2;
     }
     const std::string& arch = args[0];
@@ -303,6 +358,22 @@ int main(int argc, char** argv)
     } catch (const parse_error& e) {
         std::cerr << arch << ":" << e.line << ":" << e.column << ": error: " << e.message << "\n";
         return 1;
+    }
+    if (tune) { // each distinct conv geometry and input measured once
+        std::map<std::string, volfuse_gen::tune_result> done;
+        std::cerr << "volfuse_gen --tune: " << base_name(arch) << "\n";
+        for (auto& l : layers) {
+            if (!l.is_conv()) continue;
+            volfuse_gen::tune_layer t{l.name, l.in, l.out, {l.kernel.d, l.kernel.h, l.kernel.w},
+                                      {l.stride.d, l.stride.h, l.stride.w}, {l.padding.d, l.padding.h, l.padding.w},
+                                      {l.dilation.d, l.dilation.h, l.dilation.w}, tune_batch,
+                                      {l.input.d, l.input.h, l.input.w}};
+            for (int i = 0; i < 3; ++i) // at least the dilated kernel, so the layer has an output
+                t.extent[i] = std::max(t.extent[i], t.dilation[i] * (t.kernel[i] - 1) + 1 - 2 * t.padding[i]);
+            const std::string key = spec_of(l) + l.input.cpp();
+            if (!done.count(key)) done.emplace(key, volfuse_gen::tune(t, std::cerr));
+            l.tuned = done.at(key);
+        }
     }
     // Everything is known good: only now write (each file whole, then renamed into place).
     std::ostringstream hpp, cpp;

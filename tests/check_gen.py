@@ -16,7 +16,7 @@ BAD = [
     ("conv a in=1 out=2\n", "1:18: error: missing key 'kernel' for conv"),
     ("conv a in=1 out=2 kernel=3 in=4\n", "1:28: error: duplicate key 'in' (first at column 8)"),
     ("conv a in=1 out=2 kernel=3 colour=red\n",
-     "1:28: error: unknown key 'colour' for conv: expected one of dilation, in, kernel, layout, out, padding, stride"),
+     "1:28: error: unknown key 'colour' for conv: expected one of dilation, in, input, kernel, layout, out, padding, stride"),
     ("conv a in=0 out=2 kernel=3\n", "1:11: error: in must be a positive integer, got '0'"),
     ("conv a in=1 out=2 kernel=3,3\n",
      "1:26: error: kernel must be a positive integer or three of them as d,h,w, got '3,3'"),
@@ -55,5 +55,33 @@ with tempfile.TemporaryDirectory() as d:
             or '"good.arch:1 (c1)"' not in src or ".stride = {1, 2, 2}" not in hdr:
         failures += 1
         print("FAIL good input:", r.returncode, r.stderr)
-print("%d passed, %d failed" % (len(BAD) + 1 - failures, failures))
+    checks = 1
+    # Command line: --help succeeds; bad options say what is wrong (exit 2) and write nothing.
+    for args, code, text in [
+            (["--help"], 0, "usage: volfuse_gen ARCH OUT.cpp OUT.hpp"),
+            ([good, cpp + "2", hpp + "2", "--namespace", "9lives"], 2,
+             "volfuse_gen: error: --namespace '9lives' is not an identifier"),
+            ([good, cpp + "2", hpp + "2", "--namespace"], 2, "volfuse_gen: error: --namespace needs a C++ namespace name"),
+            ([good, cpp + "2", hpp + "2", "--frob"], 2, "volfuse_gen: error: unknown option '--frob'"),
+            ([good, cpp + "2"], 2, "volfuse_gen: error: expected ARCH OUT.cpp OUT.hpp, got 2 file arguments"),
+            ([good, cpp + "2", hpp + "2", "--tune", "--tune-batch", "0"], 2,
+             "volfuse_gen: error: --tune-batch must be a positive integer, got '0'")]:
+        checks += 1
+        r = subprocess.run([GEN] + args, capture_output=True, text=True)
+        out = r.stdout if code == 0 else r.stderr
+        if r.returncode != code or not out.startswith(text) or os.path.exists(cpp + "2"):
+            failures += 1
+            print("FAIL %s\n  want (%d): %s\n  got (%d): %s" % (args, code, text, r.returncode, out.strip()))
+    # --tune: every conv layer gets a measured schedule in its registration; input= is accepted.
+    checks += 1
+    with open(good, "w") as f:
+        f.write("conv_bn_relu c1 in=3 out=8 kernel=3 padding=1 layout=ndhwc input=2,5,6\n"
+                "conv c2 in=8 out=20 kernel=1 input=1,1,9\nbn_relu b1 channels=8\n")
+    r = subprocess.run([GEN, good, cpp, hpp, "--tune"], capture_output=True, text=True)
+    src = open(cpp).read()
+    if r.returncode != 0 or src.count("e.schedule = volfuse::conv_schedule{.tile_vectors = ") != 2 \
+            or '.origin = "tuned by volfuse_gen --tune on ' not in src or "c1 [1, 3, 2, 5, 6]" not in r.stderr:
+        failures += 1
+        print("FAIL --tune:", r.returncode, r.stderr[-2000:])
+print("%d passed, %d failed" % (len(BAD) + checks - failures, failures))
 sys.exit(1 if failures else 0)

@@ -14,6 +14,8 @@
 #include "nn/pool_linear.hpp"
 #include "parallel/threads.hpp"
 #include "registry/registry.hpp"
+#include "schedule/conv_schedule.hpp"
+#include "schedule/cpu.hpp"
 #include "schedule/schedule.hpp"
 #include "shape/conv_geometry.hpp"
 #include "shape/extent.hpp"

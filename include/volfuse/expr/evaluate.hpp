@@ -233,7 +233,9 @@ std::string describe_conv(const VY& Y, const Conv& conv, const std::string& epi,
 {
     namespace kc = kernels::conv;
     const auto& g = conv.geom();
-    const index_t vectors = std::min<index_t>(kc::max_vectors, (g.out() + simd::width - 1) / simd::width);
+    const registry::choice choice = conv.template choose<typename VY::layout_type>();
+    const index_t vectors =
+        std::min<index_t>(choice.schedule.tile_vectors, (g.out() + simd::width - 1) / simd::width);
     const index_t pixels = [&] {
         index_t p = 0;
         kc::with_vectors(vectors, [&]<int V>() { p = kc::pixels_for<V>; });
@@ -246,9 +248,11 @@ std::string describe_conv(const VY& Y, const Conv& conv, const std::string& epi,
     const std::string what = bn ? "batch_norm[" + std::string(bn) + "](conv3d)" : std::string("conv3d");
     line(0, "evaluate: " + epi + "(" + what + ") -> " + std::string(VY::layout_name()) + " " + Y.shape().str() + ", " +
                 conv.repr() + (std::remove_cvref_t<decltype(g)>::spec == conv_spec{} ? " (runtime-shaped)" : " (spec: static where fixed)"));
+    line(0, "kernels: " + choice.why);
     line(0, "schedule: " + std::string(simd::arch::name()) + ", vector " + std::to_string(simd::width) +
                 " x f32, tile " + std::to_string(pixels) + " pixels x " + std::to_string(vectors) +
                 " vectors in registers, threads " + std::to_string(get_num_threads()));
+    line(1, choice.schedule.str() + ": " + choice.schedule.origin);
     if (std::string(VY::layout_name()) != "ndhwc") line(0, "reorder input to ndhwc (module buffer)");
     if (folded) line(0, "fold batch_norm into the packed weights and bias (PyTorch's fuse_conv_bn_weights)");
     line(0, stats ? "parallel for block of " + std::to_string(kc::moment_rows) + " output rows (n, od, oh):"

@@ -4,9 +4,9 @@
 //   forward:      acc[PB output pixels along w][VB output-channel vectors]
 //                 += broadcast(x[pixel][ic]) * w[tap][ic][oc vector]
 //   grad input:   stride 1: the forward kernel on dy with the taps flipped and the weight
-//                 transposed (no scatter); other strides: acc[PB pixels][VB input-channel
-//                 vectors] += broadcast(dy[pixel][oc]) * w[tap][oc][ic vector], added into dx
-//                 at the input pixel each output pixel reads (a scatter)
+//                 transposed; other strides: a gather over the input pixels of one residue
+//                 mod the stride, acc[PB pixels][VB input-channel vectors] +=
+//                 broadcast(dy[output pixel][oc]) * w[tap][oc][ic vector]; no scatter either way
 //   grad weight:  a GEMM over output pixels: acc[MB (tap, ic) rows][VB output-channel vectors]
 //                 += broadcast(x_padded[pixel + tap][ic]) * dy[pixel][oc vector], kept in
 //                 registers across a cache block of output rows
@@ -20,6 +20,7 @@
 
 #include "../expr/pointwise.hpp"
 #include "../parallel/threads.hpp"
+#include "../schedule/conv_schedule.hpp"
 #include "../shape/conv_geometry.hpp"
 #include "../simd/vec.hpp"
 
@@ -28,17 +29,15 @@ namespace volfuse::kernels::conv {
 using simd::fvec;
 using simd::width;
 
-/// Accumulator registers a tile may use: 24 of AVX-512's 32 (the rest hold weights
-/// and a broadcast), 12 of the 16 AVX2/SSE registers.
-inline constexpr int acc_registers = simd::width >= 16 ? 24 : 12;
-/// Channel vectors per tile (the lanes of one tile cover VB * width channels).
-inline constexpr int max_vectors = simd::width >= 16 ? 4 : 2;
+/// This build's register limits (schedule/conv_schedule.hpp).
+inline constexpr int acc_registers = conv_acc_registers;
+inline constexpr int max_vectors = conv_max_vectors;
 
 constexpr index_t round_up(index_t v, index_t m) noexcept { return (v + m - 1) / m * m; }
 
 /// Pixels per tile for VB channel vectors.
 template <int VB>
-inline constexpr int pixels_for = std::min(12, acc_registers / VB);
+inline constexpr int pixels_for = conv_tile_pixels(VB);
 
 /// Extents of one NDHWC tensor's spatial part.
 struct extents3 {
@@ -54,19 +53,20 @@ void with_vectors(index_t n, F&& f)
     }(std::make_integer_sequence<int, max_vectors>{});
 }
 
-/// Chunks of at most max_vectors channel vectors over `channels`: f.template operator()<V>(c0).
+/// Chunks of at most `per_chunk` (<= max_vectors) channel vectors over `channels`:
+/// f.template operator()<V>(c0).
 template <class F>
-void for_channel_chunks(index_t channels, F&& f)
+void for_channel_chunks(index_t channels, index_t per_chunk, F&& f)
 {
     const index_t vectors = (channels + width - 1) / width;
-    for (index_t v0 = 0; v0 < vectors; v0 += max_vectors)
-        with_vectors(std::min<index_t>(max_vectors, vectors - v0), [&]<int V>() { f.template operator()<V>(v0 * width); });
+    for (index_t v0 = 0; v0 < vectors; v0 += per_chunk)
+        with_vectors(std::min<index_t>(per_chunk, vectors - v0), [&]<int V>() { f.template operator()<V>(v0 * width); });
 }
 
 /// How pack() lays PyTorch's weight [OC][IC][KD][KH][KW] out for the kernels.
 enum class packing {
     forward,           ///< [tap][IC][OCP]: the forward kernel's
-    transposed,        ///< [tap][OC][ICP]: grad input's scatter
+    transposed,        ///< [tap][OC][ICP]: grad input's gather
     flipped_transposed ///< [KD-1-kd][KH-1-kh][KW-1-kw][OC][ICP]: grad input as a forward conv of dY
 };
 
@@ -254,13 +254,14 @@ inline index_t moments_workspace(index_t rows, index_t OC) noexcept
     return 4 * round_up(OC, width) * ((rows + moment_rows - 1) / moment_rows + 1);
 }
 
-/// y[n][od][oh][ow][oc] = epi(bias[oc] + sum over taps and ic of x * w) (NDHWC in and out).
-/// wp: pack()'s forward layout; bias: OCP floats or null.  Parallel over blocks of output
-/// rows.  With `moments` (moments_workspace doubles), also the per-channel count, mean and
-/// M2 of the stored values, returned in its first 3 * OCP doubles (count, mean, M2).
+/// y[n][od][oh][ow][oc] = epi(bias[oc] + sum over taps and ic of x * w) (NDHWC in and out),
+/// in tiles of `vectors` (1..max_vectors) output-channel vectors.  wp: pack()'s forward
+/// layout; bias: OCP floats or null.  Parallel over blocks of output rows.  With `moments`
+/// (moments_workspace doubles), also the per-channel count, mean and M2 of the stored values,
+/// returned in its first 3 * OCP doubles (count, mean, M2).
 template <class G, class Epi>
-void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, const float* wp, const float* bias,
-             float* y, Epi epi, double* moments = nullptr) noexcept
+void forward_tiles(const G& g, index_t vectors, index_t N, extents3 in, extents3 out, const float* x, const float* wp,
+                   const float* bias, float* y, Epi epi, double* moments = nullptr) noexcept
 {
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
     const range interior = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), 0);
@@ -273,7 +274,7 @@ void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, c
         const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
         const float* xn = x + n * in.d * in.h * in.w * IC;
         float* yrow = y + row * out.w * OC;
-        for_channel_chunks(OC, [&]<int VB>(index_t oc0) {
+        for_channel_chunks(OC, vectors, [&]<int VB>(index_t oc0) {
             constexpr int PB = pixels_for<VB>;
             index_t ow = 0;
             while (ow < out.w) {
@@ -312,11 +313,21 @@ void forward(const G& g, index_t N, extents3 in, extents3 out, const float* x, c
     }
 }
 
+/// The forward with schedule s (its forward tile).
+template <class G, class Epi>
+void forward(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const float* x,
+             const float* wp, const float* bias, float* y, Epi epi, double* moments = nullptr) noexcept
+{
+    forward_tiles(g, s.tile_vectors, N, in, out, x, wp, bias, y, epi, moments);
+}
+
 // --- grad input ----------------------------------------------------------------------
 // With stride 1, dx is a forward convolution of dy: input channels OC, output channels IC,
 // the taps flipped, padding dil*(k-1) - p (so the output has the input's extents); it runs
 // the forward micro-kernel (no scatter, no zero-fill, each dx element one fma chain).  Other
-// strides (or a padding past the dilated kernel, where that padding would be negative) scatter.
+// strides (or a padding past the dilated kernel, where that padding would be negative) gather:
+// input pixels grouped by their residue mod the stride (the sub-pixel decomposition) read the
+// same taps from consecutive output pixels.
 
 /// Padding of grad input's forward convolution, per dimension dil*(k-1) - p (dynamic where
 /// any of the three is).
@@ -325,7 +336,7 @@ constexpr size3 transposed_padding(size3 k, size3 p, size3 dil) noexcept
     auto one = [&](int i) {
         if (k[i] == dynamic || p[i] == dynamic || dil[i] == dynamic) return dynamic;
         const index_t v = dil[i] * (k[i] - 1) - p[i];
-        return v < 0 ? dynamic : v; // negative: grad input scatters instead
+        return v < 0 ? dynamic : v; // negative: grad input gathers instead
     };
     return {one(0), one(1), one(2)};
 }
@@ -354,76 +365,110 @@ constexpr packing grad_input_packing(const G& g) noexcept
 }
 
 
-/// dx = sum over output pixels and taps of dy * w, scattered to the input pixel each
-/// output pixel read (NDHWC).  wt: pack(.., packing::transposed)'s layout.  Tasks: (image n,
-/// input channel chunk), each owning its slice of dx and summing in a fixed order.
-template <class G>
-void grad_input_scatter(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wt,
-                        float* dx) noexcept
+/// One tile of grad input as a gather: input pixels iw = rw + sw * (j0 + p) along w, p < PB
+/// (p < npix and only output pixels inside the image when Checked), input channels
+/// [ic0, ic0 + VB * width).  Every pixel of the tile has the same residue rw mod sw, so the
+/// same taps reach it, from consecutive output pixels: ow = j0 + p + q(kw).  Each dx element
+/// sums its terms in (kd, kh, kw, oc) order whatever the tile.
+template <int PB, int VB, bool Checked, class G>
+inline void grad_input_tile(const G& g, const float* dyn, extents3 out, index_t id, index_t ih, index_t rw,
+                            index_t j0, index_t npix, const float* wt, index_t ic0, float* dxrow) noexcept
 {
     const index_t IC = g.in(), OC = g.out(), ICP = round_up(IC, width);
-    const index_t chunk = max_vectors * width, chunks = (IC + chunk - 1) / chunk;
-    const index_t KD = g.template k<0>(), KH = g.template k<1>(), KW = g.template k<2>();
-    parallel::parallel_for(N * chunks, N * out.d * out.h * out.w * OC * IC * g.taps(), [&](index_t task) {
-        const index_t n = task / chunks, ic0 = task % chunks * chunk;
-        const index_t vectors = (std::min(IC, ic0 + chunk) - ic0 + width - 1) / width;
-        float* dxn = dx + n * in.d * in.h * in.w * IC;
-        for (index_t px = 0; px < in.d * in.h * in.w; ++px)
-            std::fill(dxn + px * IC + ic0, dxn + px * IC + std::min(IC, ic0 + chunk), 0.f);
-        with_vectors(vectors, [&]<int VB>() {
-            constexpr int PB = pixels_for<VB>;
-            for (index_t od = 0; od < out.d; ++od)
-                for (index_t oh = 0; oh < out.h; ++oh) {
-                    const float* dyrow = dy + ((n * out.d + od) * out.h + oh) * out.w * OC;
-                    for (index_t ow0 = 0; ow0 < out.w; ow0 += PB) {
-                        const index_t npix = std::min<index_t>(PB, out.w - ow0);
-                        for (index_t kd = 0; kd < KD; ++kd) {
-                            const index_t id = od * g.template s<0>() - g.template p<0>() + kd * g.template dil<0>();
-                            if (id < 0 || id >= in.d) continue;
-                            for (index_t kh = 0; kh < KH; ++kh) {
-                                const index_t ih = oh * g.template s<1>() - g.template p<1>() + kh * g.template dil<1>();
-                                if (ih < 0 || ih >= in.h) continue;
-                                for (index_t kw = 0; kw < KW; ++kw) {
-                                    const float* wk = wt + (((kd * KH + kh) * KW + kw) * OC) * ICP + ic0;
-                                    fvec acc[PB][VB];
-                                    for (int p = 0; p < PB; ++p)
-                                        for (int j = 0; j < VB; ++j) acc[p][j] = fvec(0.f);
-                                    for (index_t oc = 0; oc < OC; ++oc) {
-                                        fvec wv[VB];
-                                        for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + oc * ICP + j * width);
-                                        for (int p = 0; p < PB; ++p) {
-                                            if (p >= npix) break;
-                                            const fvec b(dyrow[(ow0 + p) * OC + oc]);
-                                            for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
-                                        }
-                                    }
-                                    for (int p = 0; p < PB; ++p) {
-                                        if (p >= npix) break;
-                                        const index_t iw =
-                                            (ow0 + p) * g.template s<2>() - g.template p<2>() + kw * g.template dil<2>();
-                                        if (iw < 0 || iw >= in.w) continue;
-                                        float* o = dxn + ((id * in.h + ih) * in.w + iw) * IC + ic0;
-                                        for (int j = 0; j < VB; ++j) {
-                                            const index_t lanes = std::min<index_t>(width, IC - ic0 - j * width);
-                                            if (lanes == width) simd::store(o + j * width, simd::load(o + j * width) + acc[p][j]);
-                                            else
-                                                simd::store_partial(o + j * width,
-                                                                    simd::load_partial(o + j * width, lanes) + acc[p][j], lanes);
-                                        }
-                                    }
-                                }
-                            }
-                        }
+    const index_t KH = g.template k<1>(), KW = g.template k<2>();
+    const index_t sd = g.template s<0>(), sh = g.template s<1>(), sw = g.template s<2>();
+    fvec acc[PB][VB];
+    for (int p = 0; p < PB; ++p)
+        for (int j = 0; j < VB; ++j) acc[p][j] = fvec(0.f);
+    for (index_t kd = 0; kd < g.template k<0>(); ++kd) {
+        const index_t nd = id + g.template p<0>() - kd * g.template dil<0>();
+        if (nd < 0 || nd % sd != 0 || nd / sd >= out.d) continue;
+        for (index_t kh = 0; kh < KH; ++kh) {
+            const index_t nh = ih + g.template p<1>() - kh * g.template dil<1>();
+            if (nh < 0 || nh % sh != 0 || nh / sh >= out.h) continue;
+            const float* dyr = dyn + (nd / sd * out.h + nh / sh) * out.w * OC;
+            for (index_t kw = 0; kw < KW; ++kw) {
+                const index_t nw = rw + g.template p<2>() - kw * g.template dil<2>();
+                if (nw % sw != 0) continue; // (exact division below, negative nw included)
+                const index_t q = nw / sw;
+                const float* wk = wt + ((kd * KH + kh) * KW + kw) * OC * ICP + ic0;
+                index_t yo[PB];
+                bool ok[PB];
+                for (int p = 0; p < PB; ++p) {
+                    const index_t ow = j0 + p + q;
+                    ok[p] = !Checked || (p < npix && ow >= 0 && ow < out.w);
+                    yo[p] = ok[p] ? ow * OC : 0;
+                }
+                for (index_t oc = 0; oc < OC; ++oc) {
+                    fvec wv[VB];
+                    for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + oc * ICP + j * width);
+                    for (int p = 0; p < PB; ++p) {
+                        if (Checked && !ok[p]) continue;
+                        const fvec b(dyr[yo[p] + oc]);
+                        for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
                     }
                 }
+            }
+        }
+    }
+    for (int p = 0; p < PB; ++p) {
+        if (Checked && p >= npix) break;
+        float* o = dxrow + (rw + sw * (j0 + p)) * IC + ic0;
+        for (int j = 0; j < VB; ++j) {
+            const index_t lanes = std::min<index_t>(width, IC - ic0 - j * width);
+            if (lanes == width) simd::store(o + j * width, acc[p][j]);
+            else simd::store_partial(o + j * width, acc[p][j], lanes);
+        }
+    }
+}
+
+/// dx = the sum, over the taps and output pixels that read each input pixel, of dy * w, as a
+/// gather (NDHWC; any stride, padding, dilation): each dx element is written once, by the task
+/// of its input row (n, id, ih), so the bits do not depend on the thread count.  wt:
+/// pack(.., packing::transposed)'s layout; tiles of `per_chunk` input-channel vectors.
+template <class G>
+void grad_input_gather(const G& g, index_t per_chunk, index_t N, extents3 in, extents3 out, const float* dy,
+                       const float* wt, float* dx) noexcept
+{
+    const index_t IC = g.in(), OC = g.out(), sw = g.template s<2>(), pw = g.template p<2>();
+    const index_t span = (g.template k<2>() - 1) * g.template dil<2>();
+    const index_t rows = N * in.d * in.h;
+    parallel::parallel_for(rows, rows * in.w * IC * OC * g.taps() / (g.template s<0>() * g.template s<1>() * sw),
+                           [&](index_t row) {
+        const index_t n = row / (in.d * in.h), id = row / in.h % in.d, ih = row % in.h;
+        const float* dyn = dy + n * out.d * out.h * out.w * OC;
+        float* dxrow = dx + row * in.w * IC;
+        for_channel_chunks(IC, per_chunk, [&]<int VB>(index_t ic0) {
+            constexpr int PB = pixels_for<VB>;
+            for (index_t rw = 0; rw < std::min(sw, in.w); ++rw) {
+                const index_t count = (in.w - rw + sw - 1) / sw; // input pixels with this residue
+                // ow = j + q with q in [floor((rw + pw - span) / sw), floor((rw + pw) / sw)]:
+                // tiles with j in [j_lo, j_hi) need no bounds checks.
+                const index_t lo_num = rw + pw - span;
+                const index_t q_min = lo_num >= 0 ? lo_num / sw : -((-lo_num + sw - 1) / sw), q_max = (rw + pw) / sw;
+                const index_t j_lo = std::max<index_t>(0, -q_min), j_hi = out.w - q_max;
+                index_t j = 0;
+                while (j < count) {
+                    if (j >= j_lo && j + PB <= j_hi && j + PB <= count) {
+                        grad_input_tile<PB, VB, false>(g, dyn, out, id, ih, rw, j, PB, wt, ic0, dxrow);
+                        j += PB;
+                    } else {
+                        const index_t npix = std::min<index_t>({PB, count - j, j < j_lo ? j_lo - j : index_t{PB}});
+                        grad_input_tile<PB, VB, true>(g, dyn, out, id, ih, rw, j, npix, wt, ic0, dxrow);
+                        j += npix;
+                    }
+                }
+            }
         });
     });
 }
 
-/// dx (NDHWC, overwritten) for dy; wt packed as grad_input_packing(g) says.  Only the
-/// formulation(s) the spec leaves possible are instantiated.
+/// dx (NDHWC, overwritten) for dy, in tiles of s.grad_input_vectors input-channel vectors; wt
+/// packed as grad_input_packing(g) says.  Only the formulation(s) the spec leaves possible are
+/// instantiated.
 template <class G>
-void grad_input(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wt, float* dx) noexcept
+void grad_input(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const float* dy,
+                const float* wt, float* dx) noexcept
 {
     constexpr conv_spec S = G::spec;
     constexpr bool stride_fixed = S.stride.d != dynamic && S.stride.h != dynamic && S.stride.w != dynamic;
@@ -434,12 +479,13 @@ void grad_input(const G& g, index_t N, extents3 in, extents3 out, const float* d
         // g's run-time members hold every value, fixed by the spec or not
         const conv_geometry<transposed_spec(S)> gt{g.out(), g.in(), g.k_, 1, transposed_padding(g.k_, g.p_, g.dil_),
                                                    g.dil_};
-        forward(gt, N, out, in, dy, wt, nullptr, dx, expr::identity_t{});
+        forward_tiles(gt, s.grad_input_vectors, N, out, in, dy, wt, nullptr, dx, expr::identity_t{});
     };
+    auto gather = [&] { grad_input_gather(g, s.grad_input_vectors, N, in, out, dy, wt, dx); };
     if constexpr (unit_stride && padding_fits) as_forward();
-    else if constexpr (stride_fixed && !unit_stride) grad_input_scatter(g, N, in, out, dy, wt, dx);
+    else if constexpr (stride_fixed && !unit_stride) gather();
     else if (grad_input_as_forward(g)) as_forward();
-    else grad_input_scatter(g, N, in, out, dy, wt, dx);
+    else gather();
 }
 
 // --- grad weight: a GEMM over output pixels --------------------------------------------
@@ -450,9 +496,9 @@ void grad_input(const G& g, index_t N, extents3 in, extents3 out, const float* d
 // accumulators in registers over a cache block of output rows.  Rows mix taps, so small
 // in_channels (1-4) still fill the tile.
 
-/// (tap, ic) rows per grad-weight tile for VB output-channel vectors.
+/// (tap, ic) rows a grad-weight tile of VB output-channel vectors holds registers for.
 template <int VB>
-inline constexpr int inputs_for = std::min(8, acc_registers / VB);
+inline constexpr int inputs_for = conv_gw_max_rows(VB);
 
 /// Extents of x with its padding made explicit.
 template <class G>
@@ -498,35 +544,34 @@ void pad_input(const G& g, index_t N, extents3 in, const float* x, float* xp) no
     });
 }
 
-/// Output pixels a grad-weight row block covers at least: enough that reloading a tile's
-/// accumulators per block costs little, few enough that the block's dy and x stay in L2.
-inline constexpr index_t gemm_block_pixels = 256;
-
 /// gw[tap][ic][OCP] += the GEMM above (NDHWC dy; xp from pad_input; gw in pack()'s forward
-/// layout, accumulated into).  Cache blocking: each thread takes a fixed range of tiles and
-/// runs all of them over one block of output rows before the next block, so the block's dy
-/// and x are read from cache by every tile; a tile's accumulators go through gw between
-/// blocks (exactly: float stores and loads), so each gw element sums the pixels in the same
-/// order whatever the split.
+/// layout, accumulated into), in tiles of inputs_for<V> (tap, ic) rows x V = s.gw_vectors
+/// output-channel vectors.  Cache blocking: each thread takes a fixed range of tiles and runs all of them
+/// over one block of output rows (s.gw_block_pixels at least) before the next block, so the
+/// block's dy and x are read from cache by every tile; a tile's accumulators go through gw
+/// between blocks (exactly: float stores and loads), so each gw element sums the pixels in the
+/// same order whatever the split or the schedule.
 template <class G>
-void grad_weight(const G& g, index_t N, extents3 in, extents3 out, const float* xp, const float* dy,
-                      float* gw) noexcept
+void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const float* xp,
+                 const float* dy, float* gw) noexcept
 {
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width), M = g.taps() * IC;
     const index_t KH = g.template k<1>(), KW = g.template k<2>();
     const extents3 e = padded_extents(g, in);
-    const index_t chunk = max_vectors * width, oc_chunks = (OC + chunk - 1) / chunk;
-    constexpr index_t MB_max = inputs_for<max_vectors>;
+    // Vectors per tile: the schedule's, or all of OC's if fewer.  Rows per tile: as many as
+    // that tile has registers for (a narrower tail chunk has registers for at least as many).
+    const int vectors = static_cast<int>(std::min<index_t>(s.gw_vectors, (OC + width - 1) / width));
+    const index_t chunk = vectors * width, oc_chunks = (OC + chunk - 1) / chunk;
+    const index_t MB_max = conv_gw_max_rows(vectors);
     const index_t m_blocks = (M + MB_max - 1) / MB_max, tiles = m_blocks * oc_chunks;
-    const index_t rows = N * out.d * out.h, rb = std::max<index_t>(1, (gemm_block_pixels + out.w - 1) / out.w);
+    const index_t rows = N * out.d * out.h, rb = std::max<index_t>(1, (s.gw_block_pixels + out.w - 1) / out.w);
     // One tile over output rows [r0, r1).
     auto tile = [&](index_t task, index_t r0, index_t r1) {
         const index_t m0 = task / oc_chunks * MB_max, nm = std::min(MB_max, M - m0);
         const index_t oc0 = task % oc_chunks * chunk;
         const index_t vectors = (std::min(OC, oc0 + chunk) - oc0 + width - 1) / width;
         with_vectors(vectors, [&]<int VB>() {
-            constexpr int MB = inputs_for<VB>;
-            static_assert(inputs_for<max_vectors> <= MB);
+            constexpr int MB = inputs_for<VB>; // >= MB_max: VB <= vectors
             // Offset of row m's input element from the output pixel's window origin in xp,
             // stepping (kd, kh, kw, ic) from the block's first row; rows past nm repeat the
             // first (read, never stored).

@@ -128,7 +128,8 @@ private:
             if (n > 0) conv_.template run_forward<L>(X.sizes(), x, z, false);
             bn_.forward(Z, DZ, relu);
         } else if (!empty) {
-            x = direct || conv_.input_copy_stamp() != last_.x_stamp ? conv_.input_of(X) : conv_.input_copy();
+            x = conv_.is_channels_last(X) || conv_.input_copy_stamp() != last_.x_stamp ? conv_.input_of(X)
+                                                                                         : conv_.input_copy();
         }
         const float* dy = dY.data();
         if constexpr (!direct) {
@@ -138,7 +139,7 @@ private:
         bn_.backward(Z, ndhwc_view(dy, osz), DZ, relu);
         conv_.template backward_channels_last<L>(X.sizes(), x, dz_.data(), dx);
         if constexpr (want_dx && !direct)
-            if (!empty) reorder(ndhwc_view(static_cast<const float*>(dx), X.sizes()), *dX);
+            if (!empty && dx != dX->data()) reorder(ndhwc_view(static_cast<const float*>(dx), X.sizes()), *dX);
     }
 
     struct last_forward {

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <tuple>
@@ -19,6 +20,7 @@
 #include "../expr/pointwise.hpp"
 #include "../kernels/batch_norm.hpp"
 #include "../kernels/conv3d.hpp"
+#include "../schedule/conv_schedule.hpp"
 #include "../shape/layout.hpp"
 #include "../shape/shape.hpp"
 #include "../shape/conv_geometry.hpp"
@@ -79,17 +81,18 @@ struct key {
 /// The runtime-shaped geometry every entry is called with.
 using dynamic_geometry = conv_geometry<conv_spec{}>;
 
-/// A conv layer's kernels, called through pointers with the run-time geometry.  A
-/// specialized entry rebuilds its compile-time geometry from it (the values are equal: the
+/// A conv layer's kernels, called through pointers with the run-time geometry and schedule.
+/// A specialized entry rebuilds its compile-time geometry from it (the values are equal: the
 /// lookup key was), so every loop bound the spec fixes is a constant inside.
 struct conv_kernels {
-    void (*forward)(const dynamic_geometry&, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
-                    const float* x, const float* wp, const float* bias, float* y, bool relu, double* moments);
-    void (*grad_input)(const dynamic_geometry&, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
-                       const float* dy, const float* wt, float* dx);
+    void (*forward)(const dynamic_geometry&, const conv_schedule&, index_t N, kernels::conv::extents3 in,
+                    kernels::conv::extents3 out, const float* x, const float* wp, const float* bias, float* y,
+                    bool relu, double* moments);
+    void (*grad_input)(const dynamic_geometry&, const conv_schedule&, index_t N, kernels::conv::extents3 in,
+                       kernels::conv::extents3 out, const float* dy, const float* wt, float* dx);
     /// xp: the input with its padding made explicit (kernels::conv::pad_input).
-    void (*grad_weight)(const dynamic_geometry&, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
-                        const float* xp, const float* dy, float* gw);
+    void (*grad_weight)(const dynamic_geometry&, const conv_schedule&, index_t N, kernels::conv::extents3 in,
+                        kernels::conv::extents3 out, const float* xp, const float* dy, float* gw);
 };
 
 /// The kernels of one instantiation of the conv templates (S all dynamic: the fallback).
@@ -97,20 +100,21 @@ template <conv_spec S>
 conv_kernels conv_kernels_for() noexcept
 {
     using G = conv_geometry<S>;
+    namespace kc = kernels::conv;
     return {
-        [](const dynamic_geometry& g, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
+        [](const dynamic_geometry& g, const conv_schedule& s, index_t N, kc::extents3 in, kc::extents3 out,
            const float* x, const float* wp, const float* bias, float* y, bool relu, double* moments) {
             const G gs{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_};
-            if (relu) kernels::conv::forward(gs, N, in, out, x, wp, bias, y, expr::relu_t{}, moments);
-            else kernels::conv::forward(gs, N, in, out, x, wp, bias, y, expr::identity_t{}, moments);
+            if (relu) kc::forward(gs, s, N, in, out, x, wp, bias, y, expr::relu_t{}, moments);
+            else kc::forward(gs, s, N, in, out, x, wp, bias, y, expr::identity_t{}, moments);
         },
-        [](const dynamic_geometry& g, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
+        [](const dynamic_geometry& g, const conv_schedule& s, index_t N, kc::extents3 in, kc::extents3 out,
            const float* dy, const float* wt, float* dx) {
-            kernels::conv::grad_input(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, N, in, out, dy, wt, dx);
+            kc::grad_input(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, s, N, in, out, dy, wt, dx);
         },
-        [](const dynamic_geometry& g, index_t N, kernels::conv::extents3 in, kernels::conv::extents3 out,
+        [](const dynamic_geometry& g, const conv_schedule& s, index_t N, kc::extents3 in, kc::extents3 out,
            const float* xp, const float* dy, float* gw) {
-            kernels::conv::grad_weight(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, N, in, out, xp, dy, gw);
+            kc::grad_weight(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, s, N, in, out, xp, dy, gw);
         },
     };
 }
@@ -181,16 +185,20 @@ bn_kernels<L> bn_kernels_for() noexcept
 struct entry {
     conv_kernels conv{};
     std::string origin; // "gen/examples/video.arch:3 (conv1)"
+    /// The layer's schedule as `volfuse_gen --tune` measured it (its tuned_for says where).
+    std::optional<conv_schedule> schedule{};
     bn_kernels<ncdhw_t> bn_ncdhw{};
     bn_kernels<ndhwc_t> bn_ndhwc{};
 };
 
-/// The answer to a lookup: the kernels to run, and why those.
+/// The answer to a lookup: the kernels to run and the schedule to run them with, and why those
+/// (schedule.origin says why that schedule).
 struct choice {
     const conv_kernels* kernels = nullptr;
     bool specialized = false;
     std::string why;
     const entry* found = nullptr; // the registered entry (its bn kernels), or null
+    conv_schedule schedule{};
 };
 
 class table {
@@ -206,13 +214,18 @@ public:
     choice lookup(const key& k) const
     {
         if (!enabled_.load(std::memory_order_relaxed))
-            return {&fallback(), false, "runtime-shaped fallback: registry disabled (set_enabled(false))"};
+            return {&fallback(), false, "runtime-shaped fallback: registry disabled (set_enabled(false))", nullptr,
+                    host_conv_schedule()};
         {
             std::shared_lock lock(mutex_);
-            if (const auto it = entries_.find(k); it != entries_.end())
-                return {&it->second.conv, true, "specialized: generated for " + it->second.origin, &it->second};
+            if (const auto it = entries_.find(k); it != entries_.end()) {
+                const auto& e = it->second;
+                return {&e.conv, true, "specialized: generated for " + e.origin, &e,
+                        pick_conv_schedule(e.schedule ? &*e.schedule : nullptr)};
+            }
         }
-        return {&fallback(), false, "runtime-shaped fallback: no generated kernel for " + k.str()};
+        return {&fallback(), false, "runtime-shaped fallback: no generated kernel for " + k.str(), nullptr,
+                host_conv_schedule()};
     }
     /// Turns lookups off (every lookup answers the fallback) or on: for comparing the
     /// specialized and runtime-shaped kernels on the same shapes.

@@ -1,0 +1,130 @@
+// How the conv kernels (kernels/conv3d.hpp) run: register tiles, grad weight's cache blocking.
+// A schedule is a run-time value passed to the kernels, never what they compute: every field
+// only regroups the same sums (each output element keeps its order of terms), so any schedule
+// gives the same bits, and choosing one needs no new template instantiation (tile widths are
+// picked among the instantiations the channel tails already need).
+// Where a schedule comes from, in order: Conv3d::set_schedule; a schedule `volfuse_gen --tune`
+// measured for the layer on this CPU class (registry entry); the default of this CPU's class
+// (conv_schedule_defaults, picked with host_cpu()).
+#pragma once
+
+#include <algorithm>
+#include <string>
+
+#include "../simd/vec.hpp"
+#include "cpu.hpp"
+
+namespace volfuse {
+
+/// Register limits of this build's vector ISA: accumulators a tile may use (24 of AVX-512's 32
+/// registers: the rest hold weights and a broadcast; 12 of AVX2/SSE's 16) and channel vectors
+/// per tile.
+inline constexpr int conv_acc_registers = simd::width >= 16 ? 24 : 12;
+inline constexpr int conv_max_vectors = simd::width >= 16 ? 4 : 2;
+
+/// Pixels per forward / grad-input tile for V channel vectors (12 at most: past that the
+/// broadcasts, not the FMAs, limit a tile).
+constexpr int conv_tile_pixels(int V) noexcept { return std::min(12, conv_acc_registers / V); }
+/// (tap, ic) rows per grad-weight tile for V output-channel vectors.
+constexpr int conv_gw_max_rows(int V) noexcept { return std::min(8, conv_acc_registers / V); }
+
+struct conv_schedule {
+    /// Forward: output-channel vectors per register tile (1..conv_max_vectors); the tile is
+    /// conv_tile_pixels(v) output pixels along w x v vectors.
+    int tile_vectors = conv_max_vectors;
+    /// Grad input (a forward conv of dY for stride 1, the scatter otherwise): input-channel
+    /// vectors per tile.
+    int grad_input_vectors = conv_max_vectors;
+    /// Grad weight: output-channel vectors per tile; the tile is conv_gw_max_rows(v) (tap, ic)
+    /// rows x v vectors.
+    int gw_vectors = conv_max_vectors;
+    /// Grad weight: output pixels per cache block (whole output rows, at least this many): a
+    /// block's dY and input rows are read from cache by every tile of a thread.
+    index_t gw_block_pixels = 256;
+    /// Why this schedule ("default for intel_avx512", "tuned by volfuse_gen --tune ...").
+    std::string origin = "built-in";
+    /// The CPU class and vector ISA a tuned schedule was measured on ("zen4/avx512bw"); empty
+    /// for defaults (they apply anywhere).
+    std::string tuned_for;
+
+    /// The same schedule with every field inside what this build's kernels support.
+    conv_schedule clamped() const
+    {
+        conv_schedule s = *this;
+        auto clamp = [](int v, int lo, int hi) { return std::max(lo, std::min(hi, v)); };
+        s.tile_vectors = clamp(tile_vectors, 1, conv_max_vectors);
+        s.grad_input_vectors = clamp(grad_input_vectors, 1, conv_max_vectors);
+        s.gw_vectors = clamp(gw_vectors, 1, conv_max_vectors);
+        s.gw_block_pixels = std::max<index_t>(1, gw_block_pixels);
+        return s;
+    }
+    /// "forward tile 6x4 (pixels x vectors), grad input tile 6x4, grad weight tile 6x4 ((tap,
+    /// ic) rows x vectors) per 256-pixel block".
+    std::string str() const
+    {
+        auto tile = [](int p, int v) { return std::to_string(p) + "x" + std::to_string(v); };
+        std::string s = "forward tile " + tile(conv_tile_pixels(tile_vectors), tile_vectors);
+        s += " (pixels x vectors), grad input tile " + tile(conv_tile_pixels(grad_input_vectors), grad_input_vectors);
+        s += ", grad weight tile " + tile(conv_gw_max_rows(gw_vectors), gw_vectors);
+        s += " ((tap, ic) rows x vectors) per " + std::to_string(gw_block_pixels) + "-pixel block";
+        return s;
+    }
+    /// Equal in what the kernels see (origin aside).
+    bool same_loops(const conv_schedule& o) const noexcept
+    {
+        return tile_vectors == o.tile_vectors && grad_input_vectors == o.grad_input_vectors &&
+               gw_vectors == o.gw_vectors && gw_block_pixels == o.gw_block_pixels;
+    }
+};
+
+/// "intel_avx512/avx512bw": the key a tuned schedule is valid for (CPU class and the vector
+/// ISA the kernels were compiled for).
+inline std::string schedule_target(uarch u) { return std::string(uarch_name(u)) + "/" + simd::arch::name(); }
+
+/// The defaults of a CPU class for this build's vector ISA.  Measured on this project's
+/// machines where docs/conv.md says so; the others are reasoned from the cores' widths and
+/// caches (and `volfuse_gen --tune` replaces them per layer):
+///  - Intel AVX-512, Zen 5: two full-width FMA pipes need >= 8 independent accumulators in
+///    flight; 6x4 tiles (24) amortize each broadcast over 4 FMAs.  2 MB (Intel) / 1 MB (Zen 5)
+///    L2: 256-pixel grad-weight blocks (dY and x of a block: <= 200 KB for 128 channels).
+///  - Zen 4: 512-bit ops as two halves halve the FMA rate (4 accumulators hide the latency),
+///    so the same tiles only become less load-bound; 1 MB L2: the same blocks.  Its own entry
+///    so that a measurement there changes only Zen 4.
+///  - AVX2 / baseline: 16 registers: 6x2 tiles (the most that fit); 128-pixel grad-weight
+///    blocks (client cores' 256-512 KB L2).
+inline conv_schedule conv_schedule_defaults(uarch u)
+{
+    conv_schedule s;
+    s.origin = std::string("default for ") + uarch_name(u);
+    switch (u) {
+    case uarch::intel_avx512:
+    case uarch::zen5:
+    case uarch::zen4: break;
+    case uarch::avx2:
+    case uarch::baseline: s.gw_block_pixels = 128; break;
+    }
+    return s.clamped();
+}
+
+/// This CPU's default (detected once).
+inline const conv_schedule& host_conv_schedule()
+{
+    static const conv_schedule s = [] {
+        conv_schedule d = conv_schedule_defaults(host_cpu().arch);
+        d.origin += " (detected: " + host_cpu().str() + ")";
+        return d;
+    }();
+    return s;
+}
+
+/// The schedule a layer runs: `tuned` when it was measured on this CPU class and ISA, the
+/// CPU's default otherwise; `why` says which.
+inline conv_schedule pick_conv_schedule(const conv_schedule* tuned)
+{
+    if (tuned && tuned->tuned_for == schedule_target(host_cpu().arch)) return tuned->clamped();
+    conv_schedule s = host_conv_schedule();
+    if (tuned) s.origin += "; the layer's tuned schedule is for " + tuned->tuned_for + ", not this CPU";
+    return s;
+}
+
+} // namespace volfuse
