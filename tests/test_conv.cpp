@@ -220,7 +220,8 @@ TEST_CASE("stride-1 grad input runs as a forward conv of dY and matches the floa
         ref.forward(x, w, b);
         ref.backward(x, w, dy);
         vf::Conv3d<> a(cf.in, cf.out, k, 1, p, dil, 1, cf.bias);
-        REQUIRE(vf::kernels::conv::grad_input_as_forward(a.geom()));
+        // (in_channels <= 4 run the narrow kernel instead: tested below)
+        REQUIRE(vf::kernels::conv::grad_input_as_forward(a.geom()) == (cf.in > vf::kernels::conv::narrow_channels));
         const auto r1 = run_conv<vf::ndhwc_t>(a, ref, x, w, cf.bias ? b : std::vector<float>{}, dy);
         check_against_reference(r1, ref);
         vf::Conv3d<> m(cf.in, cf.out, k, 1, p, dil, 1, cf.bias);
@@ -240,6 +241,52 @@ TEST_CASE("stride-1 grad input runs as a forward conv of dY and matches the floa
     const auto r2 = run_conv<vf::ndhwc_t>(fixed, ref, x, w, b, dy);
     REQUIRE(same_bits(r1.dx, r2.dx));
     REQUIRE(same_bits(r1.gw, r2.gw));
+}
+
+TEST_CASE("in_channels 1-4: grad input vectorized over output channels matches the reference", "[conv][numerics]")
+{
+    // The narrow grad input (a network's first layer): any stride, padding, dilation, output
+    // channels with a vector tail; both layouts; a spec fixing everything gives the same bits.
+    std::mt19937 g(28);
+    std::mt19937 pickg(29);
+    auto pick = [&](int lo, int hi) { return static_cast<index_t>(std::uniform_int_distribution<int>(lo, hi)(pickg)); };
+    const index_t outs[] = {1, 7, 16, 20, 40, 64};
+    for (int i = 0; i < 25; ++i) {
+        const vf::size3 k{pick(1, 3), pick(1, 3), pick(1, 7)}, s{pick(1, 2), pick(1, 2), pick(1, 3)},
+            dil{pick(1, 2), 1, pick(1, 2)};
+        const vf::size3 p{pick(0, 2), pick(0, 1), pick(0, 3)};
+        const conv_config cf{pick(1, 4), outs[pick(0, 5)], k, s, p, dil, true};
+        const sizes5 xs{pick(1, 2), cf.in, dil.d * (k.d - 1) + pick(1, 4), k.h + pick(0, 4), dil.w * (k.w - 1) + pick(1, 20)};
+        case_t c{cf, xs};
+        INFO(describe(c));
+        conv_reference ref(cf, xs);
+        const auto x = randn(numel(xs), g), dy = randn(numel(ref.ys), g);
+        const auto w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3), b = randn(cf.out, g);
+        ref.forward(x, w, b);
+        ref.backward(x, w, dy);
+        vf::Conv3d<> a(cf.in, cf.out, k, s, p, dil);
+        REQUIRE(vf::kernels::conv::grad_input_packing(a.geom()) == vf::kernels::conv::packing::forward);
+        const auto r1 = run_conv<vf::ndhwc_t>(a, ref, x, w, b, dy);
+        check_against_reference(r1, ref);
+        vf::Conv3d<> m(cf.in, cf.out, k, s, p, dil);
+        const auto r2 = run_conv<vf::ncdhw_t>(m, ref, x, w, b, dy);
+        REQUIRE(same_bits(r1.dx, r2.dx));
+    }
+    const conv_config cf{3, 20, {3, 5, 7}, {1, 2, 2}, {1, 2, 3}, 1, true};
+    const sizes5 xs{2, 3, 4, 9, 15};
+    conv_reference ref(cf, xs);
+    const auto x = randn(numel(xs), g), dy = randn(numel(ref.ys), g);
+    const auto w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3), b = randn(cf.out, g);
+    ref.forward(x, w, b);
+    ref.backward(x, w, dy);
+    vf::Conv3d<> dyn(3, 20, {3, 5, 7}, {1, 2, 2}, {1, 2, 3});
+    vf::Conv3d<vf::conv_spec{.in = 3, .out = 20, .kernel = {3, 5, 7}, .stride = {1, 2, 2}, .padding = {1, 2, 3},
+                             .dilation = 1}>
+        fixed;
+    const auto r1 = run_conv<vf::ndhwc_t>(dyn, ref, x, w, b, dy);
+    const auto r2 = run_conv<vf::ndhwc_t>(fixed, ref, x, w, b, dy);
+    check_against_reference(r1, ref);
+    REQUIRE(same_bits(r1.dx, r2.dx));
 }
 
 TEST_CASE("backward_input and backward_weight are backward's two halves", "[conv][semantics]")

@@ -39,6 +39,9 @@ constexpr index_t round_up(index_t v, index_t m) noexcept { return (v + m - 1) /
 template <int VB>
 inline constexpr int pixels_for = conv_tile_pixels(VB);
 
+/// Input channels up to which grad input is narrow (vectors over output channels; below).
+inline constexpr index_t narrow_channels = 4;
+
 /// Extents of one NDHWC tensor's spatial part.
 struct extents3 {
     index_t d, h, w;
@@ -349,19 +352,23 @@ constexpr conv_spec transposed_spec(conv_spec S) noexcept
 }
 
 /// Whether grad input runs as a forward convolution of dy (stride 1, padding within the
-/// dilated kernel); pack() with packing::flipped_transposed then, packing::transposed otherwise.
+/// dilated kernel, more than narrow_channels input channels).
 template <class G>
 constexpr bool grad_input_as_forward(const G& g) noexcept
 {
-    return g.template s<0>() == 1 && g.template s<1>() == 1 && g.template s<2>() == 1 &&
+    return g.in() > narrow_channels && g.template s<0>() == 1 && g.template s<1>() == 1 && g.template s<2>() == 1 &&
            g.template p<0>() <= g.template dil<0>() * (g.template k<0>() - 1) &&
            g.template p<1>() <= g.template dil<1>() * (g.template k<1>() - 1) &&
            g.template p<2>() <= g.template dil<2>() * (g.template k<2>() - 1);
 }
+/// The weight layout grad input reads: forward's for the narrow kernel (few input channels),
+/// flipped and transposed for the forward formulation, transposed for the gather.
 template <class G>
 constexpr packing grad_input_packing(const G& g) noexcept
 {
-    return grad_input_as_forward(g) ? packing::flipped_transposed : packing::transposed;
+    return g.in() <= narrow_channels        ? packing::forward
+           : grad_input_as_forward(g)       ? packing::flipped_transposed
+                                            : packing::transposed;
 }
 
 
@@ -422,45 +429,157 @@ inline void grad_input_tile(const G& g, const float* dyn, extents3 out, index_t 
     }
 }
 
+/// Walks input row (id, ih)'s pixels in tiles of up to PB pixels of one residue rw mod the
+/// stride: f.template operator()<Checked>(rw, j0, npix) for pixels iw = rw + sw * (j0 + p),
+/// p < npix; tiles whose output pixels all lie inside the image are unchecked (npix == PB).
+template <int PB, class G, class F>
+void for_gather_tiles(const G& g, extents3 in, extents3 out, F&& f)
+{
+    const index_t sw = g.template s<2>(), pw = g.template p<2>();
+    const index_t span = (g.template k<2>() - 1) * g.template dil<2>();
+    for (index_t rw = 0; rw < std::min(sw, in.w); ++rw) {
+        const index_t count = (in.w - rw + sw - 1) / sw; // input pixels with this residue
+        // ow = j + q with q in [floor((rw + pw - span) / sw), floor((rw + pw) / sw)]: tiles
+        // with j in [j_lo, j_hi) need no bounds checks.
+        const index_t lo_num = rw + pw - span;
+        const index_t q_min = lo_num >= 0 ? lo_num / sw : -((-lo_num + sw - 1) / sw), q_max = (rw + pw) / sw;
+        const index_t j_lo = std::max<index_t>(0, -q_min), j_hi = out.w - q_max;
+        index_t j = 0;
+        while (j < count) {
+            if (j >= j_lo && j + PB <= j_hi && j + PB <= count) {
+                f.template operator()<false>(rw, j, index_t{PB});
+                j += PB;
+            } else {
+                const index_t npix = std::min<index_t>({PB, count - j, j < j_lo ? j_lo - j : index_t{PB}});
+                f.template operator()<true>(rw, j, npix);
+                j += npix;
+            }
+        }
+    }
+}
+
+/// The grad-input tasks: one per input row (n, id, ih), each writing its row of dx once, so the
+/// bits do not depend on the thread count.  f(row, id, ih, dy of image n, dx row).
+template <class G, class F>
+void for_input_rows(const G& g, index_t N, extents3 in, extents3 out, const float* dy, float* dx, F&& f)
+{
+    const index_t IC = g.in(), OC = g.out(), rows = N * in.d * in.h;
+    const index_t cost = rows * in.w * IC * OC * g.taps() / (g.template s<0>() * g.template s<1>() * g.template s<2>());
+    parallel::parallel_for(rows, cost, [&](index_t row) {
+        const index_t n = row / (in.d * in.h), id = row / in.h % in.d, ih = row % in.h;
+        f(id, ih, dy + n * out.d * out.h * out.w * OC, dx + row * in.w * IC);
+    });
+}
+
 /// dx = the sum, over the taps and output pixels that read each input pixel, of dy * w, as a
-/// gather (NDHWC; any stride, padding, dilation): each dx element is written once, by the task
-/// of its input row (n, id, ih), so the bits do not depend on the thread count.  wt:
-/// pack(.., packing::transposed)'s layout; tiles of `per_chunk` input-channel vectors.
+/// gather (NDHWC; any stride, padding, dilation), in tiles of `per_chunk` input-channel
+/// vectors.  wt: pack(.., packing::transposed)'s layout.
 template <class G>
 void grad_input_gather(const G& g, index_t per_chunk, index_t N, extents3 in, extents3 out, const float* dy,
                        const float* wt, float* dx) noexcept
 {
-    const index_t IC = g.in(), OC = g.out(), sw = g.template s<2>(), pw = g.template p<2>();
-    const index_t span = (g.template k<2>() - 1) * g.template dil<2>();
-    const index_t rows = N * in.d * in.h;
-    parallel::parallel_for(rows, rows * in.w * IC * OC * g.taps() / (g.template s<0>() * g.template s<1>() * sw),
-                           [&](index_t row) {
-        const index_t n = row / (in.d * in.h), id = row / in.h % in.d, ih = row % in.h;
-        const float* dyn = dy + n * out.d * out.h * out.w * OC;
-        float* dxrow = dx + row * in.w * IC;
-        for_channel_chunks(IC, per_chunk, [&]<int VB>(index_t ic0) {
+    for_input_rows(g, N, in, out, dy, dx, [&](index_t id, index_t ih, const float* dyn, float* dxrow) {
+        for_channel_chunks(g.in(), per_chunk, [&]<int VB>(index_t ic0) {
             constexpr int PB = pixels_for<VB>;
-            for (index_t rw = 0; rw < std::min(sw, in.w); ++rw) {
-                const index_t count = (in.w - rw + sw - 1) / sw; // input pixels with this residue
-                // ow = j + q with q in [floor((rw + pw - span) / sw), floor((rw + pw) / sw)]:
-                // tiles with j in [j_lo, j_hi) need no bounds checks.
-                const index_t lo_num = rw + pw - span;
-                const index_t q_min = lo_num >= 0 ? lo_num / sw : -((-lo_num + sw - 1) / sw), q_max = (rw + pw) / sw;
-                const index_t j_lo = std::max<index_t>(0, -q_min), j_hi = out.w - q_max;
-                index_t j = 0;
-                while (j < count) {
-                    if (j >= j_lo && j + PB <= j_hi && j + PB <= count) {
-                        grad_input_tile<PB, VB, false>(g, dyn, out, id, ih, rw, j, PB, wt, ic0, dxrow);
-                        j += PB;
-                    } else {
-                        const index_t npix = std::min<index_t>({PB, count - j, j < j_lo ? j_lo - j : index_t{PB}});
-                        grad_input_tile<PB, VB, true>(g, dyn, out, id, ih, rw, j, npix, wt, ic0, dxrow);
-                        j += npix;
-                    }
-                }
-            }
+            for_gather_tiles<PB>(g, in, out, [&]<bool Checked>(index_t rw, index_t j0, index_t npix) {
+                grad_input_tile<PB, VB, Checked>(g, dyn, out, id, ih, rw, j0, npix, wt, ic0, dxrow);
+            });
         });
     });
+}
+
+// Few input channels (1-4: a network's first layer) leave most lanes of an input-channel vector
+// idle.  The narrow grad input vectorizes over output channels instead: per (pixel, ic), a
+// vector of partial sums over oc lanes, reduced across lanes once per dx element.
+
+/// Pixels per narrow tile for IC input channels: PB * IC accumulators.
+template <int IC>
+inline constexpr int narrow_pixels = std::min(12, acc_registers / IC);
+
+/// v's lanes summed in a fixed pairwise order.
+inline float lanes_sum(fvec v) noexcept
+{
+    alignas(64) float l[width];
+    v.store_aligned(l);
+    for (index_t h = width / 2; h >= 1; h /= 2)
+        for (index_t i = 0; i < h; ++i) l[i] += l[i + h];
+    return l[0];
+}
+
+/// One narrow tile (pixels as in grad_input_tile, all IC channels): acc[p][ic] += dy[ow][oc
+/// vector] * w[tap][ic][oc vector] over taps and oc vectors; wp: pack()'s forward layout (its
+/// padding lanes are zero; dy's tail vector is read partially).  Each dx element: its lanes'
+/// sums in (kd, kh, kw, oc vector) order, then lanes_sum.
+template <int IC, int PB, bool Checked, class G>
+inline void grad_input_narrow_tile(const G& g, const float* dyn, extents3 out, index_t id, index_t ih, index_t rw,
+                                   index_t j0, index_t npix, const float* wp, float* dxrow) noexcept
+{
+    const index_t OC = g.out(), OCP = round_up(OC, width), full = OC / width, tail = OC - full * width;
+    const index_t KH = g.template k<1>(), KW = g.template k<2>();
+    const index_t sd = g.template s<0>(), sh = g.template s<1>(), sw = g.template s<2>();
+    fvec acc[PB][IC];
+    for (int p = 0; p < PB; ++p)
+        for (int i = 0; i < IC; ++i) acc[p][i] = fvec(0.f);
+    for (index_t kd = 0; kd < g.template k<0>(); ++kd) {
+        const index_t nd = id + g.template p<0>() - kd * g.template dil<0>();
+        if (nd < 0 || nd % sd != 0 || nd / sd >= out.d) continue;
+        for (index_t kh = 0; kh < KH; ++kh) {
+            const index_t nh = ih + g.template p<1>() - kh * g.template dil<1>();
+            if (nh < 0 || nh % sh != 0 || nh / sh >= out.h) continue;
+            const float* dyr = dyn + (nd / sd * out.h + nh / sh) * out.w * OC;
+            for (index_t kw = 0; kw < KW; ++kw) {
+                const index_t nw = rw + g.template p<2>() - kw * g.template dil<2>();
+                if (nw % sw != 0) continue;
+                const index_t q = nw / sw;
+                const float* wk = wp + ((kd * KH + kh) * KW + kw) * IC * OCP;
+                const float* d[PB];
+                bool ok[PB];
+                for (int p = 0; p < PB; ++p) {
+                    const index_t ow = j0 + p + q;
+                    ok[p] = !Checked || (p < npix && ow >= 0 && ow < out.w);
+                    d[p] = dyr + (ok[p] ? ow * OC : 0);
+                }
+                auto step = [&](index_t c, auto load) {
+                    fvec w[IC];
+                    for (int i = 0; i < IC; ++i) w[i] = simd::load(wk + i * OCP + c);
+                    for (int p = 0; p < PB; ++p) {
+                        if (Checked && !ok[p]) continue;
+                        const fvec dv = load(d[p] + c);
+                        for (int i = 0; i < IC; ++i) acc[p][i] = simd::fma(dv, w[i], acc[p][i]);
+                    }
+                };
+                for (index_t v = 0; v < full; ++v) step(v * width, [](const float* a) { return simd::load(a); });
+                if (tail) step(full * width, [&](const float* a) { return simd::load_partial(a, tail); });
+            }
+        }
+    }
+    for (int p = 0; p < PB; ++p) {
+        if (Checked && p >= npix) break;
+        float* o = dxrow + (rw + sw * (j0 + p)) * IC;
+        for (int i = 0; i < IC; ++i) o[i] = lanes_sum(acc[p][i]);
+    }
+}
+
+/// Grad input for in_channels <= narrow_channels (any stride), wp in pack()'s forward layout.
+template <class G>
+void grad_input_narrow(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wp,
+                       float* dx) noexcept
+{
+    auto run = [&]<int IC>() {
+        constexpr int PB = narrow_pixels<IC>;
+        for_input_rows(g, N, in, out, dy, dx, [&](index_t id, index_t ih, const float* dyn, float* dxrow) {
+            for_gather_tiles<PB>(g, in, out, [&]<bool Checked>(index_t rw, index_t j0, index_t npix) {
+                grad_input_narrow_tile<IC, PB, Checked>(g, dyn, out, id, ih, rw, j0, npix, wp, dxrow);
+            });
+        });
+    };
+    if constexpr (G::spec.in != dynamic) {
+        if constexpr (G::spec.in >= 1 && G::spec.in <= narrow_channels) run.template operator()<static_cast<int>(G::spec.in)>();
+    } else {
+        [&]<int... I>(std::integer_sequence<int, I...>) {
+            ((g.in() == I + 1 ? (run.template operator()<I + 1>(), 0) : 0), ...);
+        }(std::make_integer_sequence<int, static_cast<int>(narrow_channels)>{});
+    }
 }
 
 /// dx (NDHWC, overwritten) for dy, in tiles of s.grad_input_vectors input-channel vectors; wt
@@ -482,10 +601,15 @@ void grad_input(const G& g, const conv_schedule& s, index_t N, extents3 in, exte
         forward_tiles(gt, s.grad_input_vectors, N, out, in, dy, wt, nullptr, dx, expr::identity_t{});
     };
     auto gather = [&] { grad_input_gather(g, s.grad_input_vectors, N, in, out, dy, wt, dx); };
-    if constexpr (unit_stride && padding_fits) as_forward();
-    else if constexpr (stride_fixed && !unit_stride) gather();
-    else if (grad_input_as_forward(g)) as_forward();
-    else gather();
+    if constexpr (S.in != dynamic && S.in <= narrow_channels) grad_input_narrow(g, N, in, out, dy, wt, dx);
+    else {
+        if constexpr (S.in == dynamic)
+            if (g.in() <= narrow_channels) return grad_input_narrow(g, N, in, out, dy, wt, dx);
+        if constexpr (unit_stride && padding_fits) as_forward();
+        else if constexpr (stride_fixed && !unit_stride) gather();
+        else if (grad_input_as_forward(g)) as_forward();
+        else gather();
+    }
 }
 
 // --- grad weight: a GEMM over output pixels --------------------------------------------
