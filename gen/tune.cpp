@@ -98,6 +98,11 @@ tune_result tune(const tune_layer& l, std::ostream& log)
     std::string summary;
     s.tile_vectors = pick("forward_vectors", vector_candidates(s.tile_vectors, l.out), s,
                           &vf::conv_schedule::tile_vectors, conv, [&] { conv.forward(X, Y); }, log, summary);
+    std::vector<vf::index_t> block_rows{s.forward_block_rows};
+    for (vf::index_t b : {32, 64, 96, 128, 192, 256, 100000})
+        if (b != s.forward_block_rows) block_rows.push_back(b);
+    s.forward_block_rows = pick("forward_block_rows", block_rows, s, &vf::conv_schedule::forward_block_rows, conv,
+                                [&] { conv.forward(X, Y); }, log, summary);
     s.grad_input_vectors = pick("grad_input_vectors", vector_candidates(s.grad_input_vectors, l.in), s,
                                 &vf::conv_schedule::grad_input_vectors, conv, [&] { conv.backward_input(dY, dX); },
                                 log, summary);
@@ -108,7 +113,8 @@ tune_result tune(const tune_layer& l, std::ostream& log)
         if (b != s.gw_block_pixels) blocks.push_back(b);
     s.gw_block_pixels = pick("gw_block_pixels", blocks, s, &vf::conv_schedule::gw_block_pixels, conv,
                              [&] { conv.backward_weight(X, dY); }, log, summary);
-    return {s.tile_vectors, s.grad_input_vectors, s.gw_vectors, static_cast<long>(s.gw_block_pixels),
+    return {s.tile_vectors, static_cast<long>(s.forward_block_rows), s.grad_input_vectors, s.gw_vectors,
+            static_cast<long>(s.gw_block_pixels),
             vf::schedule_target(vf::host_cpu().arch), summary};
 }
 

@@ -17,7 +17,9 @@ struct tune_layer {
 
 /// The measured winner, as the fields of volfuse::conv_schedule.
 struct tune_result {
-    int tile_vectors, grad_input_vectors, gw_vectors;
+    int tile_vectors;
+    long forward_block_rows;
+    int grad_input_vectors, gw_vectors;
     long gw_block_pixels;
     std::string tuned_for; // schedule_target() of this machine
     std::string summary;   // what was measured, for the generated source's comment

@@ -44,11 +44,13 @@ TEST_CASE("every CPU class has a default schedule this build can run", "[schedul
     wild.grad_input_vectors = -3;
     wild.gw_vectors = 0;
     wild.gw_block_pixels = -5;
+    wild.forward_block_rows = 0;
     const auto c = wild.clamped();
     CHECK(c.tile_vectors == vf::conv_max_vectors);
     CHECK(c.grad_input_vectors == 1);
     CHECK(c.gw_vectors == 1);
     CHECK(c.gw_block_pixels == 1);
+    CHECK(c.forward_block_rows == 1);
 }
 
 TEST_CASE("a tuned schedule applies only on the CPU class and ISA it was measured on", "[schedule]")
@@ -168,6 +170,7 @@ TEST_CASE("schedules change speed, never bits", "[schedule]")
             s.grad_input_vectors = vf::conv_max_vectors + 1 - v;
             s.gw_vectors = v;
             s.gw_block_pixels = block;
+            s.forward_block_rows = block == 1 ? 1 : block == 64 ? 7 : block;
             schedules.push_back(s);
         }
     for (const auto& l : layers) {

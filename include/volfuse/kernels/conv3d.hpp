@@ -42,6 +42,24 @@ inline constexpr int pixels_for = conv_tile_pixels(VB);
 /// Input channels up to which grad input is narrow (vectors over output channels; below).
 inline constexpr index_t narrow_channels = 4;
 
+/// Calls f.template operator()<ICN>() with ICN = g.in() when it is 1..narrow_channels (a
+/// compile-time constant: loops over input channels unroll), ICN = 0 otherwise.  A spec that
+/// fixes in_channels instantiates only its own case.
+template <class G, class F>
+void with_input_channels(const G& g, F&& f)
+{
+    constexpr index_t fixed = G::spec.in;
+    if constexpr (fixed != dynamic) {
+        f.template operator()< fixed <= narrow_channels ? static_cast<int>(fixed) : 0 > ();
+    } else {
+        const index_t IC = g.in();
+        if (IC > narrow_channels) return f.template operator()<0>();
+        [&]<int... I>(std::integer_sequence<int, I...>) {
+            ((IC == I + 1 ? (f.template operator()<I + 1>(), 0) : 0), ...);
+        }(std::make_integer_sequence<int, static_cast<int>(narrow_channels)>{});
+    }
+}
+
 /// Extents of one NDHWC tensor's spatial part.
 struct extents3 {
     index_t d, h, w;
@@ -107,6 +125,26 @@ constexpr range valid_outputs(index_t in, index_t out, index_t s, index_t p, ind
 
 // --- forward -------------------------------------------------------------------------
 
+/// Stores a forward tile: bias, epilogue, the store (partial at the channel tail), statistics.
+/// Inlined: the accumulators must stay in registers.
+template <int PB, int VB, bool Checked, class Epi, class Stats>
+[[gnu::always_inline]] inline void store_forward_tile(fvec (&acc)[PB][VB], index_t npix, index_t OC,
+                                                      const float* bias, index_t oc0, float* yrow, index_t ow0, Epi epi,
+                                                      Stats& stats) noexcept
+{
+    for (int p = 0; p < PB; ++p) {
+        if (Checked && p >= npix) break;
+        float* out = yrow + (ow0 + p) * OC + oc0;
+        for (int j = 0; j < VB; ++j) {
+            const index_t lanes = std::min<index_t>(width, OC - oc0 - j * width);
+            acc[p][j] = epi(bias ? acc[p][j] + simd::load(bias + oc0 + j * width) : acc[p][j]);
+            if (lanes == width) simd::store(out + j * width, acc[p][j]);
+            else simd::store_partial(out + j * width, acc[p][j], lanes);
+        }
+    }
+    stats.template add_tile<PB, VB>(acc, Checked ? npix : index_t{PB}, oc0);
+}
+
 /// One tile of a forward row: output pixels [ow0, ow0 + npix) (npix == PB unless
 /// Checked), channels [oc0, oc0 + VB * width).  Checked tiles skip input pixels
 /// outside the image (padding) one by one; interior tiles have none.
@@ -147,17 +185,85 @@ inline void forward_tile(const G& g, const float* xn, extents3 in, index_t od, i
             }
         }
     }
-    for (int p = 0; p < PB; ++p) {
-        if (Checked && p >= npix) break;
-        float* out = yrow + (ow0 + p) * OC + oc0;
-        for (int j = 0; j < VB; ++j) {
-            const index_t lanes = std::min<index_t>(width, OC - oc0 - j * width);
-            acc[p][j] = epi(bias ? acc[p][j] + simd::load(bias + oc0 + j * width) : acc[p][j]);
-            if (lanes == width) simd::store(out + j * width, acc[p][j]);
-            else simd::store_partial(out + j * width, acc[p][j], lanes);
+    store_forward_tile<PB, VB, Checked>(acc, npix, OC, bias, oc0, yrow, ow0, epi, stats);
+}
+
+/// The taps of one output row (od, oh) whose input rows lie inside the image (every kw), in
+/// (kd, kh, kw) order: offsets of their input pixel from the tile's first window origin
+/// (x: from input pixel ow0 * s - p of row 0) and of their packed weights (w).  Interior tiles
+/// then run the whole reduction as one loop (GCC keeps the accumulators in registers only
+/// across a tile's innermost loop: nested tap loops spill them once per inner loop).
+struct row_taps {
+    static constexpr index_t capacity = 343; // 7x7x7; larger kernels are walked in segments
+    index_t n = 0;
+    index_t x[capacity], w[capacity];
+
+    /// The valid taps among taps [t0, t1) (t1 - t0 <= capacity), in order.
+    template <class G>
+    void fill(const G& g, extents3 in, index_t od, index_t oh, index_t t0, index_t t1) noexcept
+    {
+        const index_t IC = g.in(), OCP = round_up(g.out(), width), KH = g.template k<1>(), KW = g.template k<2>();
+        n = 0;
+        for (index_t t = t0; t < t1; ++t) {
+            const index_t kd = t / (KH * KW), kh = t / KW % KH, kw = t % KW;
+            const index_t id = od * g.template s<0>() - g.template p<0>() + kd * g.template dil<0>();
+            const index_t ih = oh * g.template s<1>() - g.template p<1>() + kh * g.template dil<1>();
+            if (id < 0 || id >= in.d || ih < 0 || ih >= in.h) continue;
+            x[n] = ((id * in.h + ih) * in.w + kw * g.template dil<2>()) * IC;
+            w[n] = t * IC * OCP;
+            ++n;
         }
     }
-    stats.template add_tile<PB, VB>(acc, Checked ? npix : index_t{PB}, oc0);
+};
+
+/// An interior forward tile over one block of its reduction: taps [k0, k1) of a row's tap
+/// table, input channels [ic0, ic1) of each (ICN > 0: 1-4 channels fixed at compile time, whole
+/// taps).  `first`: the accumulators start at zero, else from the partial sums an earlier block
+/// stored in y; `last`: bias, epilogue, statistics and the final store, else the partial sums
+/// are stored as they are.  Float stores and loads are exact, so each output keeps one fma
+/// chain over (kd, kh, kw, ic), the terms and order of forward_tile: the same bits whatever
+/// the blocking.
+template <int PB, int VB, int ICN, class G, class Epi, class Stats>
+inline void forward_tile_taps(const G& g, const float* xn, const row_taps& t, index_t k0, index_t k1, index_t ic0,
+                              index_t ic1, bool first, bool last, index_t ow0, const float* wp, const float* bias,
+                              index_t oc0, float* yrow, Epi epi, Stats& stats) noexcept
+{
+    const index_t IC = ICN ? ICN : g.in(), OC = g.out(), OCP = round_up(OC, width);
+    const index_t step = g.template s<2>() * IC; // between a tile's pixels
+    const float* x0 = xn + (ow0 * g.template s<2>() - g.template p<2>()) * IC;
+    const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
+    fvec acc[PB][VB];
+    for (int p = 0; p < PB; ++p)
+        for (int j = 0; j < VB; ++j) {
+            const float* o = yrow + (ow0 + p) * OC + oc0 + j * width;
+            acc[p][j] = first ? fvec(0.f) : j + 1 < VB || last_lanes == width ? simd::load(o) : simd::load_partial(o, last_lanes);
+        }
+    for (index_t k = k0; k < k1; ++k) {
+        const float* xk = x0 + t.x[k];
+        const float* wk = wp + t.w[k] + oc0;
+        auto channel = [&](index_t ic) {
+            fvec wv[VB];
+            for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + ic * OCP + j * width);
+            for (int p = 0; p < PB; ++p) {
+                const fvec b(xk[p * step + ic]);
+                for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
+            }
+        };
+        if constexpr (ICN > 0)
+            for (index_t ic = 0; ic < ICN; ++ic) channel(ic);
+        else
+            for (index_t ic = ic0; ic < ic1; ++ic) channel(ic);
+    }
+    if (last) {
+        store_forward_tile<PB, VB, false>(acc, PB, OC, bias, oc0, yrow, ow0, epi, stats);
+        return;
+    }
+    for (int p = 0; p < PB; ++p)
+        for (int j = 0; j < VB; ++j) {
+            float* o = yrow + (ow0 + p) * OC + oc0 + j * width;
+            if (j + 1 < VB || last_lanes == width) simd::store(o, acc[p][j]);
+            else simd::store_partial(o, acc[p][j], last_lanes);
+        }
 }
 
 /// A forward that keeps no statistics.
@@ -258,13 +364,16 @@ inline index_t moments_workspace(index_t rows, index_t OC) noexcept
 }
 
 /// y[n][od][oh][ow][oc] = epi(bias[oc] + sum over taps and ic of x * w) (NDHWC in and out),
-/// in tiles of `vectors` (1..max_vectors) output-channel vectors.  wp: pack()'s forward
-/// layout; bias: OCP floats or null.  Parallel over blocks of output rows.  With `moments`
-/// (moments_workspace doubles), also the per-channel count, mean and M2 of the stored values,
-/// returned in its first 3 * OCP doubles (count, mean, M2).
+/// in tiles of `vectors` (1..max_vectors) output-channel vectors, the reduction of interior
+/// tiles in blocks of about `block_rows` (tap, ic) rows (L1 blocking of the weights).  wp:
+/// pack()'s forward layout; bias: OCP floats or null.  Parallel over blocks of output rows.  With `moments`
+/// (moments_workspace doubles; identity epilogue only, null otherwise), also the per-channel
+/// count, mean and M2 of the stored values, returned in its first 3 * OCP doubles (count, mean,
+/// M2).
 template <class G, class Epi>
-void forward_tiles(const G& g, index_t vectors, index_t N, extents3 in, extents3 out, const float* x, const float* wp,
-                   const float* bias, float* y, Epi epi, double* moments = nullptr) noexcept
+void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, extents3 in, extents3 out,
+                   const float* x, const float* wp, const float* bias, float* y, Epi epi,
+                   double* moments = nullptr) noexcept
 {
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
     const range interior = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), 0);
@@ -277,34 +386,75 @@ void forward_tiles(const G& g, index_t vectors, index_t N, extents3 in, extents3
         const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
         const float* xn = x + n * in.d * in.h * in.w * IC;
         float* yrow = y + row * out.w * OC;
+        row_taps taps;
         for_channel_chunks(OC, vectors, [&]<int VB>(index_t oc0) {
             constexpr int PB = pixels_for<VB>;
-            index_t ow = 0;
-            while (ow < out.w) {
-                if (ow >= ow_lo && ow + PB <= ow_hi) {
-                    forward_tile<PB, VB, false>(g, xn, in, od, oh, ow, PB, wp, bias, oc0, yrow, epi, stats);
-                    ow += PB;
-                } else {
-                    const index_t npix = std::min<index_t>({PB, out.w - ow, ow < ow_lo ? ow_lo - ow : index_t{PB}});
-                    forward_tile<PB, VB, true>(g, xn, in, od, oh, ow, npix, wp, bias, oc0, yrow, epi, stats);
+            // Border pixels (taps reaching into the padding along w) and the interior's
+            // leftover: narrow checked tiles, whose cost follows their width, not their pixels.
+            constexpr int PBb = std::min(PB, 4);
+            auto border = [&](index_t from, index_t to) {
+                for (index_t ow = from; ow < to;) {
+                    const index_t npix = std::min<index_t>(PBb, to - ow);
+                    forward_tile<PBb, VB, true>(g, xn, in, od, oh, ow, npix, wp, bias, oc0, yrow, epi, stats);
                     ow += npix;
                 }
-            }
+            };
+            const index_t lo = ow_lo, tiles = ow_hi > lo ? (ow_hi - lo) / PB : 0, hi = lo + tiles * PB;
+            border(0, lo); // (left to right: the statistics see the pixels in order)
+            // Interior tiles: the reduction in blocks of about block_rows (tap, ic) rows, each run
+            // over every interior tile of the row (the block's weights stay in L1 across them),
+            // over the row's valid taps in segments of the table's capacity.
+            with_input_channels(g, [&]<int ICN>() {
+                bool first = true;
+                auto run_block = [&](index_t k0, index_t k1, index_t ic0, index_t ic1, bool last) {
+                    for (index_t i = 0; i < tiles; ++i)
+                        forward_tile_taps<PB, VB, ICN>(g, xn, taps, k0, k1, ic0, ic1, first, last, lo + i * PB, wp,
+                                                       bias, oc0, yrow, epi, stats);
+                    first = false;
+                };
+                const index_t T = g.taps();
+                for (index_t t0 = 0; t0 < T; t0 += row_taps::capacity) {
+                    const index_t t1 = std::min(T, t0 + row_taps::capacity);
+                    taps.fill(g, in, od, oh, t0, t1);
+                    const bool final_segment = t1 == T;
+                    if (taps.n == 0) {
+                        if (final_segment) run_block(0, 0, 0, 0, true); // bias and epilogue only, or the last store
+                        continue;
+                    }
+                    if (ICN > 0 || IC <= block_rows) { // blocks of whole taps
+                        const index_t per = std::max<index_t>(1, block_rows / IC);
+                        for (index_t k0 = 0; k0 < taps.n; k0 += per) {
+                            const index_t k1 = std::min(taps.n, k0 + per);
+                            run_block(k0, k1, 0, IC, final_segment && k1 == taps.n);
+                        }
+                    } else { // blocks of channels within a tap
+                        for (index_t k = 0; k < taps.n; ++k)
+                            for (index_t ic0 = 0; ic0 < IC; ic0 += block_rows) {
+                                const index_t ic1 = std::min(IC, ic0 + block_rows);
+                                run_block(k, k + 1, ic0, ic1, final_segment && k + 1 == taps.n && ic1 == IC);
+                            }
+                    }
+                }
+            });
+            border(hi, out.w);
         });
     };
     parallel::parallel_for(blocks, rows * out.w * OC * IC * g.taps(), [&](index_t b) {
-        if (moments) {
+        // (statistics are instantiated for the identity epilogue only: the fused block keeps
+        // the conv output z and applies BN + ReLU after)
+        if (std::is_same_v<Epi, expr::identity_t> && moments) {
             double* m = moments + 4 * OCP * (b + 1);
             std::fill(m, m + 4 * OCP, 0.0);
             block_moments stats{m, m + OCP, m + 2 * OCP, m + 3 * OCP};
-            for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) run(stats, row);
+            if constexpr (std::is_same_v<Epi, expr::identity_t>)
+                for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) run(stats, row);
             stats.finish(OCP); // -> count, mean, M2
         } else {
             no_stats none;
             run(none, b);
         }
     });
-    if (moments) { // the fixed merge tree: blocks in order
+    if (std::is_same_v<Epi, expr::identity_t> && moments) { // the fixed merge tree: blocks in order
         std::fill(moments, moments + 3 * OCP, 0.0);
         channel_moments total{moments, moments + OCP, moments + 2 * OCP};
         for (index_t b = 0; b < blocks; ++b) {
@@ -321,7 +471,7 @@ template <class G, class Epi>
 void forward(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const float* x,
              const float* wp, const float* bias, float* y, Epi epi, double* moments = nullptr) noexcept
 {
-    forward_tiles(g, s.tile_vectors, N, in, out, x, wp, bias, y, epi, moments);
+    forward_tiles(g, s.tile_vectors, s.forward_block_rows, N, in, out, x, wp, bias, y, epi, moments);
 }
 
 // --- grad input ----------------------------------------------------------------------
@@ -573,13 +723,9 @@ void grad_input_narrow(const G& g, index_t N, extents3 in, extents3 out, const f
             });
         });
     };
-    if constexpr (G::spec.in != dynamic) {
-        if constexpr (G::spec.in >= 1 && G::spec.in <= narrow_channels) run.template operator()<static_cast<int>(G::spec.in)>();
-    } else {
-        [&]<int... I>(std::integer_sequence<int, I...>) {
-            ((g.in() == I + 1 ? (run.template operator()<I + 1>(), 0) : 0), ...);
-        }(std::make_integer_sequence<int, static_cast<int>(narrow_channels)>{});
-    }
+    with_input_channels(g, [&]<int IC>() {
+        if constexpr (IC > 0) run.template operator()<IC>();
+    });
 }
 
 /// dx (NDHWC, overwritten) for dy, in tiles of s.grad_input_vectors input-channel vectors; wt
@@ -598,7 +744,8 @@ void grad_input(const G& g, const conv_schedule& s, index_t N, extents3 in, exte
         // g's run-time members hold every value, fixed by the spec or not
         const conv_geometry<transposed_spec(S)> gt{g.out(), g.in(), g.k_, 1, transposed_padding(g.k_, g.p_, g.dil_),
                                                    g.dil_};
-        forward_tiles(gt, s.grad_input_vectors, N, out, in, dy, wt, nullptr, dx, expr::identity_t{});
+        forward_tiles(gt, s.grad_input_vectors, s.forward_block_rows, N, out, in, dy, wt, nullptr, dx,
+                      expr::identity_t{});
     };
     auto gather = [&] { grad_input_gather(g, s.grad_input_vectors, N, in, out, dy, wt, dx); };
     if constexpr (S.in != dynamic && S.in <= narrow_channels) grad_input_narrow(g, N, in, out, dy, wt, dx);

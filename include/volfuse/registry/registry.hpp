@@ -119,6 +119,13 @@ conv_kernels conv_kernels_for() noexcept
     };
 }
 
+#ifdef VOLFUSE_EXTERN_FALLBACK_KERNELS
+// The runtime-shaped conv kernels are the largest instantiation a TU can make (every tile
+// shape for every channel tail).  A build defining this macro compiles them once, in one TU
+// that includes <volfuse/registry/fallback_kernels.hpp> (docs/gen.md), instead of in every TU.
+extern template conv_kernels conv_kernels_for<conv_spec{}>() noexcept;
+#endif
+
 // --- batch norm ----------------------------------------------------------------------
 
 /// A per-channel callback passed through a pointer (the kernels' finalize arguments).

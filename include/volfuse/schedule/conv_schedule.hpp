@@ -32,7 +32,11 @@ struct conv_schedule {
     /// Forward: output-channel vectors per register tile (1..conv_max_vectors); the tile is
     /// conv_tile_pixels(v) output pixels along w x v vectors.
     int tile_vectors = conv_max_vectors;
-    /// Grad input (a forward conv of dY for stride 1, the scatter otherwise): input-channel
+    /// Forward (and grad input as a forward conv of dY): (tap, ic) rows of the reduction per
+    /// L1 block; a block's weights (rows x tile vectors) are reused by every tile of an output
+    /// row before the next block.
+    index_t forward_block_rows = 96;
+    /// Grad input (a forward conv of dY for stride 1, a gather otherwise): input-channel
     /// vectors per tile.
     int grad_input_vectors = conv_max_vectors;
     /// Grad weight: output-channel vectors per tile; the tile is conv_gw_max_rows(v) (tap, ic)
@@ -56,15 +60,16 @@ struct conv_schedule {
         s.grad_input_vectors = clamp(grad_input_vectors, 1, conv_max_vectors);
         s.gw_vectors = clamp(gw_vectors, 1, conv_max_vectors);
         s.gw_block_pixels = std::max<index_t>(1, gw_block_pixels);
+        s.forward_block_rows = std::max<index_t>(1, forward_block_rows);
         return s;
     }
-    /// "forward tile 6x4 (pixels x vectors), grad input tile 6x4, grad weight tile 6x4 ((tap,
-    /// ic) rows x vectors) per 256-pixel block".
+    /// "forward tile 6x4 (pixels x vectors) over 96-row reduction blocks, grad input tile 6x4,
+    /// grad weight tile 6x4 ((tap, ic) rows x vectors) per 256-pixel block".
     std::string str() const
     {
         auto tile = [](int p, int v) { return std::to_string(p) + "x" + std::to_string(v); };
         std::string s = "forward tile " + tile(conv_tile_pixels(tile_vectors), tile_vectors);
-        s += " (pixels x vectors), grad input tile " + tile(conv_tile_pixels(grad_input_vectors), grad_input_vectors);
+        s += " (pixels x vectors) over " + std::to_string(forward_block_rows) + "-row reduction blocks, grad input tile " + tile(conv_tile_pixels(grad_input_vectors), grad_input_vectors);
         s += ", grad weight tile " + tile(conv_gw_max_rows(gw_vectors), gw_vectors);
         s += " ((tap, ic) rows x vectors) per " + std::to_string(gw_block_pixels) + "-pixel block";
         return s;
@@ -72,7 +77,8 @@ struct conv_schedule {
     /// Equal in what the kernels see (origin aside).
     bool same_loops(const conv_schedule& o) const noexcept
     {
-        return tile_vectors == o.tile_vectors && grad_input_vectors == o.grad_input_vectors &&
+        return tile_vectors == o.tile_vectors && forward_block_rows == o.forward_block_rows &&
+               grad_input_vectors == o.grad_input_vectors &&
                gw_vectors == o.gw_vectors && gw_block_pixels == o.gw_block_pixels;
     }
 };
@@ -85,23 +91,28 @@ inline std::string schedule_target(uarch u) { return std::string(uarch_name(u)) 
 /// machines where docs/conv.md says so; the others are reasoned from the cores' widths and
 /// caches (and `volfuse_gen --tune` replaces them per layer):
 ///  - Intel AVX-512, Zen 5: two full-width FMA pipes need >= 8 independent accumulators in
-///    flight; 6x4 tiles (24) amortize each broadcast over 4 FMAs.  2 MB (Intel) / 1 MB (Zen 5)
-///    L2: 256-pixel grad-weight blocks (dY and x of a block: <= 200 KB for 128 channels).
+///    flight; 6x4 tiles (24) amortize each broadcast over 4 FMAs.  48 KB L1D: forward blocks
+///    of 96 (tap, ic) rows (96 x 4 vectors = 24 KB of weights, half the L1).  2 MB (Intel) /
+///    1 MB (Zen 5) L2: 256-pixel grad-weight blocks (dY and x of a block: <= 200 KB for 128
+///    channels).
 ///  - Zen 4: 512-bit ops as two halves halve the FMA rate (4 accumulators hide the latency),
-///    so the same tiles only become less load-bound; 1 MB L2: the same blocks.  Its own entry
-///    so that a measurement there changes only Zen 4.
-///  - AVX2 / baseline: 16 registers: 6x2 tiles (the most that fit); 128-pixel grad-weight
-///    blocks (client cores' 256-512 KB L2).
+///    so the same tiles only become less load-bound; 32 KB L1D: 64-row forward blocks (16 KB);
+///    1 MB L2: the same grad-weight blocks.
+///  - AVX2 / baseline: 16 registers: 6x2 tiles (the most that fit), 32 KB L1D: 128-row forward
+///    blocks (2 vectors: 16 KB); 128-pixel grad-weight blocks (client cores' 256-512 KB L2).
 inline conv_schedule conv_schedule_defaults(uarch u)
 {
     conv_schedule s;
     s.origin = std::string("default for ") + uarch_name(u);
     switch (u) {
     case uarch::intel_avx512:
-    case uarch::zen5:
-    case uarch::zen4: break;
+    case uarch::zen5: break;
+    case uarch::zen4: s.forward_block_rows = 64; break;
     case uarch::avx2:
-    case uarch::baseline: s.gw_block_pixels = 128; break;
+    case uarch::baseline:
+        s.forward_block_rows = 128;
+        s.gw_block_pixels = 128;
+        break;
     }
     return s.clamped();
 }
