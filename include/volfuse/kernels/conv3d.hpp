@@ -236,7 +236,9 @@ inline void forward_tile_taps(const G& g, const float* xn, const row_taps& t, in
     for (int p = 0; p < PB; ++p)
         for (int j = 0; j < VB; ++j) {
             const float* o = yrow + (ow0 + p) * OC + oc0 + j * width;
-            acc[p][j] = first ? fvec(0.f) : j + 1 < VB || last_lanes == width ? simd::load(o) : simd::load_partial(o, last_lanes);
+            acc[p][j] = first                                   ? fvec(0.f)
+                        : j + 1 < VB || last_lanes == width ? simd::load(o)
+                                                            : simd::load_partial(o, last_lanes);
         }
     for (index_t k = k0; k < k1; ++k) {
         const float* xk = x0 + t.x[k];
@@ -522,6 +524,40 @@ constexpr packing grad_input_packing(const G& g) noexcept
 }
 
 
+/// The taps that reach the pixels iw = rw + sw * (j0 + p), p < PB, of input row (id, ih), in
+/// (kd, kh, kw) order: f(tap, yo, ok) with yo[p] the offset of pixel p's output pixel in dy of
+/// the image (ow = j0 + p + q(kw), consecutive), ok[p] whether it lies inside the output (always,
+/// unless Checked; then also p < npix).  The walk both gather tiles share.
+template <int PB, bool Checked, class G, class F>
+[[gnu::always_inline]] inline void for_gather_taps(const G& g, extents3 out, index_t id, index_t ih, index_t rw,
+                                                   index_t j0, index_t npix, F&& f) noexcept
+{
+    const index_t OC = g.out(), KH = g.template k<1>(), KW = g.template k<2>();
+    const index_t sd = g.template s<0>(), sh = g.template s<1>(), sw = g.template s<2>();
+    for (index_t kd = 0; kd < g.template k<0>(); ++kd) {
+        const index_t nd = id + g.template p<0>() - kd * g.template dil<0>();
+        if (nd < 0 || nd % sd != 0 || nd / sd >= out.d) continue;
+        for (index_t kh = 0; kh < KH; ++kh) {
+            const index_t nh = ih + g.template p<1>() - kh * g.template dil<1>();
+            if (nh < 0 || nh % sh != 0 || nh / sh >= out.h) continue;
+            const index_t row = (nd / sd * out.h + nh / sh) * out.w * OC;
+            for (index_t kw = 0; kw < KW; ++kw) {
+                const index_t nw = rw + g.template p<2>() - kw * g.template dil<2>();
+                if (nw % sw != 0) continue; // (exact division below, negative nw included)
+                const index_t q = nw / sw;
+                index_t yo[PB];
+                bool ok[PB];
+                for (int p = 0; p < PB; ++p) {
+                    const index_t ow = j0 + p + q;
+                    ok[p] = !Checked || (p < npix && ow >= 0 && ow < out.w);
+                    yo[p] = row + (ok[p] ? ow * OC : 0);
+                }
+                f((kd * KH + kh) * KW + kw, yo, ok);
+            }
+        }
+    }
+}
+
 /// One tile of grad input as a gather: input pixels iw = rw + sw * (j0 + p) along w, p < PB
 /// (p < npix and only output pixels inside the image when Checked), input channels
 /// [ic0, ic0 + VB * width).  Every pixel of the tile has the same residue rw mod sw, so the
@@ -531,43 +567,23 @@ template <int PB, int VB, bool Checked, class G>
 inline void grad_input_tile(const G& g, const float* dyn, extents3 out, index_t id, index_t ih, index_t rw,
                             index_t j0, index_t npix, const float* wt, index_t ic0, float* dxrow) noexcept
 {
-    const index_t IC = g.in(), OC = g.out(), ICP = round_up(IC, width);
-    const index_t KH = g.template k<1>(), KW = g.template k<2>();
-    const index_t sd = g.template s<0>(), sh = g.template s<1>(), sw = g.template s<2>();
+    const index_t IC = g.in(), OC = g.out(), ICP = round_up(IC, width), sw = g.template s<2>();
     fvec acc[PB][VB];
     for (int p = 0; p < PB; ++p)
         for (int j = 0; j < VB; ++j) acc[p][j] = fvec(0.f);
-    for (index_t kd = 0; kd < g.template k<0>(); ++kd) {
-        const index_t nd = id + g.template p<0>() - kd * g.template dil<0>();
-        if (nd < 0 || nd % sd != 0 || nd / sd >= out.d) continue;
-        for (index_t kh = 0; kh < KH; ++kh) {
-            const index_t nh = ih + g.template p<1>() - kh * g.template dil<1>();
-            if (nh < 0 || nh % sh != 0 || nh / sh >= out.h) continue;
-            const float* dyr = dyn + (nd / sd * out.h + nh / sh) * out.w * OC;
-            for (index_t kw = 0; kw < KW; ++kw) {
-                const index_t nw = rw + g.template p<2>() - kw * g.template dil<2>();
-                if (nw % sw != 0) continue; // (exact division below, negative nw included)
-                const index_t q = nw / sw;
-                const float* wk = wt + ((kd * KH + kh) * KW + kw) * OC * ICP + ic0;
-                index_t yo[PB];
-                bool ok[PB];
-                for (int p = 0; p < PB; ++p) {
-                    const index_t ow = j0 + p + q;
-                    ok[p] = !Checked || (p < npix && ow >= 0 && ow < out.w);
-                    yo[p] = ok[p] ? ow * OC : 0;
-                }
-                for (index_t oc = 0; oc < OC; ++oc) {
-                    fvec wv[VB];
-                    for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + oc * ICP + j * width);
-                    for (int p = 0; p < PB; ++p) {
-                        if (Checked && !ok[p]) continue;
-                        const fvec b(dyr[yo[p] + oc]);
-                        for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
-                    }
-                }
+    auto tap_terms = [&](index_t tap, const index_t (&yo)[PB], const bool (&ok)[PB]) {
+        const float* wk = wt + tap * OC * ICP + ic0;
+        for (index_t oc = 0; oc < OC; ++oc) {
+            fvec wv[VB];
+            for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + oc * ICP + j * width);
+            for (int p = 0; p < PB; ++p) {
+                if (Checked && !ok[p]) continue;
+                const fvec b(dyn[yo[p] + oc]);
+                for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
             }
         }
-    }
+    };
+    for_gather_taps<PB, Checked>(g, out, id, ih, rw, j0, npix, tap_terms);
     for (int p = 0; p < PB; ++p) {
         if (Checked && p >= npix) break;
         float* o = dxrow + (rw + sw * (j0 + p)) * IC + ic0;
@@ -665,44 +681,25 @@ inline void grad_input_narrow_tile(const G& g, const float* dyn, extents3 out, i
                                    index_t j0, index_t npix, const float* wp, float* dxrow) noexcept
 {
     const index_t OC = g.out(), OCP = round_up(OC, width), full = OC / width, tail = OC - full * width;
-    const index_t KH = g.template k<1>(), KW = g.template k<2>();
-    const index_t sd = g.template s<0>(), sh = g.template s<1>(), sw = g.template s<2>();
+    const index_t sw = g.template s<2>();
     fvec acc[PB][IC];
     for (int p = 0; p < PB; ++p)
         for (int i = 0; i < IC; ++i) acc[p][i] = fvec(0.f);
-    for (index_t kd = 0; kd < g.template k<0>(); ++kd) {
-        const index_t nd = id + g.template p<0>() - kd * g.template dil<0>();
-        if (nd < 0 || nd % sd != 0 || nd / sd >= out.d) continue;
-        for (index_t kh = 0; kh < KH; ++kh) {
-            const index_t nh = ih + g.template p<1>() - kh * g.template dil<1>();
-            if (nh < 0 || nh % sh != 0 || nh / sh >= out.h) continue;
-            const float* dyr = dyn + (nd / sd * out.h + nh / sh) * out.w * OC;
-            for (index_t kw = 0; kw < KW; ++kw) {
-                const index_t nw = rw + g.template p<2>() - kw * g.template dil<2>();
-                if (nw % sw != 0) continue;
-                const index_t q = nw / sw;
-                const float* wk = wp + ((kd * KH + kh) * KW + kw) * IC * OCP;
-                const float* d[PB];
-                bool ok[PB];
-                for (int p = 0; p < PB; ++p) {
-                    const index_t ow = j0 + p + q;
-                    ok[p] = !Checked || (p < npix && ow >= 0 && ow < out.w);
-                    d[p] = dyr + (ok[p] ? ow * OC : 0);
-                }
-                auto step = [&](index_t c, auto load) {
-                    fvec w[IC];
-                    for (int i = 0; i < IC; ++i) w[i] = simd::load(wk + i * OCP + c);
-                    for (int p = 0; p < PB; ++p) {
-                        if (Checked && !ok[p]) continue;
-                        const fvec dv = load(d[p] + c);
-                        for (int i = 0; i < IC; ++i) acc[p][i] = simd::fma(dv, w[i], acc[p][i]);
-                    }
-                };
-                for (index_t v = 0; v < full; ++v) step(v * width, [](const float* a) { return simd::load(a); });
-                if (tail) step(full * width, [&](const float* a) { return simd::load_partial(a, tail); });
+    auto tap_terms = [&](index_t tap, const index_t (&yo)[PB], const bool (&ok)[PB]) {
+        const float* wk = wp + tap * IC * OCP;
+        auto step = [&](index_t c, auto load) {
+            fvec w[IC];
+            for (int i = 0; i < IC; ++i) w[i] = simd::load(wk + i * OCP + c);
+            for (int p = 0; p < PB; ++p) {
+                if (Checked && !ok[p]) continue;
+                const fvec dv = load(dyn + yo[p] + c);
+                for (int i = 0; i < IC; ++i) acc[p][i] = simd::fma(dv, w[i], acc[p][i]);
             }
-        }
-    }
+        };
+        for (index_t v = 0; v < full; ++v) step(v * width, [](const float* a) { return simd::load(a); });
+        if (tail) step(full * width, [&](const float* a) { return simd::load_partial(a, tail); });
+    };
+    for_gather_taps<PB, Checked>(g, out, id, ih, rw, j0, npix, tap_terms);
     for (int p = 0; p < PB; ++p) {
         if (Checked && p >= npix) break;
         float* o = dxrow + (rw + sw * (j0 + p)) * IC;

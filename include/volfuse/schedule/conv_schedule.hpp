@@ -69,7 +69,8 @@ struct conv_schedule {
     {
         auto tile = [](int p, int v) { return std::to_string(p) + "x" + std::to_string(v); };
         std::string s = "forward tile " + tile(conv_tile_pixels(tile_vectors), tile_vectors);
-        s += " (pixels x vectors) over " + std::to_string(forward_block_rows) + "-row reduction blocks, grad input tile " + tile(conv_tile_pixels(grad_input_vectors), grad_input_vectors);
+        s += " (pixels x vectors) over " + std::to_string(forward_block_rows) + "-row reduction blocks";
+        s += ", grad input tile " + tile(conv_tile_pixels(grad_input_vectors), grad_input_vectors);
         s += ", grad weight tile " + tile(conv_gw_max_rows(gw_vectors), gw_vectors);
         s += " ((tap, ic) rows x vectors) per " + std::to_string(gw_block_pixels) + "-pixel block";
         return s;
