@@ -222,9 +222,11 @@ struct row_taps {
 /// stored in y; `last`: bias, epilogue, statistics and the final store, else the partial sums
 /// are stored as they are.  Float stores and loads are exact, so each output keeps one fma
 /// chain over (kd, kh, kw, ic), the terms and order of forward_tile: the same bits whatever
-/// the blocking.
+/// the blocking.  Not inlined: the blocked loop calls it from three places, and three inlined
+/// copies of every (PB, VB, epilogue, statistics) instantiation cost 50 % more compile time
+/// than a call per tile costs run time.
 template <int PB, int VB, int ICN, class G, class Epi, class Stats>
-inline void forward_tile_taps(const G& g, const float* xn, const row_taps& t, index_t k0, index_t k1, index_t ic0,
+[[gnu::noinline]] void forward_tile_taps(const G& g, const float* xn, const row_taps& t, index_t k0, index_t k1, index_t ic0,
                               index_t ic1, bool first, bool last, index_t ow0, const float* wp, const float* bias,
                               index_t oc0, float* yrow, Epi epi, Stats& stats) noexcept
 {
