@@ -70,6 +70,30 @@ std::string describe(const case_t& c)
            " x " + vf::detail::sizes_str(c.xs);
 }
 
+/// Case c through the runtime-shaped Conv3d in both layouts, on random data from g: each against
+/// the float64 reference, and the two the same bits (both layouts run the same channels-last
+/// kernels).  probe(conv) sees the NDHWC module before it runs.
+template <class Probe>
+void check_case(const case_t& c, std::mt19937& g, Probe&& probe)
+{
+    conv_reference ref(c.cf, c.xs);
+    const auto x = randn(numel(c.xs), g), dy = randn(numel(ref.ys), g);
+    const auto w = randn(c.cf.out * c.cf.in * ref.taps(), g, 0.0, 0.3), b = randn(c.cf.out, g);
+    ref.forward(x, w, b);
+    ref.backward(x, w, dy);
+    const auto bias = c.cf.bias ? b : std::vector<float>{};
+    vf::Conv3d<> a(c.cf.in, c.cf.out, c.cf.k, c.cf.s, c.cf.p, c.cf.dil, 1, c.cf.bias);
+    probe(a);
+    const auto r1 = run_conv<vf::ndhwc_t>(a, ref, x, w, bias, dy);
+    check_against_reference(r1, ref);
+    vf::Conv3d<> m(c.cf.in, c.cf.out, c.cf.k, c.cf.s, c.cf.p, c.cf.dil, 1, c.cf.bias);
+    const auto r2 = run_conv<vf::ncdhw_t>(m, ref, x, w, bias, dy);
+    REQUIRE(same_bits(r1.y, r2.y));
+    REQUIRE(same_bits(r1.dx, r2.dx));
+    REQUIRE(same_bits(r1.gw, r2.gw));
+    REQUIRE(same_bits(r1.gb, r2.gb));
+}
+
 } // namespace
 
 TEST_CASE("Conv3d forward and backward match a float64 reference", "[conv][numerics]")
@@ -77,21 +101,7 @@ TEST_CASE("Conv3d forward and backward match a float64 reference", "[conv][numer
     std::mt19937 g(21);
     for (const auto& c : random_cases(60, 5)) {
         INFO(describe(c));
-        conv_reference ref(c.cf, c.xs);
-        const auto x = randn(numel(c.xs), g), dy = randn(numel(ref.ys), g);
-        const auto w = randn(c.cf.out * c.cf.in * ref.taps(), g, 0.0, 0.3), b = randn(c.cf.out, g);
-        ref.forward(x, w, b);
-        ref.backward(x, w, dy);
-        vf::Conv3d<> a(c.cf.in, c.cf.out, c.cf.k, c.cf.s, c.cf.p, c.cf.dil, 1, c.cf.bias);
-        const auto r1 = run_conv<vf::ndhwc_t>(a, ref, x, w, c.cf.bias ? b : std::vector<float>{}, dy);
-        check_against_reference(r1, ref);
-        vf::Conv3d<> m(c.cf.in, c.cf.out, c.cf.k, c.cf.s, c.cf.p, c.cf.dil, 1, c.cf.bias);
-        const auto r2 = run_conv<vf::ncdhw_t>(m, ref, x, w, c.cf.bias ? b : std::vector<float>{}, dy);
-        // Both layouts run the same channels-last kernels: the same bits.
-        REQUIRE(same_bits(r1.y, r2.y));
-        REQUIRE(same_bits(r1.dx, r2.dx));
-        REQUIRE(same_bits(r1.gw, r2.gw));
-        REQUIRE(same_bits(r1.gb, r2.gb));
+        check_case(c, g, [](const vf::Conv3d<>&) {});
     }
 }
 
@@ -212,21 +222,13 @@ TEST_CASE("stride-1 grad input runs as a forward conv of dY and matches the floa
         const vf::size3 p{pick(0, dil.d * (k.d - 1)), pick(0, k.h - 1), pick(0, dil.w * (k.w - 1))};
         const conv_config cf{channels[pick(0, 5)], channels[pick(0, 5)], k, 1, p, dil, pick(0, 1) != 0};
         const sizes5 xs{pick(1, 2), cf.in, dil.d * (k.d - 1) + pick(1, 3), k.h + pick(0, 4), dil.w * (k.w - 1) + pick(1, 13)};
-        case_t c{cf, xs};
+        const case_t c{cf, xs};
         INFO(describe(c));
-        conv_reference ref(cf, xs);
-        const auto x = randn(numel(xs), g), dy = randn(numel(ref.ys), g);
-        const auto w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3), b = randn(cf.out, g);
-        ref.forward(x, w, b);
-        ref.backward(x, w, dy);
-        vf::Conv3d<> a(cf.in, cf.out, k, 1, p, dil, 1, cf.bias);
-        // (in_channels <= 4 run the narrow kernel instead: tested below)
-        REQUIRE(vf::kernels::conv::grad_input_as_forward(a.geom()) == (cf.in > vf::kernels::conv::narrow_channels));
-        const auto r1 = run_conv<vf::ndhwc_t>(a, ref, x, w, cf.bias ? b : std::vector<float>{}, dy);
-        check_against_reference(r1, ref);
-        vf::Conv3d<> m(cf.in, cf.out, k, 1, p, dil, 1, cf.bias);
-        const auto r2 = run_conv<vf::ncdhw_t>(m, ref, x, w, cf.bias ? b : std::vector<float>{}, dy);
-        REQUIRE(same_bits(r1.dx, r2.dx));
+        check_case(c, g, [&](const vf::Conv3d<>& a) {
+            // (in_channels <= 4 run the narrow kernel instead: tested below)
+            REQUIRE(vf::kernels::conv::grad_input_as_forward(a.geom()) ==
+                    (cf.in > vf::kernels::conv::narrow_channels));
+        });
     }
     // Fixed at compile time: only the forward formulation is instantiated.
     const conv_config cf{17, 20, {3, 3, 3}, 1, {1, 2, 0}, {1, 1, 2}, true};
@@ -257,20 +259,11 @@ TEST_CASE("in_channels 1-4: grad input vectorized over output channels matches t
         const vf::size3 p{pick(0, 2), pick(0, 1), pick(0, 3)};
         const conv_config cf{pick(1, 4), outs[pick(0, 5)], k, s, p, dil, true};
         const sizes5 xs{pick(1, 2), cf.in, dil.d * (k.d - 1) + pick(1, 4), k.h + pick(0, 4), dil.w * (k.w - 1) + pick(1, 20)};
-        case_t c{cf, xs};
+        const case_t c{cf, xs};
         INFO(describe(c));
-        conv_reference ref(cf, xs);
-        const auto x = randn(numel(xs), g), dy = randn(numel(ref.ys), g);
-        const auto w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3), b = randn(cf.out, g);
-        ref.forward(x, w, b);
-        ref.backward(x, w, dy);
-        vf::Conv3d<> a(cf.in, cf.out, k, s, p, dil);
-        REQUIRE(vf::kernels::conv::grad_input_packing(a.geom()) == vf::kernels::conv::packing::forward);
-        const auto r1 = run_conv<vf::ndhwc_t>(a, ref, x, w, b, dy);
-        check_against_reference(r1, ref);
-        vf::Conv3d<> m(cf.in, cf.out, k, s, p, dil);
-        const auto r2 = run_conv<vf::ncdhw_t>(m, ref, x, w, b, dy);
-        REQUIRE(same_bits(r1.dx, r2.dx));
+        check_case(c, g, [](const vf::Conv3d<>& a) {
+            REQUIRE(vf::kernels::conv::grad_input_packing(a.geom()) == vf::kernels::conv::packing::forward);
+        });
     }
     const conv_config cf{3, 20, {3, 5, 7}, {1, 2, 2}, {1, 2, 3}, 1, true};
     const sizes5 xs{2, 3, 4, 9, 15};
