@@ -75,6 +75,7 @@ TEST_CASE("ConvBnReLU3d matches a float64 Conv3d -> BatchNorm3d -> ReLU chain", 
         {{3, 16, {3, 3, 3}, 1, 1}, {2, 3, 4, 5, 6}},
         {{5, 17, {3, 1, 2}, {2, 1, 1}, {1, 0, 1}, 1, false}, {2, 5, 5, 4, 9}},
         {{8, 40, {2, 2, 2}, 1, 0, {1, 2, 1}}, {3, 8, 4, 6, 5}},
+        {{4, 70, {3, 3, 3}, 1, 1}, {1, 4, 3, 4, 8}}, // past one block of packed weights (BN folded into both)
     };
     for (const auto& [cf, xs] : cases)
         for (bool train : {true, false}) {

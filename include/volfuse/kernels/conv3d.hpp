@@ -74,21 +74,38 @@ void with_vectors(index_t n, F&& f)
     }(std::make_integer_sequence<int, max_vectors>{});
 }
 
-/// Chunks of at most `per_chunk` (<= max_vectors) channel vectors over `channels`:
-/// f.template operator()<V>(c0).
+/// Lanes per block of the blocked weight layouts (pack()): a tile's weights of one (tap, ic)
+/// row are one contiguous run, so a block of rows fills L1 sets evenly (rows strided by a
+/// power of two would crowd half the sets).
+inline constexpr index_t pack_chunk = max_vectors * width;
+
+/// Offset of (row r, lane l) in `rows` rows x `lanes` lanes (a multiple of width) blocked in
+/// pack_chunk lanes: [lanes / pack_chunk][rows][pack_chunk], the last block narrower.
+constexpr index_t blocked_offset(index_t rows, index_t lanes, index_t r, index_t l) noexcept
+{
+    const index_t c0 = l / pack_chunk * pack_chunk;
+    return c0 * rows + r * std::min(pack_chunk, lanes - c0) + (l - c0);
+}
+
+/// Chunks of at most `per_chunk` (<= max_vectors) channel vectors over `channels`, never
+/// across a pack_chunk boundary: f.template operator()<V>(c0).
 template <class F>
 void for_channel_chunks(index_t channels, index_t per_chunk, F&& f)
 {
     const index_t vectors = (channels + width - 1) / width;
-    for (index_t v0 = 0; v0 < vectors; v0 += per_chunk)
-        with_vectors(std::min<index_t>(per_chunk, vectors - v0), [&]<int V>() { f.template operator()<V>(v0 * width); });
+    for (index_t b0 = 0; b0 < vectors; b0 += max_vectors) {
+        const index_t b1 = std::min<index_t>(vectors, b0 + max_vectors);
+        for (index_t v0 = b0; v0 < b1; v0 += per_chunk)
+            with_vectors(std::min<index_t>(per_chunk, b1 - v0), [&]<int V>() { f.template operator()<V>(v0 * width); });
+    }
 }
 
 /// How pack() lays PyTorch's weight [OC][IC][KD][KH][KW] out for the kernels.
 enum class packing {
-    forward,           ///< [tap][IC][OCP]: the forward kernel's
-    transposed,        ///< [tap][OC][ICP]: grad input's gather
-    flipped_transposed ///< [KD-1-kd][KH-1-kh][KW-1-kw][OC][ICP]: grad input as a forward conv of dY
+    forward,            ///< rows (tap, IC) x lanes OCP, blocked (blocked_offset): the forward kernel's
+    forward_rows,       ///< [tap][IC][OCP]: narrow grad input's (vectors over all of OC at once)
+    transposed,         ///< [tap][OC][ICP]: grad input's gather
+    flipped_transposed  ///< rows (KD-1-kd, KH-1-kh, KW-1-kw, OC) x lanes ICP, blocked: grad input as a forward conv of dY
 };
 
 /// Packs PyTorch's weight for the kernels (OCP / ICP: rounded up to whole vectors; padding
@@ -97,7 +114,8 @@ template <class G>
 void pack(const G& g, const float* w, float* out, packing how = packing::forward) noexcept
 {
     const index_t IC = g.in(), OC = g.out(), T = g.taps();
-    const bool tr = how != packing::forward;
+    const bool tr = how == packing::transposed || how == packing::flipped_transposed;
+    const bool blocked = how == packing::forward || how == packing::flipped_transposed;
     const index_t rows = tr ? OC : IC, lanes = round_up(tr ? IC : OC, width);
     std::fill(out, out + T * rows * lanes, 0.f);
     for (index_t oc = 0; oc < OC; ++oc)
@@ -105,7 +123,8 @@ void pack(const G& g, const float* w, float* out, packing how = packing::forward
             for (index_t t = 0; t < T; ++t) {
                 // taps are row-major (kd, kh, kw): the flipped tap is T-1-t
                 const index_t tp = how == packing::flipped_transposed ? T - 1 - t : t;
-                out[(tp * rows + (tr ? oc : ic)) * lanes + (tr ? ic : oc)] = w[(oc * IC + ic) * T + t];
+                const index_t r = tp * rows + (tr ? oc : ic), l = tr ? ic : oc;
+                out[blocked ? blocked_offset(T * rows, lanes, r, l) : r * lanes + l] = w[(oc * IC + ic) * T + t];
             }
 }
 
@@ -145,64 +164,22 @@ template <int PB, int VB, bool Checked, class Epi, class Stats>
     stats.template add_tile<PB, VB>(acc, Checked ? npix : index_t{PB}, oc0);
 }
 
-/// One tile of a forward row: output pixels [ow0, ow0 + npix) (npix == PB unless
-/// Checked), channels [oc0, oc0 + VB * width).  Checked tiles skip input pixels
-/// outside the image (padding) one by one; interior tiles have none.
-template <int PB, int VB, bool Checked, class G, class Epi, class Stats>
-inline void forward_tile(const G& g, const float* xn, extents3 in, index_t od, index_t oh, index_t ow0, index_t npix,
-                         const float* wp, const float* bias, index_t oc0, float* yrow, Epi epi, Stats& stats) noexcept
-{
-    const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
-    fvec acc[PB][VB];
-    for (int p = 0; p < PB; ++p)
-        for (int j = 0; j < VB; ++j) acc[p][j] = fvec(0.f);
-    for (index_t kd = 0; kd < g.template k<0>(); ++kd) {
-        const index_t id = od * g.template s<0>() - g.template p<0>() + kd * g.template dil<0>();
-        if (id < 0 || id >= in.d) continue;
-        for (index_t kh = 0; kh < g.template k<1>(); ++kh) {
-            const index_t ih = oh * g.template s<1>() - g.template p<1>() + kh * g.template dil<1>();
-            if (ih < 0 || ih >= in.h) continue;
-            const float* xr = xn + (id * in.h + ih) * in.w * IC;
-            for (index_t kw = 0; kw < g.template k<2>(); ++kw) {
-                const float* wk = wp + (((kd * g.template k<1>() + kh) * g.template k<2>() + kw) * IC) * OCP + oc0;
-                const index_t iw0 = ow0 * g.template s<2>() - g.template p<2>() + kw * g.template dil<2>();
-                index_t xo[PB];
-                bool ok[PB];
-                for (int p = 0; p < PB; ++p) {
-                    const index_t iw = iw0 + p * g.template s<2>();
-                    ok[p] = !Checked || (p < npix && iw >= 0 && iw < in.w);
-                    xo[p] = ok[p] ? iw * IC : 0;
-                }
-                for (index_t ic = 0; ic < IC; ++ic) {
-                    fvec wv[VB];
-                    for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + ic * OCP + j * width);
-                    for (int p = 0; p < PB; ++p) {
-                        if (Checked && !ok[p]) continue;
-                        const fvec b(xr[xo[p] + ic]);
-                        for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
-                    }
-                }
-            }
-        }
-    }
-    store_forward_tile<PB, VB, Checked>(acc, npix, OC, bias, oc0, yrow, ow0, epi, stats);
-}
-
 /// The taps of one output row (od, oh) whose input rows lie inside the image (every kw), in
 /// (kd, kh, kw) order: offsets of their input pixel from the tile's first window origin
-/// (x: from input pixel ow0 * s - p of row 0) and of their packed weights (w).  Interior tiles
-/// then run the whole reduction as one loop (GCC keeps the accumulators in registers only
-/// across a tile's innermost loop: nested tap loops spill them once per inner loop).
+/// (x: from input pixel ow0 * s - p of row 0), their weight row (w: tap * IC), and the output
+/// pixels [lo, hi) of the row whose input pixel for the tap lies inside along w.  Tiles then
+/// run the whole reduction as one loop (GCC keeps the accumulators in registers only across a
+/// tile's innermost loop: nested tap loops spill them once per inner loop).
 struct row_taps {
     static constexpr index_t capacity = 343; // 7x7x7; larger kernels are walked in segments
     index_t n = 0;
-    index_t x[capacity], w[capacity];
+    index_t x[capacity], w[capacity], lo[capacity], hi[capacity];
 
     /// The valid taps among taps [t0, t1) (t1 - t0 <= capacity), in order.
     template <class G>
-    void fill(const G& g, extents3 in, index_t od, index_t oh, index_t t0, index_t t1) noexcept
+    void fill(const G& g, extents3 in, extents3 out, index_t od, index_t oh, index_t t0, index_t t1) noexcept
     {
-        const index_t IC = g.in(), OCP = round_up(g.out(), width), KH = g.template k<1>(), KW = g.template k<2>();
+        const index_t IC = g.in(), KH = g.template k<1>(), KW = g.template k<2>();
         n = 0;
         for (index_t t = t0; t < t1; ++t) {
             const index_t kd = t / (KH * KW), kh = t / KW % KH, kw = t % KW;
@@ -210,64 +187,99 @@ struct row_taps {
             const index_t ih = oh * g.template s<1>() - g.template p<1>() + kh * g.template dil<1>();
             if (id < 0 || id >= in.d || ih < 0 || ih >= in.h) continue;
             x[n] = ((id * in.h + ih) * in.w + kw * g.template dil<2>()) * IC;
-            w[n] = t * IC * OCP;
+            w[n] = t * IC;
+            const range r = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), kw * g.template dil<2>());
+            lo[n] = r.lo;
+            hi[n] = r.hi;
             ++n;
         }
     }
 };
 
-/// An interior forward tile over one block of its reduction: taps [k0, k1) of a row's tap
-/// table, input channels [ic0, ic1) of each (ICN > 0: 1-4 channels fixed at compile time, whole
-/// taps).  `first`: the accumulators start at zero, else from the partial sums an earlier block
-/// stored in y; `last`: bias, epilogue, statistics and the final store, else the partial sums
-/// are stored as they are.  Float stores and loads are exact, so each output keeps one fma
-/// chain over (kd, kh, kw, ic), the terms and order of forward_tile: the same bits whatever
-/// the blocking.  Not inlined: the blocked loop calls it from three places, and three inlined
-/// copies of every (PB, VB, epilogue, statistics) instantiation cost 50 % more compile time
+/// A forward tile over one block of its reduction: output pixels [ow0, ow0 + npix) of a row,
+/// channels [oc0, oc0 + VB * width) (one tile of pack()'s blocked layout), taps [k0, k1) of the
+/// row's tap table, input channels [ic0, ic1) of each (ICN > 0: 1-4 channels fixed at compile
+/// time, whole taps).  Interior tiles (Border false: npix == PB, every tap inside along w) run
+/// the reduction unchecked; border tiles skip, per tap, the pixels whose input lies in the
+/// padding (or past npix).  `first`: the accumulators start at zero, else from the partial sums
+/// an earlier block stored in y; `last`: bias, epilogue, statistics and the final store, else
+/// the partial sums are stored as they are.  Float stores and loads are exact, so each output
+/// keeps one fma chain over its valid (kd, kh, kw, ic) in that order: the same bits whatever
+/// the tiling or blocking.  Not inlined: the blocked loop calls it from several places, and
+/// inlined copies of every (PB, VB, epilogue, statistics) instantiation cost more compile time
 /// than a call per tile costs run time.
-template <int PB, int VB, int ICN, class G, class Epi, class Stats>
-[[gnu::noinline]] void forward_tile_taps(const G& g, const float* xn, const row_taps& t, index_t k0, index_t k1, index_t ic0,
-                              index_t ic1, bool first, bool last, index_t ow0, const float* wp, const float* bias,
-                              index_t oc0, float* yrow, Epi epi, Stats& stats) noexcept
+template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
+[[gnu::noinline]] void forward_tile_taps(const G& g, const float* xn, const row_taps& t, index_t k0, index_t k1,
+                                         index_t ic0, index_t ic1, bool first, bool last, index_t ow0, index_t npix,
+                                         const float* wp, const float* bias, index_t oc0, float* yrow, Epi epi,
+                                         Stats& stats) noexcept
 {
     const index_t IC = ICN ? ICN : g.in(), OC = g.out(), OCP = round_up(OC, width);
     const index_t step = g.template s<2>() * IC; // between a tile's pixels
-    const float* x0 = xn + (ow0 * g.template s<2>() - g.template p<2>()) * IC;
+    const index_t x0 = (ow0 * g.template s<2>() - g.template p<2>()) * IC; // may be < 0 at the border
+    const index_t cw = std::min(pack_chunk, OCP - oc0 / pack_chunk * pack_chunk);
+    const float* wc = wp + blocked_offset(g.taps() * IC, OCP, 0, oc0); // this tile's block, row 0
     const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
+    const index_t np = Border ? npix : index_t{PB};
     fvec acc[PB][VB];
     for (int p = 0; p < PB; ++p)
         for (int j = 0; j < VB; ++j) {
             const float* o = yrow + (ow0 + p) * OC + oc0 + j * width;
-            acc[p][j] = first                                   ? fvec(0.f)
+            acc[p][j] = first || p >= np                        ? fvec(0.f)
                         : j + 1 < VB || last_lanes == width ? simd::load(o)
                                                             : simd::load_partial(o, last_lanes);
         }
     for (index_t k = k0; k < k1; ++k) {
-        const float* xk = x0 + t.x[k];
-        const float* wk = wp + t.w[k] + oc0;
-        auto channel = [&](index_t ic) {
-            fvec wv[VB];
-            for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + ic * OCP + j * width);
-            for (int p = 0; p < PB; ++p) {
-                const fvec b(xk[p * step + ic]);
-                for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
-            }
+        const float* wk = wc + t.w[k] * cw;
+        const index_t xk = x0 + t.x[k];
+        // Border: the tile's pixels whose input for this tap is inside (a run: iw grows with p).
+        const index_t plo = Border ? std::clamp<index_t>(t.lo[k] - ow0, 0, np) : 0;
+        const index_t phi = Border ? std::clamp<index_t>(t.hi[k] - ow0, 0, np) : PB;
+        if (Border && plo >= phi) continue;
+        // Pixels outside [plo, phi) have their fmas masked (x read at a valid index instead): a
+        // branch per pixel in the channel loop would cost more than the fmas it skips.
+        auto reduce = [&]<bool Masked>() {
+            [[maybe_unused]] index_t xo[PB];
+            [[maybe_unused]] simd::fmask on[PB];
+            if constexpr (Masked)
+                for (int p = 0; p < PB; ++p) {
+                    const bool in = p >= plo && p < phi;
+                    on[p] = simd::fmask(in);
+                    xo[p] = in ? xk + p * step : 0;
+                }
+            auto channel = [&](index_t ic) {
+                fvec wv[VB];
+                for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + ic * cw + j * width);
+                for (int p = 0; p < PB; ++p) {
+                    if constexpr (Masked) {
+                        const fvec b(xn[xo[p] + ic]);
+                        for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma_where(on[p], b, wv[j], acc[p][j]);
+                    } else {
+                        const fvec b(xn[xk + p * step + ic]);
+                        for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
+                    }
+                }
+            };
+            if constexpr (ICN > 0)
+                for (index_t ic = 0; ic < ICN; ++ic) channel(ic);
+            else
+                for (index_t ic = ic0; ic < ic1; ++ic) channel(ic);
         };
-        if constexpr (ICN > 0)
-            for (index_t ic = 0; ic < ICN; ++ic) channel(ic);
-        else
-            for (index_t ic = ic0; ic < ic1; ++ic) channel(ic);
+        if (Border && (plo > 0 || phi < PB)) reduce.template operator()<Border>();
+        else reduce.template operator()<false>();
     }
     if (last) {
-        store_forward_tile<PB, VB, false>(acc, PB, OC, bias, oc0, yrow, ow0, epi, stats);
+        store_forward_tile<PB, VB, Border>(acc, np, OC, bias, oc0, yrow, ow0, epi, stats);
         return;
     }
-    for (int p = 0; p < PB; ++p)
+    for (int p = 0; p < PB; ++p) {
+        if (Border && p >= np) break;
         for (int j = 0; j < VB; ++j) {
             float* o = yrow + (ow0 + p) * OC + oc0 + j * width;
             if (j + 1 < VB || last_lanes == width) simd::store(o, acc[p][j]);
             else simd::store_partial(o, acc[p][j], last_lanes);
         }
+    }
 }
 
 /// A forward that keeps no statistics.
@@ -370,7 +382,7 @@ inline index_t moments_workspace(index_t rows, index_t OC) noexcept
 /// y[n][od][oh][ow][oc] = epi(bias[oc] + sum over taps and ic of x * w) (NDHWC in and out),
 /// in tiles of `vectors` (1..max_vectors) output-channel vectors, the reduction of interior
 /// tiles in blocks of about `block_rows` (tap, ic) rows (L1 blocking of the weights).  wp:
-/// pack()'s forward layout; bias: OCP floats or null.  Parallel over blocks of output rows.  With `moments`
+/// pack()'s (blocked) forward layout; bias: OCP floats or null.  Parallel over blocks of output rows.  With `moments`
 /// (moments_workspace doubles; identity epilogue only, null otherwise), also the per-channel
 /// count, mean and M2 of the stored values, returned in its first 3 * OCP doubles (count, mean,
 /// M2).
@@ -393,33 +405,41 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
         row_taps taps;
         for_channel_chunks(OC, vectors, [&]<int VB>(index_t oc0) {
             constexpr int PB = pixels_for<VB>;
-            // Border pixels (taps reaching into the padding along w) and the interior's
-            // leftover: narrow checked tiles, whose cost follows their width, not their pixels.
+            // Left to right (the statistics see the pixels in order): narrow tiles of PBb pixels
+            // over the left padding's reach, whole tiles of PB pixels, narrow tiles over the
+            // rest.  Tiles whose taps reach into the padding along w are border tiles; narrow
+            // ones keep their cost proportional to the pixels they hold.
             constexpr int PBb = std::min(PB, 4);
-            auto border = [&](index_t from, index_t to) {
-                for (index_t ow = from; ow < to;) {
-                    const index_t npix = std::min<index_t>(PBb, to - ow);
-                    forward_tile<PBb, VB, true>(g, xn, in, od, oh, ow, npix, wp, bias, oc0, yrow, epi, stats);
-                    ow += npix;
-                }
-            };
-            const index_t lo = ow_lo, tiles = ow_hi > lo ? (ow_hi - lo) / PB : 0, hi = lo + tiles * PB;
-            border(0, lo); // (left to right: the statistics see the pixels in order)
-            // Interior tiles: the reduction in blocks of about block_rows (tap, ic) rows, each run
-            // over every interior tile of the row (the block's weights stay in L1 across them),
-            // over the row's valid taps in segments of the table's capacity.
+            const index_t start = std::min(out.w, (ow_lo + PBb - 1) / PBb * PBb);
+            const index_t whole_end = start + (out.w - start) / PB * PB;
             with_input_channels(g, [&]<int ICN>() {
                 bool first = true;
+                // The reduction in blocks of about block_rows (tap, ic) rows, each run over every
+                // tile of the row (the block's weights stay in L1 across them), over the row's
+                // valid taps in segments of the table's capacity.
                 auto run_block = [&](index_t k0, index_t k1, index_t ic0, index_t ic1, bool last) {
-                    for (index_t i = 0; i < tiles; ++i)
-                        forward_tile_taps<PB, VB, ICN>(g, xn, taps, k0, k1, ic0, ic1, first, last, lo + i * PB, wp,
-                                                       bias, oc0, yrow, epi, stats);
+                    auto narrow = [&](index_t from, index_t to) {
+                        for (index_t ow0 = from; ow0 < to; ow0 += PBb)
+                            forward_tile_taps<PBb, VB, ICN, true>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0,
+                                                                  std::min<index_t>(PBb, to - ow0), wp, bias, oc0,
+                                                                  yrow, epi, stats);
+                    };
+                    narrow(0, start);
+                    for (index_t ow0 = start; ow0 < whole_end; ow0 += PB) {
+                        if (ow0 >= ow_lo && ow0 + PB <= ow_hi)
+                            forward_tile_taps<PB, VB, ICN, false>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0,
+                                                                  PB, wp, bias, oc0, yrow, epi, stats);
+                        else
+                            forward_tile_taps<PB, VB, ICN, true>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0,
+                                                                 PB, wp, bias, oc0, yrow, epi, stats);
+                    }
+                    narrow(whole_end, out.w);
                     first = false;
                 };
                 const index_t T = g.taps();
                 for (index_t t0 = 0; t0 < T; t0 += row_taps::capacity) {
                     const index_t t1 = std::min(T, t0 + row_taps::capacity);
-                    taps.fill(g, in, od, oh, t0, t1);
+                    taps.fill(g, in, out, od, oh, t0, t1);
                     const bool final_segment = t1 == T;
                     if (taps.n == 0) {
                         if (final_segment) run_block(0, 0, 0, 0, true); // bias and epilogue only, or the last store
@@ -440,7 +460,6 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
                     }
                 }
             });
-            border(hi, out.w);
         });
     };
     parallel::parallel_for(blocks, rows * out.w * OC * IC * g.taps(), [&](index_t b) {
@@ -520,7 +539,7 @@ constexpr bool grad_input_as_forward(const G& g) noexcept
 template <class G>
 constexpr packing grad_input_packing(const G& g) noexcept
 {
-    return g.in() <= narrow_channels        ? packing::forward
+    return g.in() <= narrow_channels        ? packing::forward_rows
            : grad_input_as_forward(g)       ? packing::flipped_transposed
                                             : packing::transposed;
 }
@@ -675,7 +694,7 @@ inline float lanes_sum(fvec v) noexcept
 }
 
 /// One narrow tile (pixels as in grad_input_tile, all IC channels): acc[p][ic] += dy[ow][oc
-/// vector] * w[tap][ic][oc vector] over taps and oc vectors; wp: pack()'s forward layout (its
+/// vector] * w[tap][ic][oc vector] over taps and oc vectors; wp: pack()'s forward_rows layout (its
 /// padding lanes are zero; dy's tail vector is read partially).  Each dx element: its lanes'
 /// sums in (kd, kh, kw, oc vector) order, then lanes_sum.
 template <int IC, int PB, bool Checked, class G>
@@ -709,7 +728,7 @@ inline void grad_input_narrow_tile(const G& g, const float* dyn, extents3 out, i
     }
 }
 
-/// Grad input for in_channels <= narrow_channels (any stride), wp in pack()'s forward layout.
+/// Grad input for in_channels <= narrow_channels (any stride), wp in pack()'s forward_rows layout.
 template <class G>
 void grad_input_narrow(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wp,
                        float* dx) noexcept
@@ -814,7 +833,7 @@ void pad_input(const G& g, index_t N, extents3 in, const float* x, float* xp) no
     });
 }
 
-/// gw[tap][ic][OCP] += the GEMM above (NDHWC dy; xp from pad_input; gw in pack()'s forward
+/// gw[tap][ic][OCP] += the GEMM above (NDHWC dy; xp from pad_input; gw in pack()'s forward_rows
 /// layout, accumulated into), in tiles of inputs_for<V> (tap, ic) rows x V = s.gw_vectors
 /// output-channel vectors.  Cache blocking: each thread takes a fixed range of tiles and runs all of them
 /// over one block of output rows (s.gw_block_pixels at least) before the next block, so the

@@ -327,7 +327,7 @@ public:
             const float rsq = 1.f / std::sqrt(rv[oc] + static_cast<float>(bn.eps()));
             const float w = bn.affine() ? bn.weight()[oc] : 1.f, b = bn.affine() ? bn.bias()[oc] : 0.f;
             const float scale = w * rsq;
-            for (index_t i = 0; i < per; ++i) packed_[i * P + oc] *= scale;
+            for (index_t i = 0; i < per; ++i) packed_[kernels::conv::blocked_offset(per, P, i, oc)] *= scale;
             bias_padded_[oc] = ((has_bias_ ? bias_[oc] : 0.f) - rm[oc]) * rsq * w + b;
         }
         folded_ = true;

@@ -62,6 +62,16 @@ inline fvec fma(fvec a, fvec b, fvec c) noexcept
     return xsimd::fma(a, b, c);
 #endif
 }
+/// fma(a, b, c) in the lanes where `on`, c in the others: AVX-512's masked fma (skipping
+/// lanes costs no extra instruction), a select of the fma elsewhere.  Bits as fma's.
+inline fvec fma_where(fmask on, fvec a, fvec b, fvec c) noexcept
+{
+#if XSIMD_WITH_AVX512F
+    return fvec(_mm512_mask3_fmadd_ps(a, b, c, static_cast<__mmask16>(on)));
+#else
+    return xsimd::select(on, fma(a, b, c), c);
+#endif
+}
 /// c - a*b, rounded once where the ISA has FMA.
 inline fvec fnma(fvec a, fvec b, fvec c) noexcept
 {
