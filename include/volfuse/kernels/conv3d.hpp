@@ -782,8 +782,9 @@ void grad_input(const G& g, const conv_schedule& s, index_t N, extents3 in, exte
 // a GEMM whose rows are the (tap, ic) pairs and whose reduction runs over every output pixel.
 // x is read from a copy with its zero padding made explicit (pad_input), so every row reads
 // without bounds checks, and a tile of MB rows x VB output-channel vectors keeps its
-// accumulators in registers over a cache block of output rows.  Rows mix taps, so small
-// in_channels (1-4) still fill the tile.
+// accumulators in registers over a cache block of output rows.  A tile's rows are consecutive
+// channels of one tap when in_channels fill a tile (one input address per pixel); otherwise
+// they mix taps, so small in_channels (1-4) still fill the tile.
 
 /// (tap, ic) rows a grad-weight tile of VB output-channel vectors holds registers for.
 template <int VB>
@@ -796,12 +797,16 @@ extents3 padded_extents(const G& g, extents3 in) noexcept
     return {in.d + 2 * g.template p<0>(), in.h + 2 * g.template p<1>(), in.w + 2 * g.template p<2>()};
 }
 
-/// Floats pad_input writes.
+/// Floats past the padded input that grad_weight's tiles may read (rows of a tile past its
+/// last are read, never stored); pad_input zeroes them.
+inline constexpr index_t pad_slack = 2 * acc_registers;
+
+/// Floats pad_input writes (slack included).
 template <class G>
 index_t padded_size(const G& g, index_t N, extents3 in) noexcept
 {
     const extents3 e = padded_extents(g, in);
-    return N * e.d * e.h * e.w * g.in();
+    return N * e.d * e.h * e.w * g.in() + pad_slack;
 }
 
 /// xp = x with zeros around it (NDHWC, padded_extents); parallel over (image, padded depth).
@@ -811,6 +816,7 @@ void pad_input(const G& g, index_t N, extents3 in, const float* x, float* xp) no
     const index_t IC = g.in(), pd = g.template p<0>(), ph = g.template p<1>(), pw = g.template p<2>();
     const extents3 e = padded_extents(g, in);
     const index_t plane = e.h * e.w * IC;
+    std::fill(xp + N * e.d * plane, xp + N * e.d * plane + pad_slack, 0.f);
     parallel::parallel_for(N * e.d, N * e.d * plane, [&](index_t nd) {
         const index_t n = nd / e.d, d = nd % e.d - pd;
         float* out = xp + nd * plane;
@@ -833,6 +839,51 @@ void pad_input(const G& g, index_t N, extents3 in, const float* x, float* xp) no
     });
 }
 
+/// One grad-weight tile: rows [m0, m0 + nm) x output channels [oc0, oc0 + VB * width) of gw
+/// (o: its first element), summed over output rows [r0, r1).  off[m]: row m's input element
+/// from the output pixel's window origin in xp (PerTap: rows are consecutive channels of one
+/// tap, off[m] = off[0] + m; rows past nm read, never stored).  Not inlined: one copy per
+/// instantiation, its accumulators in registers.
+template <int VB, bool PerTap, class G>
+[[gnu::noinline]] void grad_weight_tile(const G& g, extents3 e, extents3 out, const float* xp, const float* dy,
+                                        const index_t* off, index_t nm, index_t oc0, index_t r0, index_t r1,
+                                        float* o) noexcept
+{
+    constexpr int MB = inputs_for<VB>;
+    const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
+    const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
+    const index_t first = off[0];
+    fvec acc[MB][VB]; // rows past nm start from row 0's (any value: never stored)
+    #pragma GCC unroll 32
+    for (int m = 0; m < MB; ++m)
+        #pragma GCC unroll 32
+        for (int j = 0; j < VB; ++j) acc[m][j] = simd::load(o + (m < nm ? m : 0) * OCP + j * width);
+    for (index_t row = r0; row < r1; ++row) {
+        const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
+        const float* base = xp + ((n * e.d + od * g.template s<0>()) * e.h + oh * g.template s<1>()) * e.w * IC;
+        const float* dyrow = dy + row * out.w * OC + oc0;
+        for (index_t ow = 0; ow < out.w; ++ow) {
+            const float* bp = base + ow * g.template s<2>() * IC;
+            fvec d[VB];
+            #pragma GCC unroll 32
+            for (int j = 0; j < VB; ++j)
+                d[j] = j + 1 < VB || last_lanes == width ? simd::load(dyrow + ow * OC + j * width)
+                                                         : simd::load_partial(dyrow + ow * OC + j * width, last_lanes);
+            #pragma GCC unroll 32
+            for (int m = 0; m < MB; ++m) {
+                const fvec b(PerTap ? bp[first + m] : bp[off[m]]);
+                #pragma GCC unroll 32
+                for (int j = 0; j < VB; ++j) acc[m][j] = simd::fma(b, d[j], acc[m][j]);
+            }
+        }
+    }
+    #pragma GCC unroll 32
+    for (int m = 0; m < MB; ++m)
+        if (m < nm)
+            #pragma GCC unroll 32
+            for (int j = 0; j < VB; ++j) simd::store(o + m * OCP + j * width, acc[m][j]);
+}
+
 /// gw[tap][ic][OCP] += the GEMM above (NDHWC dy; xp from pad_input; gw in pack()'s forward_rows
 /// layout, accumulated into), in tiles of inputs_for<V> (tap, ic) rows x V = s.gw_vectors
 /// output-channel vectors.  Cache blocking: each thread takes a fixed range of tiles and runs all of them
@@ -852,58 +903,32 @@ void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, ext
     const int vectors = static_cast<int>(std::min<index_t>(s.gw_vectors, (OC + width - 1) / width));
     const index_t chunk = vectors * width, oc_chunks = (OC + chunk - 1) / chunk;
     const index_t MB_max = conv_gw_max_rows(vectors);
-    const index_t m_blocks = (M + MB_max - 1) / MB_max, tiles = m_blocks * oc_chunks;
+    // Row blocks: within one tap when its channels fill whole tiles but for at most 1/16 of
+    // them (a tile's input elements are then consecutive: one address per pixel, no offset
+    // per row), else across taps (no tile runs short; small in_channels still fill a tile).
+    const index_t per_tap_blocks = (IC + MB_max - 1) / MB_max;
+    const bool per_tap = IC >= MB_max && 16 * (per_tap_blocks * MB_max - IC) <= IC;
+    const index_t m_blocks = per_tap ? g.taps() * per_tap_blocks : (M + MB_max - 1) / MB_max;
+    const index_t tiles = m_blocks * oc_chunks;
     const index_t rows = N * out.d * out.h, rb = std::max<index_t>(1, (s.gw_block_pixels + out.w - 1) / out.w);
+    // Offset in xp of row m's input element from the output pixel's window origin.
+    auto row_offset = [&](index_t m) {
+        const index_t t = m / IC, ic = m % IC, kd = t / (KH * KW), kh = t / KW % KH, kw = t % KW;
+        return ((kd * g.template dil<0>() * e.h + kh * g.template dil<1>()) * e.w + kw * g.template dil<2>()) * IC + ic;
+    };
     // One tile over output rows [r0, r1).
     auto tile = [&](index_t task, index_t r0, index_t r1) {
-        const index_t m0 = task / oc_chunks * MB_max, nm = std::min(MB_max, M - m0);
-        const index_t oc0 = task % oc_chunks * chunk;
+        const index_t mb = task / oc_chunks, oc0 = task % oc_chunks * chunk;
+        const index_t m0 = per_tap ? mb / per_tap_blocks * IC + mb % per_tap_blocks * MB_max : mb * MB_max;
+        const index_t nm = per_tap ? std::min(MB_max, IC - mb % per_tap_blocks * MB_max) : std::min(MB_max, M - m0);
         const index_t vectors = (std::min(OC, oc0 + chunk) - oc0 + width - 1) / width;
         with_vectors(vectors, [&]<int VB>() {
             constexpr int MB = inputs_for<VB>; // >= MB_max: VB <= vectors
-            // Offset of row m's input element from the output pixel's window origin in xp,
-            // stepping (kd, kh, kw, ic) from the block's first row; rows past nm repeat the
-            // first (read, never stored).
-            index_t off[MB] = {}; // (zeroed: GCC 12 warns falsely that off[0] may be read unset)
-            index_t t = m0 / IC, ic = m0 % IC, kd = t / (KH * KW), kh = t / KW % KH, kw = t % KW;
-            for (int m = 0; m < MB; ++m) {
-                off[m] = m < nm ? ((kd * g.template dil<0>() * e.h + kh * g.template dil<1>()) * e.w +
-                                   kw * g.template dil<2>()) * IC + ic
-                                : off[0];
-                if (++ic == IC) {
-                    ic = 0;
-                    if (++kw == KW) {
-                        kw = 0;
-                        if (++kh == KH) kh = 0, ++kd;
-                    }
-                }
-            }
-            const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
+            index_t off[MB];
+            for (int m = 0; m < MB; ++m) off[m] = row_offset(m < nm ? m0 + m : m0);
             float* o = gw + m0 * OCP + oc0;
-            fvec acc[MB][VB];
-            for (int m = 0; m < MB; ++m)
-                for (int j = 0; j < VB; ++j) acc[m][j] = m < nm ? simd::load(o + m * OCP + j * width) : fvec(0.f);
-            for (index_t row = r0; row < r1; ++row) {
-                const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
-                const float* base = xp + ((n * e.d + od * g.template s<0>()) * e.h + oh * g.template s<1>()) * e.w * IC;
-                const float* dyrow = dy + row * out.w * OC + oc0;
-                for (index_t ow = 0; ow < out.w; ++ow) {
-                    const float* bp = base + ow * g.template s<2>() * IC;
-                    fvec d[VB];
-                    for (int j = 0; j < VB; ++j)
-                        d[j] = j + 1 < VB || last_lanes == width
-                                   ? simd::load(dyrow + ow * OC + j * width)
-                                   : simd::load_partial(dyrow + ow * OC + j * width, last_lanes);
-                    for (int m = 0; m < MB; ++m) {
-                        const fvec b(bp[off[m]]);
-                        for (int j = 0; j < VB; ++j) acc[m][j] = simd::fma(b, d[j], acc[m][j]);
-                    }
-                }
-            }
-            for (int m = 0; m < MB; ++m) {
-                if (m >= nm) break;
-                for (int j = 0; j < VB; ++j) simd::store(o + m * OCP + j * width, acc[m][j]);
-            }
+            if (per_tap) grad_weight_tile<VB, true>(g, e, out, xp, dy, off, nm, oc0, r0, r1, o);
+            else grad_weight_tile<VB, false>(g, e, out, xp, dy, off, nm, oc0, r0, r1, o);
         });
     };
     const index_t parts = std::min<index_t>(tiles, get_num_threads());
