@@ -405,13 +405,15 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
         row_taps taps;
         for_channel_chunks(OC, vectors, [&]<int VB>(index_t oc0) {
             constexpr int PB = pixels_for<VB>;
-            // Left to right (the statistics see the pixels in order): narrow tiles of PBb pixels
-            // over the left padding's reach, whole tiles of PB pixels, narrow tiles over the
-            // rest.  Tiles whose taps reach into the padding along w are border tiles; narrow
-            // ones keep their cost proportional to the pixels they hold.
+            // Left to right (the statistics see the pixels in order): narrow border tiles of PBb
+            // pixels over the left padding's reach, whole interior tiles of PB pixels, narrow
+            // border tiles over the rest (the right padding's reach and the remainder).  Border
+            // tiles (some tap reaches into the padding along w for some pixel, or fewer pixels)
+            // are narrow so that their cost follows the pixels they hold, and only one width
+            // is instantiated for them.
             constexpr int PBb = std::min(PB, 4);
             const index_t start = std::min(out.w, (ow_lo + PBb - 1) / PBb * PBb);
-            const index_t whole_end = start + (out.w - start) / PB * PB;
+            const index_t whole_end = start + std::max<index_t>(0, std::min(out.w, ow_hi) - start) / PB * PB;
             with_input_channels(g, [&]<int ICN>() {
                 bool first = true;
                 // The reduction in blocks of about block_rows (tap, ic) rows, each run over every
@@ -425,14 +427,9 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
                                                                   yrow, epi, stats);
                     };
                     narrow(0, start);
-                    for (index_t ow0 = start; ow0 < whole_end; ow0 += PB) {
-                        if (ow0 >= ow_lo && ow0 + PB <= ow_hi)
-                            forward_tile_taps<PB, VB, ICN, false>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0,
-                                                                  PB, wp, bias, oc0, yrow, epi, stats);
-                        else
-                            forward_tile_taps<PB, VB, ICN, true>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0,
-                                                                 PB, wp, bias, oc0, yrow, epi, stats);
-                    }
+                    for (index_t ow0 = start; ow0 < whole_end; ow0 += PB)
+                        forward_tile_taps<PB, VB, ICN, false>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0, PB,
+                                                              wp, bias, oc0, yrow, epi, stats);
                     narrow(whole_end, out.w);
                     first = false;
                 };
