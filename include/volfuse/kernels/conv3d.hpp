@@ -380,8 +380,8 @@ inline index_t moments_workspace(index_t rows, index_t OC) noexcept
 }
 
 /// y[n][od][oh][ow][oc] = epi(bias[oc] + sum over taps and ic of x * w) (NDHWC in and out),
-/// in tiles of `vectors` (1..max_vectors) output-channel vectors, the reduction of interior
-/// tiles in blocks of about `block_rows` (tap, ic) rows (L1 blocking of the weights).  wp:
+/// in tiles of `vectors` (1..max_vectors) output-channel vectors, the reduction of every tile
+/// in blocks of about `block_rows` (tap, ic) rows (L1 blocking of the weights).  wp:
 /// pack()'s (blocked) forward layout; bias: OCP floats or null.  Parallel over blocks of output rows.  With `moments`
 /// (moments_workspace doubles; identity epilogue only, null otherwise), also the per-channel
 /// count, mean and M2 of the stored values, returned in its first 3 * OCP doubles (count, mean,
