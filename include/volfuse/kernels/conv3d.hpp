@@ -165,30 +165,45 @@ template <int PB, int VB, bool Checked, class Epi, class Stats>
 }
 
 /// The taps of one output row (od, oh) whose input rows lie inside the image (every kw), in
-/// (kd, kh, kw) order: offsets of their input pixel from the tile's first window origin
-/// (x: from input pixel ow0 * s - p of row 0), their weight row (w: tap * IC), and the output
-/// pixels [lo, hi) of the row whose input pixel for the tap lies inside along w.  Tiles then
-/// run the whole reduction as one loop (GCC keeps the accumulators in registers only across a
-/// tile's innermost loop: nested tap loops spill them once per inner loop).
+/// (kd, kh, kw) order: offsets of their input pixel from the row's first window origin (x:
+/// relative to `base`, the offset of input pixel (od*s - p, oh*s - p, 0) in the image, which
+/// may lie in the padding), their weight row (w: tap * IC), and the output pixels [lo, hi) of
+/// the row whose input pixel for the tap lies inside along w.  Tiles then run the whole
+/// reduction as one loop (GCC keeps the accumulators in registers only across a tile's
+/// innermost loop: nested tap loops spill them once per inner loop).  The table depends on
+/// the row only through which kd and kh are valid, so rows inside the image share one: set()
+/// refills it only when that changes.
 struct row_taps {
     static constexpr index_t capacity = 343; // 7x7x7; larger kernels are walked in segments
-    index_t n = 0;
+    index_t n = 0, base = 0;
     index_t x[capacity], w[capacity], lo[capacity], hi[capacity];
+    index_t key[5] = {-1, -1, -1, -1, -1}; // valid kd and kh ranges and t0 the table was filled for
 
-    /// The valid taps among taps [t0, t1) (t1 - t0 <= capacity), in order.
+    /// The table of taps [t0, t1) (t1 - t0 <= capacity) for row (od, oh).
     template <class G>
-    void fill(const G& g, extents3 in, extents3 out, index_t od, index_t oh, index_t t0, index_t t1) noexcept
+    void set(const G& g, extents3 in, extents3 out, index_t od, index_t oh, index_t t0, index_t t1) noexcept
     {
-        const index_t IC = g.in(), KH = g.template k<1>(), KW = g.template k<2>();
+        const index_t IC = g.in(), KD = g.template k<0>(), KH = g.template k<1>(), KW = g.template k<2>();
+        const index_t dd = g.template dil<0>(), dh = g.template dil<1>(), dw = g.template dil<2>();
+        const index_t id0 = od * g.template s<0>() - g.template p<0>(), ih0 = oh * g.template s<1>() - g.template p<1>();
+        base = (id0 * in.h + ih0) * in.w * IC;
+        // Valid kd: 0 <= id0 + kd*dd < in.d (a range, as id grows with kd); kh likewise.
+        auto valid = [](index_t i0, index_t dil, index_t extent, index_t K) {
+            const index_t lo = i0 >= 0 ? 0 : (-i0 + dil - 1) / dil;
+            const index_t hi = extent - i0 <= 0 ? 0 : (extent - i0 + dil - 1) / dil;
+            return std::array<index_t, 2>{std::min(lo, K), std::max(std::min(lo, K), std::min(hi, K))};
+        };
+        const auto vd = valid(id0, dd, in.d, KD), vh = valid(ih0, dh, in.h, KH);
+        const index_t k[5] = {vd[0], vd[1], vh[0], vh[1], t0};
+        if (std::equal(k, k + 5, key)) return;
+        std::copy(k, k + 5, key);
         n = 0;
         for (index_t t = t0; t < t1; ++t) {
             const index_t kd = t / (KH * KW), kh = t / KW % KH, kw = t % KW;
-            const index_t id = od * g.template s<0>() - g.template p<0>() + kd * g.template dil<0>();
-            const index_t ih = oh * g.template s<1>() - g.template p<1>() + kh * g.template dil<1>();
-            if (id < 0 || id >= in.d || ih < 0 || ih >= in.h) continue;
-            x[n] = ((id * in.h + ih) * in.w + kw * g.template dil<2>()) * IC;
+            if (kd < vd[0] || kd >= vd[1] || kh < vh[0] || kh >= vh[1]) continue;
+            x[n] = ((kd * dd * in.h + kh * dh) * in.w + kw * dw) * IC;
             w[n] = t * IC;
-            const range r = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), kw * g.template dil<2>());
+            const range r = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), kw * dw);
             lo[n] = r.lo;
             hi[n] = r.hi;
             ++n;
@@ -216,13 +231,15 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
 {
     const index_t IC = ICN ? ICN : g.in(), OC = g.out(), OCP = round_up(OC, width);
     const index_t step = g.template s<2>() * IC; // between a tile's pixels
-    const index_t x0 = (ow0 * g.template s<2>() - g.template p<2>()) * IC; // may be < 0 at the border
+    const index_t x0 = t.base + (ow0 * g.template s<2>() - g.template p<2>()) * IC; // window origin: may lie in the padding
     const index_t cw = std::min(pack_chunk, OCP - oc0 / pack_chunk * pack_chunk);
     const float* wc = wp + blocked_offset(g.taps() * IC, OCP, 0, oc0); // this tile's block, row 0
     const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
     const index_t np = Border ? npix : index_t{PB};
     fvec acc[PB][VB];
+    #pragma GCC unroll 32
     for (int p = 0; p < PB; ++p)
+        #pragma GCC unroll 32
         for (int j = 0; j < VB; ++j) {
             const float* o = yrow + (ow0 + p) * OC + oc0 + j * width;
             acc[p][j] = first || p >= np                        ? fvec(0.f)
@@ -235,13 +252,13 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
         // Border: the tile's pixels whose input for this tap is inside (a run: iw grows with p).
         const index_t plo = Border ? std::clamp<index_t>(t.lo[k] - ow0, 0, np) : 0;
         const index_t phi = Border ? std::clamp<index_t>(t.hi[k] - ow0, 0, np) : PB;
-        if (Border && plo >= phi) continue;
         // Pixels outside [plo, phi) have their fmas masked (x read at a valid index instead): a
         // branch per pixel in the channel loop would cost more than the fmas it skips.
         auto reduce = [&]<bool Masked>() {
             [[maybe_unused]] index_t xo[PB];
             [[maybe_unused]] simd::fmask on[PB];
             if constexpr (Masked)
+                #pragma GCC unroll 32
                 for (int p = 0; p < PB; ++p) {
                     const bool in = p >= plo && p < phi;
                     on[p] = simd::fmask(in);
@@ -249,13 +266,17 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
                 }
             auto channel = [&](index_t ic) {
                 fvec wv[VB];
+                #pragma GCC unroll 32
                 for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + ic * cw + j * width);
+                #pragma GCC unroll 32
                 for (int p = 0; p < PB; ++p) {
                     if constexpr (Masked) {
                         const fvec b(xn[xo[p] + ic]);
+                        #pragma GCC unroll 32
                         for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma_where(on[p], b, wv[j], acc[p][j]);
                     } else {
                         const fvec b(xn[xk + p * step + ic]);
+                        #pragma GCC unroll 32
                         for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
                     }
                 }
@@ -265,8 +286,10 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
             else
                 for (index_t ic = ic0; ic < ic1; ++ic) channel(ic);
         };
-        if (Border && (plo > 0 || phi < PB)) reduce.template operator()<Border>();
-        else reduce.template operator()<false>();
+        // One body per tile: with a masked and an unmasked body GCC keeps acc in memory (a
+        // load and a store per accumulator per tap: border tiles cost as much as whole ones).
+        // A masked fma costs what an fma costs on AVX-512 (a blend more elsewhere).
+        reduce.template operator()<Border>();
     }
     if (last) {
         store_forward_tile<PB, VB, Border>(acc, np, OC, bias, oc0, yrow, ow0, epi, stats);
@@ -397,12 +420,13 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
     const range wide = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(),
                                      (g.template k<2>() - 1) * g.template dil<2>());
     const index_t ow_lo = interior.lo, ow_hi = wide.hi; // tiles inside [ow_lo, ow_hi) need no checks
-    const index_t rows = N * out.d * out.h, R = moments ? moment_rows : 1, blocks = (rows + R - 1) / R;
-    auto run = [&](auto& stats, index_t row) {
+    // Blocks of R output rows: the unit of threads and of statistics (fixed: the merge order
+    // does not depend on the thread count); a block's rows share one tap table.
+    const index_t rows = N * out.d * out.h, R = moment_rows, blocks = (rows + R - 1) / R;
+    auto run = [&](auto& stats, row_taps& taps, index_t row) {
         const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
         const float* xn = x + n * in.d * in.h * in.w * IC;
         float* yrow = y + row * out.w * OC;
-        row_taps taps;
         for_channel_chunks(OC, vectors, [&]<int VB>(index_t oc0) {
             constexpr int PB = pixels_for<VB>;
             // Left to right (the statistics see the pixels in order): narrow border tiles of PBb
@@ -412,7 +436,7 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
             // are narrow so that their cost follows the pixels they hold, and only one width
             // is instantiated for them.
             constexpr int PBb = std::min(PB, 4);
-            const index_t start = std::min(out.w, (ow_lo + PBb - 1) / PBb * PBb);
+            const index_t start = std::min(out.w, ow_lo);
             const index_t whole_end = start + std::max<index_t>(0, std::min(out.w, ow_hi) - start) / PB * PB;
             with_input_channels(g, [&]<int ICN>() {
                 bool first = true;
@@ -436,7 +460,7 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
                 const index_t T = g.taps();
                 for (index_t t0 = 0; t0 < T; t0 += row_taps::capacity) {
                     const index_t t1 = std::min(T, t0 + row_taps::capacity);
-                    taps.fill(g, in, out, od, oh, t0, t1);
+                    taps.set(g, in, out, od, oh, t0, t1);
                     const bool final_segment = t1 == T;
                     if (taps.n == 0) {
                         if (final_segment) run_block(0, 0, 0, 0, true); // bias and epilogue only, or the last store
@@ -462,16 +486,17 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
     parallel::parallel_for(blocks, rows * out.w * OC * IC * g.taps(), [&](index_t b) {
         // (statistics are instantiated for the identity epilogue only: the fused block keeps
         // the conv output z and applies BN + ReLU after)
+        row_taps taps;
         if (std::is_same_v<Epi, expr::identity_t> && moments) {
             double* m = moments + 4 * OCP * (b + 1);
             std::fill(m, m + 4 * OCP, 0.0);
             block_moments stats{m, m + OCP, m + 2 * OCP, m + 3 * OCP};
             if constexpr (std::is_same_v<Epi, expr::identity_t>)
-                for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) run(stats, row);
+                for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) run(stats, taps, row);
             stats.finish(OCP); // -> count, mean, M2
         } else {
             no_stats none;
-            run(none, b);
+            for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) run(none, taps, row);
         }
     });
     if (std::is_same_v<Epi, expr::identity_t> && moments) { // the fixed merge tree: blocks in order

@@ -66,7 +66,14 @@ inline fvec fma(fvec a, fvec b, fvec c) noexcept
 /// lanes costs no extra instruction), a select of the fma elsewhere.  Bits as fma's.
 inline fvec fma_where(fmask on, fvec a, fvec b, fvec c) noexcept
 {
-#if XSIMD_WITH_AVX512F
+#if XSIMD_WITH_AVX512F && defined(__GNUC__)
+    // In assembly: GCC folds the intrinsic into a select, and where c lives in memory (a tile's
+    // accumulator array) into a masked store, which keeps the array in memory around the loop.
+    __m512 r = c;
+    __asm__("vfmadd231ps %2, %1, %0%{%3%}" : "+v"(r) : "v"(__m512(a)), "v"(__m512(b)),
+            "Yk"(static_cast<__mmask16>(on)));
+    return fvec(r);
+#elif XSIMD_WITH_AVX512F
     return fvec(_mm512_mask3_fmadd_ps(a, b, c, static_cast<__mmask16>(on)));
 #else
     return xsimd::select(on, fma(a, b, c), c);
