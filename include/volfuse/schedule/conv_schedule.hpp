@@ -91,11 +91,15 @@ inline std::string schedule_target(uarch u) { return std::string(uarch_name(u)) 
 /// The defaults of a CPU class for this build's vector ISA.  Measured on this project's
 /// machines where docs/conv.md says so; the others are reasoned from the cores' widths and
 /// caches (and `volfuse_gen --tune` replaces them per layer):
-///  - Intel AVX-512, Zen 5: two full-width FMA pipes need >= 8 independent accumulators in
-///    flight; 6x4 tiles (24) amortize each broadcast over 4 FMAs.  48 KB L1D: forward blocks
-///    of 96 (tap, ic) rows (96 x 4 vectors = 24 KB of weights, half the L1).  2 MB (Intel) /
-///    1 MB (Zen 5) L2: 256-pixel grad-weight blocks (dY and x of a block: <= 200 KB for 128
-///    channels).
+///  - Intel AVX-512 (measured on an Emerald Rapids VM), Zen 5: two full-width FMA pipes need
+///    >= 8 independent accumulators in flight; 6x4 tiles (24) amortize each broadcast over 4
+///    FMAs.  Intel: forward blocks of 96 (tap, ic) rows (96 x 4 vectors = 24 KB of weights,
+///    half the 48 KB L1; 32 to unblocked measured within noise there), 256-pixel grad-weight
+///    blocks.  Zen 5 (measured on an EPYC family 26 model 2 VM): the forward is not blocked
+///    (4096 rows hold every seed layer's whole reduction; a tile's weights stream from the 1 MB
+///    L2 at 256 bytes per 24 FMAs, which the L2 sustains, while 96-row blocks cost 9-15 % on
+///    the large layers in partial sums passed through y), and grad weight takes 512-pixel
+///    blocks (2-7 % faster than 256; 2048 is 15 % slower).
 ///  - Zen 4: 512-bit ops as two halves halve the FMA rate (4 accumulators hide the latency),
 ///    so the same tiles only become less load-bound; 32 KB L1D: 64-row forward blocks (16 KB);
 ///    1 MB L2: the same grad-weight blocks.
@@ -106,8 +110,11 @@ inline conv_schedule conv_schedule_defaults(uarch u)
     conv_schedule s;
     s.origin = std::string("default for ") + uarch_name(u);
     switch (u) {
-    case uarch::intel_avx512:
-    case uarch::zen5: break;
+    case uarch::intel_avx512: break;
+    case uarch::zen5:
+        s.forward_block_rows = 4096;
+        s.gw_block_pixels = 512;
+        break;
     case uarch::zen4: s.forward_block_rows = 64; break;
     case uarch::avx2:
     case uarch::baseline:
