@@ -62,6 +62,21 @@ std::vector<float> from_layout(std::vector<float>& mem, const sizes5& s)
     return out;
 }
 
+/// Memory `buf` of a tensor of sizes s in layout L: every padding lane of a blocked layout still
+/// holds padding_sentinel (kernels neither read nor write them); plain layouts have none.
+template <class L>
+bool padding_untouched(const std::vector<float>& buf, const sizes5& s)
+{
+    if constexpr (std::is_same_v<L, vf::nCdhw16c_t>) {
+        const index_t C = s[1], CB = (C + 15) / 16, S = s[2] * s[3] * s[4];
+        for (index_t n = 0; n < s[0]; ++n)
+            for (index_t i = 0; i < S; ++i)
+                for (index_t l = C - (CB - 1) * 16; l < 16; ++l)
+                    if (buf[static_cast<std::size_t>(((n * CB + CB - 1) * S + i) * 16 + l)] != padding_sentinel) return false;
+    }
+    return true;
+}
+
 inline std::vector<float> randn(index_t n, std::mt19937& g, double mean = 0.0, double stddev = 1.0)
 {
     std::normal_distribution<double> nd(mean, stddev);
@@ -196,18 +211,9 @@ struct bn_run {
     /// Blocked layouts: every padding lane of every buffer still holds the sentinel.
     bool padding_untouched() const
     {
-        if constexpr (!std::is_same_v<L, vf::nCdhw16c_t>) return true;
-        else {
-            const index_t C = s[1], CB = (C + 15) / 16, S = s[2] * s[3] * s[4];
-            for (const auto* buf : {&x, &y, &dy, &dx})
-                if (!buf->empty())
-                    for (index_t n = 0; n < s[0]; ++n)
-                        for (index_t i = 0; i < S; ++i)
-                            for (index_t l = C - (CB - 1) * 16; l < 16; ++l)
-                                if ((*buf)[static_cast<std::size_t>(((n * CB + CB - 1) * S + i) * 16 + l)] != padding_sentinel)
-                                    return false;
-            return true;
-        }
+        for (const auto* buf : {&x, &y, &dy, &dx})
+            if (!buf->empty() && !::padding_untouched<L>(*buf, s)) return false;
+        return true;
     }
 
     template <class BN>

@@ -23,6 +23,8 @@ conv_result run_conv(Conv& conv, const conv_reference& ref, const std::vector<fl
     auto dxm = to_layout<L>(std::vector<float>(x.size(), NAN), ref.xs);
     conv.forward(view_of<L>(xm.data(), ref.xs), view_of<L>(ym.data(), ref.ys));
     conv.backward(view_of<L>(xm.data(), ref.xs), view_of<L>(dym.data(), ref.ys), view_of<L>(dxm.data(), ref.xs));
+    REQUIRE(padding_untouched<L>(ym, ref.ys));
+    REQUIRE(padding_untouched<L>(dxm, ref.xs));
     return {from_layout<L>(ym, ref.ys), from_layout<L>(dxm, ref.xs), vec(conv.weight_grad()), vec(conv.bias_grad())};
 }
 
@@ -70,9 +72,10 @@ std::string describe(const case_t& c)
            " x " + vf::detail::sizes_str(c.xs);
 }
 
-/// Case c through the runtime-shaped Conv3d in both layouts, on random data from g: each against
-/// the float64 reference, and the two the same bits (both layouts run the same channels-last
-/// kernels).  probe(conv) sees the NDHWC module before it runs.
+/// Case c through the runtime-shaped Conv3d in the three layouts, on random data from g: NDHWC
+/// against the float64 reference, NCDHW and nCdhw16c the same bits (every layout runs the same
+/// channels-last kernels), nCdhw16c's padding lanes untouched.  probe(conv) sees the NDHWC module
+/// before it runs.
 template <class Probe>
 void check_case(const case_t& c, std::mt19937& g, Probe&& probe)
 {
@@ -92,6 +95,12 @@ void check_case(const case_t& c, std::mt19937& g, Probe&& probe)
     REQUIRE(same_bits(r1.dx, r2.dx));
     REQUIRE(same_bits(r1.gw, r2.gw));
     REQUIRE(same_bits(r1.gb, r2.gb));
+    vf::Conv3d<> bl(c.cf.in, c.cf.out, c.cf.k, c.cf.s, c.cf.p, c.cf.dil, 1, c.cf.bias);
+    const auto r3 = run_conv<vf::nCdhw16c_t>(bl, ref, x, w, bias, dy);
+    REQUIRE(same_bits(r1.y, r3.y));
+    REQUIRE(same_bits(r1.dx, r3.dx));
+    REQUIRE(same_bits(r1.gw, r3.gw));
+    REQUIRE(same_bits(r1.gb, r3.gb));
 }
 
 } // namespace

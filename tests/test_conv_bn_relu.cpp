@@ -40,6 +40,8 @@ void check_block(const conv_config& cf, const sizes5& xs, bool train, std::mt199
     block.forward(view_of<L>(xm.data(), xs), view_of<L>(ym.data(), ref.conv.ys));
     block.backward(view_of<L>(xm.data(), xs), view_of<L>(dym.data(), ref.conv.ys), view_of<L>(dxm.data(), xs));
     const auto y = from_layout<L>(ym, ref.conv.ys), dx = from_layout<L>(dxm, xs);
+    REQUIRE(padding_untouched<L>(ym, ref.conv.ys));
+    REQUIRE(padding_untouched<L>(dxm, xs));
 
     ref.run(x, w, cf.bias ? b : std::vector<float>(C, 0.f), gamma, beta, {rm0.begin(), rm0.end()},
             {rv0.begin(), rv0.end()}, train, 1e-5, 0.1, dy, &y);
@@ -81,6 +83,7 @@ TEST_CASE("ConvBnReLU3d matches a float64 Conv3d -> BatchNorm3d -> ReLU chain", 
         for (bool train : {true, false}) {
             check_block<vf::ndhwc_t>(cf, xs, train, g);
             check_block<vf::ncdhw_t>(cf, xs, train, g);
+            check_block<vf::nCdhw16c_t>(cf, xs, train, g);
         }
 }
 

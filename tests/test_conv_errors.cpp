@@ -59,6 +59,20 @@ TEST_CASE("forward and backward errors change nothing", "[conv][errors]")
     REQUIRE(same_bits(vec(conv.weight()), w0));
 }
 
+TEST_CASE("nCdhw16c operands: overlaps count the padding lanes", "[conv][errors][layout]")
+{
+    // Output [1, 4, 3, 3, 3] in nCdhw16c occupies 16 lanes per pixel (27 * 16 floats), four
+    // times its elements: an input placed past its 108 elements but inside its storage overlaps.
+    vf::Conv3d<> conv(3, 4, 3, 1, 1);
+    std::vector<float> buf(27 * 16 + 27 * 16, 2.f);
+    const auto before = buf;
+    auto Y = vf::nCdhw16c_view(buf.data(), 1, 4, 3, 3, 3);
+    auto X = vf::nCdhw16c_view(buf.data() + 27 * 8, 1, 3, 3, 3, 3);
+    REQUIRE_THROWS_WITH(conv.forward(X, Y), Equals("output overlaps input"));
+    REQUIRE_THROWS_WITH(conv.backward_input(Y, X), Equals("grad_output overlaps grad_input"));
+    REQUIRE(same_bits(buf, before));
+}
+
 TEST_CASE("ConvBnReLU3d errors change nothing", "[block][errors]")
 {
     REQUIRE_THROWS_WITH(vf::ConvBnReLU3d<>(vf::Conv3d<>(3, 8, 3), vf::BatchNorm3d<>(7)),

@@ -92,7 +92,7 @@ void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi)
     static_assert(conv_epilogue<Epi>, "vf::evaluate: a conv's epilogue is vf::identity or vf::relu");
     M& conv = *node.module;
     const auto& X = node.in.view;
-    const float* x = conv.prepare_forward(X, Y.data(), Y.sizes());
+    const float* x = conv.prepare_forward(X, Y.data(), Y.sizes(), Y.storage());
     if (Y.shape().numel() == 0) return;
     float* y = conv.output_for(Y);
     conv.template run_forward<typename VY::layout_type>(X.sizes(), x, y, is_relu<Epi>);
@@ -111,7 +111,7 @@ void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, 
     M& conv = *node.module;
     const auto& X = node.in.view;
     const auto osz = Y.sizes();
-    const float* x = conv.prepare_forward(X, Y.data(), osz);
+    const float* x = conv.prepare_forward(X, Y.data(), osz, Y.storage());
     const index_t C = osz[1], rows = osz[0] * osz[2] * osz[3];
     const bool batch_stats = bn.training() || !bn.track_running_stats();
     if (!batch_stats && (bn.num_features() != C))

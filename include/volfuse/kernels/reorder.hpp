@@ -64,6 +64,29 @@ void reorder(const VS& src, const VD& dst)
         }
         return;
     }
+    if constexpr ((std::is_same_v<LS, nCdhw16c_t> && std::is_same_v<LD, ndhwc_t>) ||
+                  (std::is_same_v<LS, ndhwc_t> && std::is_same_v<LD, nCdhw16c_t>)) {
+        // nCdhw16c <-> NDHWC (the conv kernels' layout): per pixel, a block's 16 channels are
+        // contiguous on both sides, one vector copy each (the last block's real lanes only).
+        constexpr index_t B = nCdhw16c_t::block;
+        const index_t P = D * H * W, CB = (C + B - 1) / B;
+        const float* sp = src.data();
+        float* dp = dst.data();
+        parallel::parallel_for(N * CB, N * C * P, [&](index_t t) {
+            const index_t n = t / CB, cb = t % CB, lanes = std::min(B, C - cb * B);
+            const index_t blocked = (n * CB + cb) * P * B, plain = n * P * C + cb * B;
+            auto copy = [&](auto width) {
+                for (index_t p = 0; p < P; ++p) {
+                    const index_t ps = std::is_same_v<LS, ndhwc_t> ? plain + p * C : blocked + p * B;
+                    const index_t pd = std::is_same_v<LD, ndhwc_t> ? plain + p * C : blocked + p * B;
+                    for (index_t l = 0; l < width; ++l) dp[pd + l] = sp[ps + l];
+                }
+            };
+            if (lanes == B) copy(std::integral_constant<index_t, B>{});
+            else copy(lanes);
+        });
+        return;
+    }
     parallel::parallel_for(N, src.shape().numel(), [&](index_t n) {
         if constexpr (std::is_same_v<LD, ndhwc_t>) {
             for (index_t d = 0; d < D; ++d)

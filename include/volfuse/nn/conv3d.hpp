@@ -188,7 +188,7 @@ public:
         static_assert(!std::is_const_v<typename VDX::value_type>, "Conv3d::backward_input: dX must be writable");
         const auto sz = dX.sizes();
         check_input(sz, dX.data(), "grad_input");
-        check_other(sz, dX.data(), dX.storage(), dY.data(), dY.sizes(), output_sizes(sz), "grad_output",
+        check_other(sz, dX.data(), dX.storage(), dY.data(), dY.storage(), dY.sizes(), output_sizes(sz), "grad_output",
                     "grad_input");
         const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
         float* dx = channels_last_out(dX, xgbuf_);
@@ -214,11 +214,12 @@ public:
     /// padded bias) for the kernels.  Returns X's data as NDHWC (reordered into a module
     /// buffer for NCDHW).
     template <class VX>
-    const float* prepare_forward(const VX& X, const void* y, const std::array<index_t, 5>& out_sizes)
+    const float* prepare_forward(const VX& X, const void* y, const std::array<index_t, 5>& out_sizes,
+                                 index_t y_storage)
     {
         static_assert(is_view_v<VX>, "Conv3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
         check_input(X.sizes(), X.data(), "input");
-        check_other(X.sizes(), X.data(), X.storage(), y, out_sizes, output_sizes(X.sizes()), "output");
+        check_other(X.sizes(), X.data(), X.storage(), y, y_storage, out_sizes, output_sizes(X.sizes()), "output");
         packed_.resize(static_cast<std::size_t>(g_.taps() * g_.in() * ocp()));
         bias_padded_.assign(static_cast<std::size_t>(ocp()), 0.f);
         std::copy(bias_.begin(), bias_.end(), bias_padded_.begin());
@@ -232,12 +233,14 @@ public:
         if (!is_channels_last(X)) ++input_copy_stamp_;
         return channels_last(X, xbuf_);
     }
-    /// Whether V's memory already is NDHWC: an ndhwc view, or one channel (NCDHW [N, 1, D, H, W]
-    /// and NDHWC [N, D, H, W, 1] are the same memory: a first layer's input needs no reorder).
+    /// Whether V's memory already is NDHWC: an ndhwc view, or one channel in NCDHW ([N, 1, D,
+    /// H, W] and NDHWC [N, D, H, W, 1] are the same memory: a first layer's input needs no
+    /// reorder; nCdhw16c pads a channel to 16 lanes, so it always reorders).
     template <class V>
     static bool is_channels_last(const V& v) noexcept
     {
-        return std::is_same_v<typename V::layout_type, ndhwc_t> || v.sizes()[1] == 1;
+        using L = typename V::layout_type;
+        return std::is_same_v<L, ndhwc_t> || (std::is_same_v<L, ncdhw_t> && v.sizes()[1] == 1);
     }
     /// The NDHWC copy input_of last made, and a stamp that changes whenever it is remade: the
     /// fused block's backward reuses its forward's copy when the stamp has not moved.
@@ -250,9 +253,9 @@ public:
                         const VDX* dX) const
     {
         check_input(X.sizes(), X.data(), "input");
-        check_other(X.sizes(), X.data(), X.storage(), dy, dy_sizes, output_sizes(X.sizes()), "grad_output");
+        check_other(X.sizes(), X.data(), X.storage(), dy, dy_storage, dy_sizes, output_sizes(X.sizes()), "grad_output");
         if (dX) {
-            check_other(X.sizes(), X.data(), X.storage(), dX->data(), dX->sizes(), X.sizes(), "grad_input");
+            check_other(X.sizes(), X.data(), X.storage(), dX->data(), dX->storage(), dX->sizes(), X.sizes(), "grad_input");
             if (overlaps(dX->data(), dX->storage(), dy, dy_storage))
                 throw error("Conv3d::backward: grad_input overlaps grad_output");
         }
@@ -463,8 +466,6 @@ private:
         static_assert(is_view_v<VA> && is_view_v<VB>, "Conv3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
         static_assert(std::is_same_v<typename VA::layout_type, typename VB::layout_type>,
                       "Conv3d: all tensors of one call must have the same layout");
-        static_assert(!std::is_same_v<typename VA::layout_type, nCdhw16c_t>,
-                      "Conv3d: nCdhw16c is not supported yet (use ndhwc or ncdhw)");
         static_assert(std::is_same_v<std::remove_const_t<typename VA::value_type>, float> &&
                           std::is_same_v<std::remove_const_t<typename VB::value_type>, float>,
                       "Conv3d: float32 tensors only");
@@ -497,11 +498,12 @@ private:
                         "). Kernel size can't be greater than actual input size");
         if (s[0] * s[1] * s[2] * s[3] * s[4] > 0 && data == nullptr) throw error(std::string(name) + " data pointer is null");
     }
-    /// Another tensor of the call: its expected shape, non-null, disjoint from the tensor
-    /// with the input's sizes `in` (at `in_data`, `in_storage` elements).
+    /// Another tensor of the call (at `data`, `storage` elements of memory: more than its
+    /// elements in nCdhw16c): its expected shape, non-null, disjoint from the tensor with the
+    /// input's sizes `in` (at `in_data`, `in_storage` elements).
     static void check_other(const std::array<index_t, 5>& in, const void* in_data, index_t in_storage,
-                            const void* data, const std::array<index_t, 5>& got, const std::array<index_t, 5>& want,
-                            const char* name, const char* in_name = "input")
+                            const void* data, index_t storage, const std::array<index_t, 5>& got,
+                            const std::array<index_t, 5>& want, const char* name, const char* in_name = "input")
     {
         if (got != want)
             throw error(std::string(name) + " has shape " + detail::sizes_str(got) + " but Conv3d expects " +
@@ -509,7 +511,7 @@ private:
         index_t n = 1;
         for (index_t v : got) n *= v;
         if (n > 0 && data == nullptr) throw error(std::string(name) + " data pointer is null");
-        if (overlaps(data, n, in_data, in_storage)) throw error(std::string(name) + " overlaps " + in_name);
+        if (n > 0 && overlaps(data, storage, in_data, in_storage)) throw error(std::string(name) + " overlaps " + in_name);
     }
 
     /// The data of V as NDHWC: V's own memory, or a reorder into `buf`.

@@ -124,7 +124,7 @@ private:
         if (!batch_stats) {
             // Running statistics: recompute the conv output (unfolded) and let the BN
             // record it as its input; nothing else changes in eval.
-            x = conv_.prepare_forward(X, z, osz);
+            x = conv_.prepare_forward(X, z, osz, n);
             if (n > 0) conv_.template run_forward<L>(X.sizes(), x, z, false);
             bn_.forward(Z, DZ, relu);
         } else if (!empty) {
