@@ -236,6 +236,9 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
     const float* wc = wp + blocked_offset(g.taps() * IC, OCP, 0, oc0); // this tile's block, row 0
     const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
     const index_t np = Border ? npix : index_t{PB};
+    // The loops over pixels and vectors are unrolled explicitly (here and below): without it
+    // GCC kept the border tiles' accumulators in memory (in_channels = 1: 10-11 instead of
+    // 7.6-7.8 ms for Conv3d(1,32,3)'s forward on Zen 5).
     fvec acc[PB][VB];
     #pragma GCC unroll 32
     for (int p = 0; p < PB; ++p)
