@@ -32,6 +32,10 @@ double time_once(const std::function<void()>& f)
     return best;
 }
 
+std::string text(long v) { return std::to_string(v); }
+std::string text(vf::conv_loop v) { return vf::conv_loop_name(v); }
+std::string text(vf::conv_split v) { return vf::conv_split_name(v); }
+
 /// Among `values` of one knob (the first is the current one), the fastest by at least 3 %.
 /// The candidates are measured in three interleaved rounds (best of each kept), so that a
 /// slow spell of the machine does not land on one candidate.
@@ -50,13 +54,13 @@ T pick(const char* what, const std::vector<T>& values, vf::conv_schedule base, T
         }
     std::size_t best = 0;
     for (std::size_t i = 0; i < values.size(); ++i) {
-        log << "    " << what << " " << values[i] << ": " << t[i] * 1e3 << " ms\n";
+        log << "    " << what << " " << text(values[i]) << ": " << t[i] * 1e3 << " ms\n";
         if (t[i] < t[best] && t[i] < 0.97 * t[0]) best = i;
     }
     char speedup[32];
     std::snprintf(speedup, sizeof speedup, "%.2f", t[0] / t[best]);
-    summary += std::string(summary.empty() ? "" : ", ") + what + " " + std::to_string(values[best]) +
-               (best == 0 ? " (kept)" : " (" + std::string(speedup) + "x " + std::to_string(values[0]) + "'s speed)");
+    summary += std::string(summary.empty() ? "" : ", ") + what + " " + text(values[best]) +
+               (best == 0 ? " (kept)" : " (" + std::string(speedup) + "x " + text(values[0]) + "'s speed)");
     return values[best];
 }
 
@@ -103,6 +107,15 @@ tune_result tune(const tune_layer& l, std::ostream& log)
         if (b != s.forward_block_rows) block_rows.push_back(b);
     s.forward_block_rows = pick("forward_block_rows", block_rows, s, &vf::conv_schedule::forward_block_rows, conv,
                                 [&] { conv.forward(X, Y); }, log, summary);
+    const auto other = [](auto v, auto a, auto b) { return v == a ? b : a; };
+    s.forward_loop = pick("forward_loop",
+                          std::vector{s.forward_loop,
+                                      other(s.forward_loop, vf::conv_loop::rows_outer, vf::conv_loop::channels_outer)},
+                          s, &vf::conv_schedule::forward_loop, conv, [&] { conv.forward(X, Y); }, log, summary);
+    s.forward_split = pick("forward_split",
+                           std::vector{s.forward_split,
+                                       other(s.forward_split, vf::conv_split::rows, vf::conv_split::channels)},
+                           s, &vf::conv_schedule::forward_split, conv, [&] { conv.forward(X, Y); }, log, summary);
     s.grad_input_vectors = pick("grad_input_vectors", vector_candidates(s.grad_input_vectors, l.in), s,
                                 &vf::conv_schedule::grad_input_vectors, conv, [&] { conv.backward_input(dY, dX); },
                                 log, summary);
@@ -113,7 +126,8 @@ tune_result tune(const tune_layer& l, std::ostream& log)
         if (b != s.gw_block_pixels) blocks.push_back(b);
     s.gw_block_pixels = pick("gw_block_pixels", blocks, s, &vf::conv_schedule::gw_block_pixels, conv,
                              [&] { conv.backward_weight(X, dY); }, log, summary);
-    return {s.tile_vectors, static_cast<long>(s.forward_block_rows), s.grad_input_vectors, s.gw_vectors,
+    return {s.tile_vectors, static_cast<long>(s.forward_block_rows), vf::conv_loop_name(s.forward_loop),
+            vf::conv_split_name(s.forward_split), s.grad_input_vectors, s.gw_vectors,
             static_cast<long>(s.gw_block_pixels),
             vf::schedule_target(vf::host_cpu().arch), summary};
 }

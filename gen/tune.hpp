@@ -19,6 +19,7 @@ struct tune_layer {
 struct tune_result {
     int tile_vectors;
     long forward_block_rows;
+    std::string forward_loop, forward_split; // enumerator names ("rows_outer", "channels", ...)
     int grad_input_vectors, gw_vectors;
     long gw_block_pixels;
     std::string tuned_for; // schedule_target() of this machine

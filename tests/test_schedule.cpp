@@ -171,12 +171,20 @@ TEST_CASE("schedules change speed, never bits", "[schedule]")
             s.gw_vectors = v;
             s.gw_block_pixels = block;
             s.forward_block_rows = block == 1 ? 1 : block == 64 ? 7 : block;
+            // Every (loop order, thread split) pair, several times over the tiles and blocks.
+            const auto i = schedules.size();
+            s.forward_loop = i % 2 ? vf::conv_loop::channels_outer : vf::conv_loop::rows_outer;
+            s.forward_split = i / 2 % 2 ? vf::conv_split::channels : vf::conv_split::rows;
             schedules.push_back(s);
         }
+    const int threads = vf::get_num_threads();
     for (const auto& l : layers) {
         const auto ref = run_all(nullptr, l.in, l.out, l.k, l.s, l.p, l.xs);
         for (const auto& s : schedules) {
-            INFO("in " << l.in << " out " << l.out << ": " << s.str());
+            // 1 and 2 threads in turn: the channel split writes a block's statistics from
+            // several tasks.
+            vf::set_num_threads(1 + static_cast<int>(&s - schedules.data()) % 2);
+            INFO("in " << l.in << " out " << l.out << ", " << vf::get_num_threads() << " threads: " << s.str());
             const auto r = run_all(&s, l.in, l.out, l.k, l.s, l.p, l.xs);
             CHECK(same_bits(r.y, ref.y));
             CHECK(same_bits(r.y_stats, ref.y_stats));
@@ -185,4 +193,5 @@ TEST_CASE("schedules change speed, never bits", "[schedule]")
             CHECK(same_bits(r.gb, ref.gb));
         }
     }
+    vf::set_num_threads(threads);
 }

@@ -413,8 +413,8 @@ inline index_t moments_workspace(index_t rows, index_t OC) noexcept
 /// count, mean and M2 of the stored values, returned in its first 3 * OCP doubles (count, mean,
 /// M2).
 template <class G, class Epi>
-void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, extents3 in, extents3 out,
-                   const float* x, const float* wp, const float* bias, float* y, Epi epi,
+void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop order, conv_split split, index_t N,
+                   extents3 in, extents3 out, const float* x, const float* wp, const float* bias, float* y, Epi epi,
                    double* moments = nullptr) noexcept
 {
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
@@ -426,11 +426,13 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
     // Blocks of R output rows: the unit of threads and of statistics (fixed: the merge order
     // does not depend on the thread count); a block's rows share one tap table.
     const index_t rows = N * out.d * out.h, R = moment_rows, blocks = (rows + R - 1) / R;
-    auto run = [&](auto& stats, row_taps& taps, index_t row) {
+    // One output row, the channel chunks starting in [c0, c1).
+    auto run = [&](auto& stats, row_taps& taps, index_t row, index_t c0, index_t c1) {
         const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
         const float* xn = x + n * in.d * in.h * in.w * IC;
         float* yrow = y + row * out.w * OC;
         for_channel_chunks(OC, vectors, [&]<int VB>(index_t oc0) {
+            if (oc0 < c0 || oc0 >= c1) return;
             constexpr int PB = pixels_for<VB>;
             // Left to right (the statistics see the pixels in order): narrow border tiles of PBb
             // pixels over the left padding's reach, whole interior tiles of PB pixels, narrow
@@ -486,22 +488,68 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, index_t N, e
             });
         });
     };
-    parallel::parallel_for(blocks, rows * out.w * OC * IC * g.taps(), [&](index_t b) {
-        // (statistics are instantiated for the identity epilogue only: the fused block keeps
-        // the conv output z and applies BN + ReLU after)
+    // A block's rows for the chunks starting in [c0, c1): each row over every chunk, or each
+    // chunk over every row (its weights then serve the whole block before the next chunk's are
+    // read).  Each output keeps its sum, and each channel sees its rows in order: the same
+    // bits either way.
+    auto run_rows = [&](auto& stats, index_t b, index_t c0, index_t c1) {
         row_taps taps;
-        if (std::is_same_v<Epi, expr::identity_t> && moments) {
-            double* m = moments + 4 * OCP * (b + 1);
-            std::fill(m, m + 4 * OCP, 0.0);
-            block_moments stats{m, m + OCP, m + 2 * OCP, m + 3 * OCP};
-            if constexpr (std::is_same_v<Epi, expr::identity_t>)
-                for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) run(stats, taps, row);
-            stats.finish(OCP); // -> count, mean, M2
-        } else {
-            no_stats none;
-            for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) run(none, taps, row);
-        }
-    });
+        const index_t r1 = std::min(rows, (b + 1) * R);
+        if (order == conv_loop::rows_outer)
+            for (index_t row = b * R; row < r1; ++row) run(stats, taps, row, c0, c1);
+        else
+            for_channel_chunks(OC, vectors, [&]<int>(index_t oc0) {
+                if (oc0 >= c0 && oc0 < c1)
+                    for (index_t row = b * R; row < r1; ++row) run(stats, taps, row, oc0, oc0 + 1);
+            });
+    };
+    // Statistics are instantiated for the identity epilogue only (the fused block keeps the conv
+    // output z and applies BN + ReLU after).
+    constexpr bool stats_epi = std::is_same_v<Epi, expr::identity_t>;
+    auto block_stats = [&](index_t b) {
+        double* m = moments + 4 * OCP * (b + 1);
+        return block_moments{m, m + OCP, m + 2 * OCP, m + 3 * OCP};
+    };
+    const index_t work = rows * out.w * OC * IC * g.taps();
+    if (split == conv_split::rows) {
+        parallel::parallel_for(blocks, work, [&](index_t b) {
+            if (stats_epi && moments) {
+                std::fill(moments + 4 * OCP * (b + 1), moments + 4 * OCP * (b + 2), 0.0);
+                block_moments stats = block_stats(b);
+                if constexpr (stats_epi) run_rows(stats, b, 0, OCP);
+                stats.finish(OCP); // -> count, mean, M2
+            } else {
+                no_stats none;
+                run_rows(none, b, 0, OCP);
+            }
+        });
+    } else {
+        // Tasks (chunk, block), chunk-major: a thread's tasks share few chunks' weights.  A
+        // block's moments are then written by the tasks of each of its chunks (disjoint
+        // channels) and finished once all have run.
+        index_t chunks = 0;
+        for_channel_chunks(OC, vectors, [&]<int>(index_t) { ++chunks; });
+        auto chunk_at = [&](index_t c) {
+            index_t i = 0, start = 0;
+            for_channel_chunks(OC, vectors, [&]<int>(index_t oc0) {
+                if (i++ == c) start = oc0;
+            });
+            return start;
+        };
+        if (stats_epi && moments) std::fill(moments + 4 * OCP, moments + 4 * OCP * (blocks + 1), 0.0);
+        parallel::parallel_for(chunks * blocks, work, [&](index_t t) {
+            const index_t b = t % blocks, oc0 = chunk_at(t / blocks);
+            if (stats_epi && moments) {
+                block_moments stats = block_stats(b);
+                if constexpr (stats_epi) run_rows(stats, b, oc0, oc0 + 1);
+            } else {
+                no_stats none;
+                run_rows(none, b, oc0, oc0 + 1);
+            }
+        });
+        if (stats_epi && moments)
+            parallel::parallel_for(blocks, blocks * OCP, [&](index_t b) { block_stats(b).finish(OCP); });
+    }
     if (std::is_same_v<Epi, expr::identity_t> && moments) { // the fixed merge tree: blocks in order
         std::fill(moments, moments + 3 * OCP, 0.0);
         channel_moments total{moments, moments + OCP, moments + 2 * OCP};
@@ -519,7 +567,8 @@ template <class G, class Epi>
 void forward(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const float* x,
              const float* wp, const float* bias, float* y, Epi epi, double* moments = nullptr) noexcept
 {
-    forward_tiles(g, s.tile_vectors, s.forward_block_rows, N, in, out, x, wp, bias, y, epi, moments);
+    forward_tiles(g, s.tile_vectors, s.forward_block_rows, s.forward_loop, s.forward_split, N, in, out, x, wp, bias,
+                  y, epi, moments);
 }
 
 // --- grad input ----------------------------------------------------------------------
@@ -787,7 +836,8 @@ void grad_input(const G& g, const conv_schedule& s, index_t N, extents3 in, exte
         // g's run-time members hold every value, fixed by the spec or not
         const conv_geometry<transposed_spec(S)> gt{g.out(), g.in(), g.k_, 1, transposed_padding(g.k_, g.p_, g.dil_),
                                                    g.dil_};
-        forward_tiles(gt, s.grad_input_vectors, s.forward_block_rows, N, out, in, dy, wt, nullptr, dx,
+        forward_tiles(gt, s.grad_input_vectors, s.forward_block_rows, s.forward_loop, s.forward_split, N, out, in, dy,
+                      wt, nullptr, dx,
                       expr::identity_t{});
     };
     auto gather = [&] { grad_input_gather(g, s.grad_input_vectors, N, in, out, dy, wt, dx); };

@@ -28,6 +28,26 @@ constexpr int conv_tile_pixels(int V) noexcept { return std::min(12, conv_acc_re
 /// (tap, ic) rows per grad-weight tile for V output-channel vectors.
 constexpr int conv_gw_max_rows(int V) noexcept { return std::min(8, conv_acc_registers / V); }
 
+/// The forward's loop order within a block of output rows (also grad input's, a forward
+/// conv of dY for stride 1): every channel chunk of a row before the next row, or one chunk
+/// over every row of the block before the next chunk (its weights then serve the whole
+/// block).  Either way each output keeps its sum: the same bits.
+enum class conv_loop { rows_outer, channels_outer };
+
+inline const char* conv_loop_name(conv_loop l) noexcept
+{
+    return l == conv_loop::rows_outer ? "rows_outer" : "channels_outer";
+}
+
+/// How the forward (and grad input as a forward conv) splits over threads: blocks of output
+/// rows (every channel chunk of a block on one thread), or (channel chunk, block) tasks in
+/// chunk-major order (with 2 threads and 2 chunks, each thread reads one chunk's weights).
+/// Tasks own disjoint outputs and the statistics are merged in a fixed block order: the same
+/// bits either way, for any thread count.
+enum class conv_split { rows, channels };
+
+inline const char* conv_split_name(conv_split s) noexcept { return s == conv_split::rows ? "rows" : "channels"; }
+
 struct conv_schedule {
     /// Forward: output-channel vectors per register tile (1..conv_max_vectors); the tile is
     /// conv_tile_pixels(v) output pixels along w x v vectors.
@@ -36,6 +56,10 @@ struct conv_schedule {
     /// L1 block; a block's weights (rows x tile vectors) are reused by every tile of an output
     /// row before the next block.
     index_t forward_block_rows = 96;
+    /// Forward (and grad input as a forward conv): the loop order within a block of rows.
+    conv_loop forward_loop = conv_loop::rows_outer;
+    /// Forward (and grad input as a forward conv): what the threads split.
+    conv_split forward_split = conv_split::rows;
     /// Grad input (a forward conv of dY for stride 1, a gather otherwise): input-channel
     /// vectors per tile.
     int grad_input_vectors = conv_max_vectors;
@@ -63,13 +87,17 @@ struct conv_schedule {
         s.forward_block_rows = std::max<index_t>(1, forward_block_rows);
         return s;
     }
-    /// "forward tile 6x4 (pixels x vectors) over 96-row reduction blocks, grad input tile 6x4,
-    /// grad weight tile 6x4 ((tap, ic) rows x vectors) per 256-pixel block".
+    /// "forward tile 6x4 (pixels x vectors) over 96-row reduction blocks, rows_outer, threads
+    /// split rows, grad input tile 6x4, grad weight tile 6x4 ((tap, ic) rows x vectors) per
+    /// 256-pixel block".
     std::string str() const
     {
         auto tile = [](int p, int v) { return std::to_string(p) + "x" + std::to_string(v); };
         std::string s = "forward tile " + tile(conv_tile_pixels(tile_vectors), tile_vectors);
-        s += " (pixels x vectors) over " + std::to_string(forward_block_rows) + "-row reduction blocks";
+        s += " (pixels x vectors) over " + std::to_string(forward_block_rows) + "-row reduction blocks, ";
+        s += conv_loop_name(forward_loop);
+        s += ", threads split ";
+        s += conv_split_name(forward_split);
         s += ", grad input tile " + tile(conv_tile_pixels(grad_input_vectors), grad_input_vectors);
         s += ", grad weight tile " + tile(conv_gw_max_rows(gw_vectors), gw_vectors);
         s += " ((tap, ic) rows x vectors) per " + std::to_string(gw_block_pixels) + "-pixel block";
@@ -79,6 +107,7 @@ struct conv_schedule {
     bool same_loops(const conv_schedule& o) const noexcept
     {
         return tile_vectors == o.tile_vectors && forward_block_rows == o.forward_block_rows &&
+               forward_loop == o.forward_loop && forward_split == o.forward_split &&
                grad_input_vectors == o.grad_input_vectors &&
                gw_vectors == o.gw_vectors && gw_block_pixels == o.gw_block_pixels;
     }
