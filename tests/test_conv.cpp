@@ -90,17 +90,15 @@ void check_case(const case_t& c, std::mt19937& g, Probe&& probe)
     const auto r1 = run_conv<vf::ndhwc_t>(a, ref, x, w, bias, dy);
     check_against_reference(r1, ref);
     vf::Conv3d<> m(c.cf.in, c.cf.out, c.cf.k, c.cf.s, c.cf.p, c.cf.dil, 1, c.cf.bias);
-    const auto r2 = run_conv<vf::ncdhw_t>(m, ref, x, w, bias, dy);
-    REQUIRE(same_bits(r1.y, r2.y));
-    REQUIRE(same_bits(r1.dx, r2.dx));
-    REQUIRE(same_bits(r1.gw, r2.gw));
-    REQUIRE(same_bits(r1.gb, r2.gb));
+    auto same_as_ndhwc = [&](const conv_result& r) {
+        REQUIRE(same_bits(r1.y, r.y));
+        REQUIRE(same_bits(r1.dx, r.dx));
+        REQUIRE(same_bits(r1.gw, r.gw));
+        REQUIRE(same_bits(r1.gb, r.gb));
+    };
+    same_as_ndhwc(run_conv<vf::ncdhw_t>(m, ref, x, w, bias, dy));
     vf::Conv3d<> bl(c.cf.in, c.cf.out, c.cf.k, c.cf.s, c.cf.p, c.cf.dil, 1, c.cf.bias);
-    const auto r3 = run_conv<vf::nCdhw16c_t>(bl, ref, x, w, bias, dy);
-    REQUIRE(same_bits(r1.y, r3.y));
-    REQUIRE(same_bits(r1.dx, r3.dx));
-    REQUIRE(same_bits(r1.gw, r3.gw));
-    REQUIRE(same_bits(r1.gb, r3.gb));
+    same_as_ndhwc(run_conv<vf::nCdhw16c_t>(bl, ref, x, w, bias, dy));
 }
 
 } // namespace
