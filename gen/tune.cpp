@@ -126,9 +126,11 @@ tune_result tune(const tune_layer& l, std::ostream& log)
         if (b != s.gw_block_pixels) blocks.push_back(b);
     s.gw_block_pixels = pick("gw_block_pixels", blocks, s, &vf::conv_schedule::gw_block_pixels, conv,
                              [&] { conv.backward_weight(X, dY); }, log, summary);
+    s.gw_split = pick("gw_split", std::vector{s.gw_split, other(s.gw_split, vf::conv_split::rows, vf::conv_split::channels)},
+                      s, &vf::conv_schedule::gw_split, conv, [&] { conv.backward_weight(X, dY); }, log, summary);
     return {s.tile_vectors, static_cast<long>(s.forward_block_rows), vf::conv_loop_name(s.forward_loop),
             vf::conv_split_name(s.forward_split), s.grad_input_vectors, s.gw_vectors,
-            static_cast<long>(s.gw_block_pixels),
+            static_cast<long>(s.gw_block_pixels), vf::conv_split_name(s.gw_split),
             vf::schedule_target(vf::host_cpu().arch), summary};
 }
 

@@ -22,6 +22,7 @@ struct tune_result {
     std::string forward_loop, forward_split; // enumerator names ("rows_outer", "channels", ...)
     int grad_input_vectors, gw_vectors;
     long gw_block_pixels;
+    std::string gw_split; // enumerator name
     std::string tuned_for; // schedule_target() of this machine
     std::string summary;   // what was measured, for the generated source's comment
 };

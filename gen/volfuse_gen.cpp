@@ -283,7 +283,8 @@ void write_source(std::ostream& o, const std::vector<layer>& layers, const std::
               << ", .forward_loop = volfuse::conv_loop::" << t.forward_loop
               << ", .forward_split = volfuse::conv_split::" << t.forward_split
               << ", .grad_input_vectors = " << t.grad_input_vectors << ", .gw_vectors = " << t.gw_vectors
-              << ", .gw_block_pixels = " << t.gw_block_pixels << ", .origin = \"tuned by volfuse_gen --tune on "
+              << ", .gw_block_pixels = " << t.gw_block_pixels << ", .gw_split = volfuse::conv_split::" << t.gw_split
+              << ", .origin = \"tuned by volfuse_gen --tune on "
               << t.tuned_for << " for " << src << ":" << l.line << "\", .tuned_for = \"" << t.tuned_for << "\"};\n";
         }
         if (l.op != "conv") {

@@ -175,6 +175,7 @@ TEST_CASE("schedules change speed, never bits", "[schedule]")
             const auto i = schedules.size();
             s.forward_loop = i % 2 ? vf::conv_loop::channels_outer : vf::conv_loop::rows_outer;
             s.forward_split = i / 2 % 2 ? vf::conv_split::channels : vf::conv_split::rows;
+            s.gw_split = i / 4 % 2 ? vf::conv_split::channels : vf::conv_split::rows;
             schedules.push_back(s);
         }
     const int threads = vf::get_num_threads();
@@ -182,7 +183,7 @@ TEST_CASE("schedules change speed, never bits", "[schedule]")
         const auto ref = run_all(nullptr, l.in, l.out, l.k, l.s, l.p, l.xs);
         for (const auto& s : schedules) {
             // 1 and 2 threads in turn: the channel split writes a block's statistics from
-            // several tasks.
+            // several tasks, and both grad-weight splits give threads other tiles.
             vf::set_num_threads(1 + static_cast<int>(&s - schedules.data()) % 2);
             INFO("in " << l.in << " out " << l.out << ", " << vf::get_num_threads() << " threads: " << s.str());
             const auto r = run_all(&s, l.in, l.out, l.k, l.s, l.p, l.xs);

@@ -992,8 +992,13 @@ void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, ext
         return ((kd * g.template dil<0>() * e.h + kh * g.template dil<1>()) * e.w + kw * g.template dil<2>()) * IC + ic;
     };
     // One tile over output rows [r0, r1).
+    // Tiles in the order the threads split them into contiguous ranges: (tap, ic)-row blocks
+    // major (each thread every output-channel chunk of its rows), or channel chunks major (each
+    // thread as few chunks as possible: it reads only those chunks' dY).
+    const bool chunks_major = s.gw_split == conv_split::channels;
     auto tile = [&](index_t task, index_t r0, index_t r1) {
-        const index_t mb = task / oc_chunks, oc0 = task % oc_chunks * chunk;
+        const index_t mb = chunks_major ? task % m_blocks : task / oc_chunks;
+        const index_t oc0 = (chunks_major ? task / m_blocks : task % oc_chunks) * chunk;
         const index_t m0 = per_tap ? mb / per_tap_blocks * IC + mb % per_tap_blocks * MB_max : mb * MB_max;
         const index_t nm = per_tap ? std::min(MB_max, IC - mb % per_tap_blocks * MB_max) : std::min(MB_max, M - m0);
         const index_t vectors = (std::min(OC, oc0 + chunk) - oc0 + width - 1) / width;

@@ -39,11 +39,12 @@ inline const char* conv_loop_name(conv_loop l) noexcept
     return l == conv_loop::rows_outer ? "rows_outer" : "channels_outer";
 }
 
-/// How the forward (and grad input as a forward conv) splits over threads: blocks of output
-/// rows (every channel chunk of a block on one thread), or (channel chunk, block) tasks in
+/// What the threads split.  Forward (and grad input as a forward conv): blocks of output rows
+/// (every channel chunk of a block on one thread), or (channel chunk, block) tasks in
 /// chunk-major order (with 2 threads and 2 chunks, each thread reads one chunk's weights).
-/// Tasks own disjoint outputs and the statistics are merged in a fixed block order: the same
-/// bits either way, for any thread count.
+/// Grad weight: its tiles, (tap, ic)-row blocks major or output-channel chunks major.  Tasks
+/// own disjoint outputs, each summing in a fixed order, and the statistics are merged in a
+/// fixed block order: the same bits either way, for any thread count.
 enum class conv_split { rows, channels };
 
 inline const char* conv_split_name(conv_split s) noexcept { return s == conv_split::rows ? "rows" : "channels"; }
@@ -69,6 +70,10 @@ struct conv_schedule {
     /// Grad weight: output pixels per cache block (whole output rows, at least this many): a
     /// block's dY and input rows are read from cache by every tile of a thread.
     index_t gw_block_pixels = 256;
+    /// Grad weight: what the threads split (contiguous ranges of tiles): `rows`, tiles ordered by
+    /// (tap, ic)-row block first (each thread computes every output-channel chunk of its rows),
+    /// or `channels`, by output-channel chunk first (each thread reads only its chunks' dY).
+    conv_split gw_split = conv_split::rows;
     /// Why this schedule ("default for intel_avx512", "tuned by volfuse_gen --tune ...").
     std::string origin = "built-in";
     /// The CPU class and vector ISA a tuned schedule was measured on ("zen4/avx512bw"); empty
@@ -100,7 +105,8 @@ struct conv_schedule {
         s += conv_split_name(forward_split);
         s += ", grad input tile " + tile(conv_tile_pixels(grad_input_vectors), grad_input_vectors);
         s += ", grad weight tile " + tile(conv_gw_max_rows(gw_vectors), gw_vectors);
-        s += " ((tap, ic) rows x vectors) per " + std::to_string(gw_block_pixels) + "-pixel block";
+        s += " ((tap, ic) rows x vectors) per " + std::to_string(gw_block_pixels) + "-pixel block, threads split ";
+        s += conv_split_name(gw_split);
         return s;
     }
     /// Equal in what the kernels see (origin aside).
@@ -109,7 +115,7 @@ struct conv_schedule {
         return tile_vectors == o.tile_vectors && forward_block_rows == o.forward_block_rows &&
                forward_loop == o.forward_loop && forward_split == o.forward_split &&
                grad_input_vectors == o.grad_input_vectors &&
-               gw_vectors == o.gw_vectors && gw_block_pixels == o.gw_block_pixels;
+               gw_vectors == o.gw_vectors && gw_block_pixels == o.gw_block_pixels && gw_split == o.gw_split;
     }
 };
 
