@@ -257,7 +257,8 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
         const index_t phi = Border ? std::clamp<index_t>(t.hi[k] - ow0, 0, np) : PB;
         // Pixels outside [plo, phi) have their fmas masked (x read at a valid index instead): a
         // branch per pixel in the channel loop would cost more than the fmas it skips.
-        auto reduce = [&]<bool Masked>() {
+        auto reduce = [&] {
+            constexpr bool Masked = Border;
             [[maybe_unused]] index_t xo[PB];
             [[maybe_unused]] simd::fmask on[PB];
             if constexpr (Masked)
@@ -292,7 +293,7 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
         // One body per tile: with a masked and an unmasked body GCC keeps acc in memory (a
         // load and a store per accumulator per tap: border tiles cost as much as whole ones).
         // A masked fma costs what an fma costs on AVX-512 (a blend more elsewhere).
-        reduce.template operator()<Border>();
+        reduce();
     }
     if (last) {
         store_forward_tile<PB, VB, Border>(acc, np, OC, bias, oc0, yrow, ow0, epi, stats);
@@ -503,54 +504,42 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
                     for (index_t row = b * R; row < r1; ++row) run(stats, taps, row, oc0, oc0 + 1);
             });
     };
-    // Statistics are instantiated for the identity epilogue only (the fused block keeps the conv
-    // output z and applies BN + ReLU after).
-    constexpr bool stats_epi = std::is_same_v<Epi, expr::identity_t>;
+    // Tasks (channel group, block), group-major: one group of every chunk (split rows), or one
+    // group per chunk (split channels: a thread's tasks share few chunks' weights).  A block's
+    // moments are zeroed before any task, written by the tasks of its groups (disjoint
+    // channels) and finished once all have run.  Statistics are instantiated for the identity
+    // epilogue only (the fused block keeps the conv output z and applies BN + ReLU after).
+    const bool with_stats = std::is_same_v<Epi, expr::identity_t> && moments;
+    index_t groups = 1;
+    if (split == conv_split::channels) {
+        groups = 0;
+        for_channel_chunks(OC, vectors, [&]<int>(index_t) { ++groups; });
+    }
+    auto group_start = [&](index_t c) {
+        index_t i = 0, start = 0;
+        for_channel_chunks(OC, vectors, [&]<int>(index_t oc0) {
+            if (i++ == c) start = oc0;
+        });
+        return start;
+    };
     auto block_stats = [&](index_t b) {
         double* m = moments + 4 * OCP * (b + 1);
         return block_moments{m, m + OCP, m + 2 * OCP, m + 3 * OCP};
     };
-    const index_t work = rows * out.w * OC * IC * g.taps();
-    if (split == conv_split::rows) {
-        parallel::parallel_for(blocks, work, [&](index_t b) {
-            if (stats_epi && moments) {
-                std::fill(moments + 4 * OCP * (b + 1), moments + 4 * OCP * (b + 2), 0.0);
+    if (with_stats) std::fill(moments + 4 * OCP, moments + 4 * OCP * (blocks + 1), 0.0);
+    parallel::parallel_for(groups * blocks, rows * out.w * OC * IC * g.taps(), [&](index_t t) {
+        const index_t b = t % blocks, c0 = groups == 1 ? 0 : group_start(t / blocks);
+        const index_t c1 = groups == 1 ? OCP : c0 + 1;
+        if constexpr (std::is_same_v<Epi, expr::identity_t>)
+            if (moments) {
                 block_moments stats = block_stats(b);
-                if constexpr (stats_epi) run_rows(stats, b, 0, OCP);
-                stats.finish(OCP); // -> count, mean, M2
-            } else {
-                no_stats none;
-                run_rows(none, b, 0, OCP);
+                return run_rows(stats, b, c0, c1);
             }
-        });
-    } else {
-        // Tasks (chunk, block), chunk-major: a thread's tasks share few chunks' weights.  A
-        // block's moments are then written by the tasks of each of its chunks (disjoint
-        // channels) and finished once all have run.
-        index_t chunks = 0;
-        for_channel_chunks(OC, vectors, [&]<int>(index_t) { ++chunks; });
-        auto chunk_at = [&](index_t c) {
-            index_t i = 0, start = 0;
-            for_channel_chunks(OC, vectors, [&]<int>(index_t oc0) {
-                if (i++ == c) start = oc0;
-            });
-            return start;
-        };
-        if (stats_epi && moments) std::fill(moments + 4 * OCP, moments + 4 * OCP * (blocks + 1), 0.0);
-        parallel::parallel_for(chunks * blocks, work, [&](index_t t) {
-            const index_t b = t % blocks, oc0 = chunk_at(t / blocks);
-            if (stats_epi && moments) {
-                block_moments stats = block_stats(b);
-                if constexpr (stats_epi) run_rows(stats, b, oc0, oc0 + 1);
-            } else {
-                no_stats none;
-                run_rows(none, b, oc0, oc0 + 1);
-            }
-        });
-        if (stats_epi && moments)
-            parallel::parallel_for(blocks, blocks * OCP, [&](index_t b) { block_stats(b).finish(OCP); });
-    }
-    if (std::is_same_v<Epi, expr::identity_t> && moments) { // the fixed merge tree: blocks in order
+        no_stats none;
+        run_rows(none, b, c0, c1);
+    });
+    if (with_stats) parallel::parallel_for(blocks, blocks * OCP, [&](index_t b) { block_stats(b).finish(OCP); });
+    if (with_stats) { // the fixed merge tree: blocks in order
         std::fill(moments, moments + 3 * OCP, 0.0);
         channel_moments total{moments, moments + OCP, moments + 2 * OCP};
         for (index_t b = 0; b < blocks; ++b) {
