@@ -94,7 +94,7 @@ struct conv_schedule {
     }
     /// "forward tile 6x4 (pixels x vectors) over 96-row reduction blocks, rows_outer, threads
     /// split rows, grad input tile 6x4, grad weight tile 6x4 ((tap, ic) rows x vectors) per
-    /// 256-pixel block".
+    /// 256-pixel block, threads split rows".
     std::string str() const
     {
         auto tile = [](int p, int v) { return std::to_string(p) + "x" + std::to_string(v); };
