@@ -302,6 +302,37 @@ TEST_CASE("in_channels 1-4: grad input vectorized over output channels matches t
     REQUIRE(same_bits(r1.dx, r2.dx));
 }
 
+TEST_CASE("simd::halving_sum is the scalar halving tree, bit for bit", "[conv][simd]")
+{
+    // The narrow grad input's lane reduction: vector halves on x86, this tree elsewhere.  Values
+    // of mixed magnitudes and signs make any other order round differently.
+    std::mt19937 g(31);
+    std::uniform_real_distribution<float> mant(-1.f, 1.f);
+    std::uniform_int_distribution<int> expo(-20, 20);
+    for (int trial = 0; trial < 1000; ++trial) {
+        std::array<float, vf::simd::fvec::size> l;
+        for (auto& v : l) v = std::ldexp(mant(g), expo(g));
+        const float got = vf::simd::halving_sum(vf::simd::fvec::load_unaligned(l.data()));
+        for (std::size_t h = l.size() / 2; h >= 1; h /= 2)
+            for (std::size_t i = 0; i < h; ++i) l[i] += l[i + h];
+        REQUIRE(same_bits(std::vector<float>{got}, std::vector<float>{l[0]}));
+    }
+}
+
+TEST_CASE("kernels with more taps than one tap table holds match the reference", "[conv][numerics]")
+{
+    // Tap tables hold 343 taps (7x7x7); larger kernels are walked in segments: the forward (and
+    // stride-1 grad input as a forward), the gather grad input (stride > 1) and the narrow one
+    // (in_channels <= 4), with padding so that border tiles see partial segments.
+    std::mt19937 g(30);
+    for (const case_t& c : {case_t{conv_config{3, 20, {8, 7, 7}, {1, 2, 1}, {2, 3, 3}, 1, true}, sizes5{1, 3, 9, 8, 11}},
+                           case_t{conv_config{17, 9, {7, 8, 7}, {2, 1, 2}, {3, 1, 3}, 1, false}, sizes5{1, 17, 9, 9, 12}},
+                           case_t{conv_config{5, 6, {8, 8, 6}, 1, {2, 4, 1}, 1, true}, sizes5{1, 5, 8, 9, 7}}}) {
+        INFO(describe(c));
+        check_case(c, g, [](const vf::Conv3d<>&) {});
+    }
+}
+
 TEST_CASE("backward_input and backward_weight are backward's two halves", "[conv][semantics]")
 {
     // torch.nn.grad.conv3d_input / conv3d_weight: the same bits as backward, both layouts,
