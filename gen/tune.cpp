@@ -108,14 +108,19 @@ tune_result tune(const tune_layer& l, std::ostream& log)
     s.forward_block_rows = pick("forward_block_rows", block_rows, s, &vf::conv_schedule::forward_block_rows, conv,
                                 [&] { conv.forward(X, Y); }, log, summary);
     const auto other = [](auto v, auto a, auto b) { return v == a ? b : a; };
+    // Loop order and split apply to the forward and to grad input (both formulations): timed together.
+    const auto forward_and_grad_input = [&] {
+        conv.forward(X, Y);
+        conv.backward_input(dY, dX);
+    };
     s.forward_loop = pick("forward_loop",
                           std::vector{s.forward_loop,
                                       other(s.forward_loop, vf::conv_loop::rows_outer, vf::conv_loop::channels_outer)},
-                          s, &vf::conv_schedule::forward_loop, conv, [&] { conv.forward(X, Y); }, log, summary);
+                          s, &vf::conv_schedule::forward_loop, conv, forward_and_grad_input, log, summary);
     s.forward_split = pick("forward_split",
                            std::vector{s.forward_split,
                                        other(s.forward_split, vf::conv_split::rows, vf::conv_split::channels)},
-                           s, &vf::conv_schedule::forward_split, conv, [&] { conv.forward(X, Y); }, log, summary);
+                           s, &vf::conv_schedule::forward_split, conv, forward_and_grad_input, log, summary);
     s.grad_input_vectors = pick("grad_input_vectors", vector_candidates(s.grad_input_vectors, l.in), s,
                                 &vf::conv_schedule::grad_input_vectors, conv, [&] { conv.backward_input(dY, dX); },
                                 log, summary);

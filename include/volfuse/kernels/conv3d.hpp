@@ -793,33 +793,43 @@ void for_gather_tiles(const G& g, extents3 in, extents3 out, R&& residue, F&& f)
 /// Input rows per grad-input task (they share a tap table).
 inline constexpr index_t gather_rows = 8;
 
-/// The grad-input tasks: blocks of gather_rows input rows (n, id, ih), each row's dx written
-/// once, so the bits do not depend on the thread count.  f(taps, id, ih, dy of image n, dx
-/// row), with a tap table per task.
+/// The grad-input tasks: (group, block of gather_rows input rows (n, id, ih)) in group-major
+/// order, each (row, group) pair's part of dx written once, so the bits do not depend on the
+/// thread count.  f(taps, group, id, ih, dy of image n, dx row), with a tap table per task.
 template <class G, class F>
-void for_input_rows(const G& g, index_t N, extents3 in, extents3 out, const float* dy, float* dx, F&& f)
+void for_input_rows(const G& g, index_t N, extents3 in, extents3 out, const float* dy, float* dx, index_t groups,
+                    F&& f)
 {
-    const index_t IC = g.in(), OC = g.out(), rows = N * in.d * in.h, R = gather_rows;
+    const index_t IC = g.in(), OC = g.out(), rows = N * in.d * in.h, R = gather_rows, blocks = (rows + R - 1) / R;
     const index_t cost = rows * in.w * IC * OC * g.taps() / (g.template s<0>() * g.template s<1>() * g.template s<2>());
-    parallel::parallel_for((rows + R - 1) / R, cost, [&](index_t b) {
+    parallel::parallel_for(groups * blocks, cost, [&](index_t task) {
+        const index_t group = task / blocks, b = task % blocks;
         gather_taps taps;
         for (index_t row = b * R; row < std::min(rows, (b + 1) * R); ++row) {
             const index_t n = row / (in.d * in.h), id = row / in.h % in.d, ih = row % in.h;
-            f(taps, id, ih, dy + n * out.d * out.h * out.w * OC, dx + row * in.w * IC);
+            f(taps, group, id, ih, dy + n * out.d * out.h * out.w * OC, dx + row * in.w * IC);
         }
     });
 }
 
 /// dx = the sum, over the taps and output pixels that read each input pixel, of dy * w, as a
 /// gather (NDHWC; any stride, padding, dilation), in tiles of `per_chunk` input-channel
-/// vectors.  wt: pack(.., packing::transposed)'s layout.
+/// vectors; threads split blocks of input rows (each with every chunk) or (chunk, block)
+/// tasks, chunk-major.  wt: pack(.., packing::transposed)'s layout.
 template <class G>
-void grad_input_gather(const G& g, index_t per_chunk, index_t N, extents3 in, extents3 out, const float* dy,
-                       const float* wt, float* dx) noexcept
+void grad_input_gather(const G& g, index_t per_chunk, conv_split split, index_t N, extents3 in, extents3 out,
+                       const float* dy, const float* wt, float* dx) noexcept
 {
-    for_input_rows(g, N, in, out, dy, dx,
-                   [&](gather_taps& taps, index_t id, index_t ih, const float* dyn, float* dxrow) {
+    index_t groups = 1;
+    if (split == conv_split::channels) {
+        groups = 0;
+        for_channel_chunks(g.in(), per_chunk, [&]<int>(index_t) { ++groups; });
+    }
+    for_input_rows(g, N, in, out, dy, dx, groups,
+                   [&](gather_taps& taps, index_t group, index_t id, index_t ih, const float* dyn, float* dxrow) {
+                       index_t chunk = 0;
                        for_channel_chunks(g.in(), per_chunk, [&]<int VB>(index_t ic0) {
+                           if (groups > 1 && chunk++ != group) return;
                            constexpr int PB = pixels_for<VB>;
                            for_gather_tiles<PB>(
                                g, in, out, [&](index_t rw) { taps.set(g, out, {id, ih, rw}, 0); },
@@ -906,8 +916,8 @@ void grad_input_narrow(const G& g, index_t N, extents3 in, extents3 out, const f
 {
     auto run = [&]<int IC>() {
         constexpr int PB = narrow_pixels<IC>;
-        for_input_rows(g, N, in, out, dy, dx,
-                       [&](gather_taps& taps, index_t id, index_t ih, const float* dyn, float* dxrow) {
+        for_input_rows(g, N, in, out, dy, dx, 1,
+                       [&](gather_taps& taps, index_t, index_t id, index_t ih, const float* dyn, float* dxrow) {
                            for_gather_tiles<PB>(
                                g, in, out, [&](index_t rw) { taps.set(g, out, {id, ih, rw}, 0); },
                                [&]<int P, bool Checked>(index_t rw, index_t j0, index_t npix) {
@@ -941,7 +951,7 @@ void grad_input(const G& g, const conv_schedule& s, index_t N, extents3 in, exte
                       wt, nullptr, dx,
                       expr::identity_t{});
     };
-    auto gather = [&] { grad_input_gather(g, s.grad_input_vectors, N, in, out, dy, wt, dx); };
+    auto gather = [&] { grad_input_gather(g, s.grad_input_vectors, s.forward_split, N, in, out, dy, wt, dx); };
     if constexpr (S.in != dynamic && S.in <= narrow_channels) grad_input_narrow(g, N, in, out, dy, wt, dx);
     else {
         if constexpr (S.in == dynamic)

@@ -39,9 +39,10 @@ inline const char* conv_loop_name(conv_loop l) noexcept
     return l == conv_loop::rows_outer ? "rows_outer" : "channels_outer";
 }
 
-/// What the threads split.  Forward (and grad input as a forward conv): blocks of output rows
-/// (every channel chunk of a block on one thread), or (channel chunk, block) tasks in
-/// chunk-major order (with 2 threads and 2 chunks, each thread reads one chunk's weights).
+/// What the threads split.  Forward and grad input (as a forward conv or a gather): blocks of
+/// output (input) rows, every channel chunk of a block on one thread, or (channel chunk, block)
+/// tasks in chunk-major order (with 2 threads and 2 chunks, each thread reads one chunk's
+/// weights).  The narrow grad input (in_channels <= 4) has one chunk: it splits rows.
 /// Grad weight: its tiles, (tap, ic)-row blocks major or output-channel chunks major.  Tasks
 /// own disjoint outputs, each summing in a fixed order, and the statistics are merged in a
 /// fixed block order: the same bits either way, for any thread count.
@@ -59,7 +60,7 @@ struct conv_schedule {
     index_t forward_block_rows = 96;
     /// Forward (and grad input as a forward conv): the loop order within a block of rows.
     conv_loop forward_loop = conv_loop::rows_outer;
-    /// Forward (and grad input as a forward conv): what the threads split.
+    /// Forward and grad input: what the threads split.
     conv_split forward_split = conv_split::rows;
     /// Grad input (a forward conv of dY for stride 1, a gather otherwise): input-channel
     /// vectors per tile.
