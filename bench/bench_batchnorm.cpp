@@ -217,7 +217,7 @@ public:
 template <class... A>
 void add(const std::string& name, A&&... a)
 {
-    report::add(name, 0.05, std::forward<A>(a)...);
+    report::add(name, 0.05, 1, std::forward<A>(a)...);
 }
 
 template <class L>

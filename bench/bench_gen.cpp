@@ -84,7 +84,7 @@ int main(int argc, char** argv)
                 const std::string name = std::string("gen/") + l.name + "/" + (train ? "train" : "eval") + "/" +
                                          (specialized ? "specialized" : "fallback");
                 auto* fn = l.ndhwc ? run<vf::ndhwc_t> : run<vf::ncdhw_t>;
-                report::add(name, 0.1, fn, &l, specialized, train);
+                report::add(name, 0.1, 1, fn, &l, specialized, train);
             }
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -259,7 +259,7 @@ public:
 template <class... A>
 void add(const std::string& name, A&&... a)
 {
-    report::add(name, 0.2, std::forward<A>(a)...);
+    report::add(name, 0.2, 1, std::forward<A>(a)...);
 }
 
 int main(int argc, char** argv)
