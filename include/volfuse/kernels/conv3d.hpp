@@ -858,11 +858,11 @@ inline constexpr int narrow_pixels = std::min(12, acc_registers / IC);
 /// vector] * w[tap][ic][oc vector] over taps and oc vectors; wp: pack()'s forward_rows layout (its
 /// padding lanes are zero; dy's tail vector is read partially).  Each dx element: its lanes'
 /// sums in (kd, kh, kw, oc vector) order, then simd::halving_sum.
-template <int IC, int PB, bool Checked, class G>
+template <int IC, int PB, bool Checked, int F, class G>
 inline void grad_input_narrow_tile(const G& g, const float* dyn, gather_taps& taps, extents3 out, gather_row r,
                                    index_t j0, index_t npix, const float* wp, float* dxrow) noexcept
 {
-    const index_t OC = g.out(), OCP = round_up(OC, width), full = OC / width, tail = OC - full * width;
+    const index_t OC = g.out(), OCP = round_up(OC, width), full = F > 0 ? F : OC / width, tail = OC - full * width;
     const index_t sw = g.template s<2>();
     fvec acc[PB][IC];
     #pragma GCC unroll 32
@@ -895,12 +895,13 @@ inline void grad_input_narrow_tile(const G& g, const float* dyn, gather_taps& ta
             }
         };
         auto whole = [](const float* a) { return simd::load(a); };
-        // Unrolled by 2 (a static OC) or 4 (a run-time one): measured on Conv3d(3,64,7,s2)'s grad
-        // input (Zen 5), full unrolling spilled the static case's registers (1.5x slower), no
-        // unrolling left the run-time case's loop overhead (1.4x).
-        if constexpr (G::spec.out != dynamic) {
+        // A compile-time count of whole vectors is unrolled by 2, a run-time one by 4: measured on
+        // Conv3d(3,64,7,s2)'s grad input (Zen 5), full unrolling spilled registers (1.5x
+        // slower), no unrolling left loop overhead (1.4x), and with a run-time count GCC kept
+        // the accumulators in memory around the loop whatever the unrolling (1.4x).
+        if constexpr (F > 0) {
             #pragma GCC unroll 2
-            for (index_t v = 0; v < full; ++v) step(v * width, whole);
+            for (index_t v = 0; v < F; ++v) step(v * width, whole);
         } else {
             #pragma GCC unroll 4
             for (index_t v = 0; v < full; ++v) step(v * width, whole);
@@ -919,20 +920,29 @@ template <class G>
 void grad_input_narrow(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wp,
                        float* dx) noexcept
 {
-    auto run = [&]<int IC>() {
+    // F: output-channel vectors (whole ones) as a compile-time constant: the spec's, or for a
+    // run-time OC its count when 1-4 (the common first layers), else 0 (counted at run time).
+    auto run = [&]<int IC, int F>() {
         constexpr int PB = narrow_pixels<IC>;
         for_input_rows(g, N, in, out, dy, dx, 1,
                        [&](gather_taps& taps, index_t, index_t id, index_t ih, const float* dyn, float* dxrow) {
                            for_gather_tiles<PB>(
                                g, in, out, [&](index_t rw) { taps.set(g, out, {id, ih, rw}, 0); },
                                [&]<int P, bool Checked>(index_t rw, index_t j0, index_t npix) {
-                                   grad_input_narrow_tile<IC, P, Checked>(g, dyn, taps, out, {id, ih, rw}, j0, npix,
-                                                                          wp, dxrow);
+                                   grad_input_narrow_tile<IC, P, Checked, F>(g, dyn, taps, out, {id, ih, rw}, j0,
+                                                                             npix, wp, dxrow);
                                });
                        });
     };
     with_input_channels(g, [&]<int IC>() {
-        if constexpr (IC > 0) run.template operator()<IC>();
+        if constexpr (IC == 0) return;
+        else if constexpr (G::spec.out != dynamic) run.template operator()<IC, static_cast<int>(G::spec.out / width)>();
+        else
+            [&]<int... V>(std::integer_sequence<int, V...>) {
+                const index_t full = g.out() / width;
+                if (!((full == V + 1 ? (run.template operator()<IC, V + 1>(), true) : false) || ...))
+                    run.template operator()<IC, 0>();
+            }(std::make_integer_sequence<int, 4>{});
     });
 }
 
