@@ -42,6 +42,22 @@ void check_against_reference(const conv_result& r, const conv_reference& ref)
     }
 }
 
+/// A layer's float64 reference on random data from g (x, dy, weights of std 0.3, bias, drawn in
+/// that order) with its forward and backward run.
+struct reference_case {
+    conv_reference ref;
+    std::vector<float> x, dy, w, b;
+    reference_case(const conv_config& cf, const sizes5& xs, std::mt19937& g) : ref(cf, xs)
+    {
+        x = randn(numel(xs), g);
+        dy = randn(numel(ref.ys), g);
+        w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3);
+        b = randn(cf.out, g);
+        ref.forward(x, w, b);
+        ref.backward(x, w, dy);
+    }
+};
+
 struct case_t {
     conv_config cf;
     sizes5 xs;
@@ -79,11 +95,8 @@ std::string describe(const case_t& c)
 template <class Probe>
 void check_case(const case_t& c, std::mt19937& g, Probe&& probe)
 {
-    conv_reference ref(c.cf, c.xs);
-    const auto x = randn(numel(c.xs), g), dy = randn(numel(ref.ys), g);
-    const auto w = randn(c.cf.out * c.cf.in * ref.taps(), g, 0.0, 0.3), b = randn(c.cf.out, g);
-    ref.forward(x, w, b);
-    ref.backward(x, w, dy);
+    const reference_case rc(c.cf, c.xs, g);
+    const auto& [ref, x, dy, w, b] = rc;
     const auto bias = c.cf.bias ? b : std::vector<float>{};
     vf::Conv3d<> a(c.cf.in, c.cf.out, c.cf.k, c.cf.s, c.cf.p, c.cf.dil, 1, c.cf.bias);
     probe(a);
@@ -293,11 +306,8 @@ TEST_CASE("in_channels 1-4: grad input vectorized over output channels matches t
     auto same_as_fixed = [&]<vf::index_t OC>() {
         const conv_config cf{3, OC, {3, 5, 7}, {1, 2, 2}, {1, 2, 3}, 1, true};
         const sizes5 xs{2, 3, 4, 9, 15};
-        conv_reference ref(cf, xs);
-        const auto x = randn(numel(xs), g), dy = randn(numel(ref.ys), g);
-        const auto w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3), b = randn(cf.out, g);
-        ref.forward(x, w, b);
-        ref.backward(x, w, dy);
+        const reference_case rc(cf, xs, g);
+        const auto& [ref, x, dy, w, b] = rc;
         vf::Conv3d<> dyn(3, OC, {3, 5, 7}, {1, 2, 2}, {1, 2, 3});
         vf::Conv3d<vf::conv_spec{.in = 3, .out = OC, .kernel = {3, 5, 7}, .stride = {1, 2, 2}, .padding = {1, 2, 3},
                                  .dilation = 1}>
@@ -350,11 +360,8 @@ TEST_CASE("backward_input and backward_weight are backward's two halves", "[conv
     for (const index_t s : {1, 2}) {
         const conv_config cf{5, 19, {3, 2, 3}, s, 1, 1, true};
         const sizes5 xs{2, 5, 5, 4, 9};
-        conv_reference ref(cf, xs);
-        const auto x = randn(numel(xs), g), dy = randn(numel(ref.ys), g);
-        const auto w = randn(cf.out * cf.in * ref.taps(), g, 0.0, 0.3), b = randn(cf.out, g);
-        ref.forward(x, w, b);
-        ref.backward(x, w, dy);
+        const reference_case rc(cf, xs, g);
+        const auto& [ref, x, dy, w, b] = rc;
         auto both = [&]<class L>(L) {
             vf::Conv3d<> whole(5, 19, {3, 2, 3}, s, 1), halves(5, 19, {3, 2, 3}, s, 1);
             const auto r = run_conv<L>(whole, ref, x, w, b, dy);

@@ -164,6 +164,26 @@ template <int PB, int VB, bool Checked, class Epi, class Stats>
     stats.template add_tile<PB, VB>(acc, Checked ? npix : index_t{PB}, oc0);
 }
 
+/// One reduction step of a broadcast tile: acc[p][j] += broadcast(scalar(p)) * w[j * width..]
+/// over its PB pixels and VB vectors; with Masked, pixel p's fmas only where on[p] (the scalar
+/// then read at a valid address).  The forward's step over one (tap, ic) and the gather's over
+/// one (tap, oc).
+template <int PB, int VB, bool Masked, class S>
+[[gnu::always_inline]] inline void broadcast_fmas(fvec (&acc)[PB][VB], const float* w, S&& scalar,
+                                                  const simd::fmask (&on)[PB]) noexcept
+{
+    fvec wv[VB];
+    #pragma GCC unroll 32
+    for (int j = 0; j < VB; ++j) wv[j] = simd::load(w + j * width);
+    #pragma GCC unroll 32
+    for (int p = 0; p < PB; ++p) {
+        const fvec b(scalar(p));
+        #pragma GCC unroll 32
+        for (int j = 0; j < VB; ++j)
+            acc[p][j] = Masked ? simd::fma_where(on[p], b, wv[j], acc[p][j]) : simd::fma(b, wv[j], acc[p][j]);
+    }
+}
+
 /// The taps of one output row (od, oh) whose input rows lie inside the image (every kw), in
 /// (kd, kh, kw) order: offsets of their input pixel from the row's first window origin (x:
 /// relative to `base`, the offset of input pixel (od*s - p, oh*s - p, 0) in the image, which
@@ -269,21 +289,13 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
                     xo[p] = in ? xk + p * step : 0;
                 }
             auto channel = [&](index_t ic) {
-                fvec wv[VB];
-                #pragma GCC unroll 32
-                for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + ic * cw + j * width);
-                #pragma GCC unroll 32
-                for (int p = 0; p < PB; ++p) {
-                    if constexpr (Masked) {
-                        const fvec b(xn[xo[p] + ic]);
-                        #pragma GCC unroll 32
-                        for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma_where(on[p], b, wv[j], acc[p][j]);
-                    } else {
-                        const fvec b(xn[xk + p * step + ic]);
-                        #pragma GCC unroll 32
-                        for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
-                    }
-                }
+                broadcast_fmas<PB, VB, Masked>(
+                    acc, wk + ic * cw,
+                    [&](int p) {
+                        if constexpr (Masked) return xn[xo[p] + ic];
+                        else return xn[xk + p * step + ic];
+                    },
+                    on);
             };
             if constexpr (ICN > 0) {
                 // Not unrolled: unrolled, GCC hoisted every channel's weights (ICN x VB
@@ -736,23 +748,14 @@ inline void grad_input_tile(const G& g, const float* dyn, gather_taps& taps, ext
     for_table_taps<PB, Checked>(g, taps, out, r, j0, npix, [&](index_t tap, index_t yk, const index_t(&yo)[PB],
                                                                 const simd::fmask(&on)[PB]) {
         const float* wk = wt + tap * OC * ICP + ic0;
-        for (index_t oc = 0; oc < OC; ++oc) {
-            fvec wv[VB];
-            #pragma GCC unroll 32
-            for (int j = 0; j < VB; ++j) wv[j] = simd::load(wk + oc * ICP + j * width);
-            #pragma GCC unroll 32
-            for (int p = 0; p < PB; ++p) {
-                if constexpr (Checked) {
-                    const fvec b(dyn[yo[p] + oc]);
-                    #pragma GCC unroll 32
-                    for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma_where(on[p], b, wv[j], acc[p][j]);
-                } else {
-                    const fvec b(dyn[yk + p * OC + oc]);
-                    #pragma GCC unroll 32
-                    for (int j = 0; j < VB; ++j) acc[p][j] = simd::fma(b, wv[j], acc[p][j]);
-                }
-            }
-        }
+        for (index_t oc = 0; oc < OC; ++oc)
+            broadcast_fmas<PB, VB, Checked>(
+                acc, wk + oc * ICP,
+                [&](int p) {
+                    if constexpr (Checked) return dyn[yo[p] + oc];
+                    else return dyn[yk + p * OC + oc];
+                },
+                on);
     });
     for (int p = 0; p < PB; ++p) {
         if (Checked && p >= npix) break;
