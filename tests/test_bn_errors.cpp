@@ -15,7 +15,7 @@ struct fixture {
     {
         auto X = view_of<vf::ncdhw_t>(x.data(), s);
         bn.forward(X, view_of<vf::ncdhw_t>(y.data(), s), vf::relu);
-        bn.backward(X, view_of<vf::ncdhw_t>(dy.data(), s), view_of<vf::ncdhw_t>(dx.data(), s));
+        bn.backward(X, view_of<vf::ncdhw_t>(dy.data(), s), view_of<vf::ncdhw_t>(dx.data(), s), vf::relu);
     }
     auto X() { return view_of<vf::ncdhw_t>(x.data(), s); }
     auto Y() { return view_of<vf::ncdhw_t>(y.data(), s); }

@@ -175,7 +175,7 @@ TEST_CASE("empty batch: no error, nothing written, num_batches_tracked still cou
     REQUIRE(guard == 42.f);
     REQUIRE(bn.num_batches_tracked() == 1); // PyTorch increments before the kernel
     REQUIRE(vec(bn.running_mean()) == std::vector<float>(3, 0.f));
-    bn.backward(X, X, X);
+    bn.backward(X, X, X, vf::relu);
     REQUIRE(vec(bn.weight_grad()) == std::vector<float>(3, 0.f));
     auto Z = vf::ndhwc_view(static_cast<float*>(nullptr), 2, 3, 0, 4, 4); // empty spatial extent, null is fine
     bn.forward(Z, Z);

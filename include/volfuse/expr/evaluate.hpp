@@ -12,6 +12,7 @@
 
 #include <string>
 
+#include "../core/checks.hpp"
 #include "../core/error.hpp"
 #include "../kernels/batch_norm.hpp"
 #include "../kernels/channel_loops.hpp"
@@ -64,10 +65,11 @@ void check_pointwise_io(const VX& X, const VY& Y)
 {
     static_assert(std::is_same_v<typename VX::layout_type, typename VY::layout_type>,
                   "vf::evaluate: input and output must have the same layout");
-    if (X.sizes() != Y.sizes())
-        throw error("output has shape " + Y.shape().str() + " but input has shape " + X.shape().str());
-    if (X.shape().numel() > 0 && (X.data() == nullptr || Y.data() == nullptr))
-        throw error("vf::evaluate: null data pointer");
+    static_assert(!std::is_const_v<typename VY::value_type>, "vf::evaluate: Y must be writable");
+    const auto x = operand_of(X, "input"), y = operand_of(Y, "output");
+    if (x.sizes != y.sizes)
+        throw error("output has shape " + sizes_str(y.sizes) + " but input has shape " + sizes_str(x.sizes));
+    check_disjoint(y, x, /*in place*/ true);
 }
 /// The conv kernels take their epilogue as a flag (identity or relu, through the registry's pointers).
 template <class Epi>
@@ -92,7 +94,7 @@ void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi)
     static_assert(conv_epilogue<Epi>, "vf::evaluate: a conv's epilogue is vf::identity or vf::relu");
     M& conv = *node.module;
     const auto& X = node.in.view;
-    const float* x = conv.prepare_forward(X, Y.data(), Y.sizes(), Y.storage());
+    const float* x = conv.prepare_forward(X, operand_of(Y, "output"));
     if (Y.shape().numel() == 0) return;
     float* y = conv.output_for(Y);
     conv.template run_forward<typename VY::layout_type>(X.sizes(), x, y, is_relu<Epi>);
@@ -111,7 +113,7 @@ void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, 
     M& conv = *node.module;
     const auto& X = node.in.view;
     const auto osz = Y.sizes();
-    const float* x = conv.prepare_forward(X, Y.data(), osz, Y.storage());
+    const float* x = conv.prepare_forward(X, operand_of(Y, "output"));
     const index_t C = osz[1], rows = osz[0] * osz[2] * osz[3];
     const bool batch_stats = bn.training() || !bn.track_running_stats();
     if (!batch_stats && (bn.num_features() != C))
@@ -123,7 +125,7 @@ void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, 
         for (index_t v : osz) n *= v;
         float* z = conv.kept_output(n);
         double* moments = conv.moments(rows); // workspaces before the module commits its state
-        const auto step = bn.prepare_forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(y, osz));
+        const auto step = bn.prepare_forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(y, osz), Epi::name);
         if (!step) return;
         conv.template run_forward<typename VY::layout_type>(X.sizes(), x, z, false, moments);
         const index_t P = kernels::conv::round_up(C, simd::width);
@@ -176,7 +178,7 @@ void evaluate(const VY& Y, const E& e)
                       "vf::evaluate: batch norm applies to a tensor or a convolution's output");
         // The module validates and commits its state; what runs is chosen here.
         const auto& X = in.in.view;
-        if (const auto step = in.module->prepare_forward(X, Y)) {
+        if (const auto step = in.module->prepare_forward(X, Y, decltype(op)::name)) {
             using L = typename VY::layout_type;
             using BN = std::remove_pointer_t<decltype(in.module)>;
             using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <string>
 
+#include "../core/checks.hpp"
 #include "../core/error.hpp"
 #include "../parallel/threads.hpp"
 #include "../shape/view.hpp"
@@ -20,13 +21,11 @@ void reorder(const VS& src, const VD& dst)
 {
     static_assert(std::is_same_v<std::remove_const_t<typename VS::value_type>, typename VD::value_type>,
                   "vf::reorder: source and destination must have the same element type (and dst be writable)");
-    if (src.sizes() != dst.sizes())
-        throw error("reorder: destination has shape " + dst.shape().str() + " but source has shape " +
-                    src.shape().str());
-    const index_t n_src = src.storage(), n_dst = dst.storage();
-    const auto a = reinterpret_cast<std::uintptr_t>(src.data()), b = reinterpret_cast<std::uintptr_t>(dst.data());
-    if (src.shape().numel() > 0 && a < b + n_dst * sizeof(float) && b < a + n_src * sizeof(float))
-        throw error("reorder: source and destination overlap");
+    const auto from = detail::operand_of(src, "reorder: source"), to = detail::operand_of(dst, "reorder: destination");
+    if (from.sizes != to.sizes)
+        throw error("reorder: destination has shape " + detail::sizes_str(to.sizes) + " but source has shape " +
+                    detail::sizes_str(from.sizes));
+    if (to.overlaps(from)) throw error("reorder: source and destination overlap");
     const auto& s = dst.shape();
     const index_t N = value_of(s.n()), C = value_of(s.c()), D = value_of(s.d()), H = value_of(s.h()),
                   W = value_of(s.w());

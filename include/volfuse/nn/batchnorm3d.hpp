@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include "../core/checks.hpp"
 #include "../core/error.hpp"
 #include "../core/format.hpp"
 #include "../expr/evaluate.hpp"
@@ -175,15 +176,16 @@ public:
         train_finalizer finalize;
     };
 
-    /// Validates forward(X -> Y) and commits everything but the kernels' work: after
-    /// this returns, the kernels (noexcept) cannot fail.  Empty when X has no elements.
+    /// Validates forward(X -> Y) through the epilogue named `epilogue` and commits everything
+    /// but the kernels' work: after this returns, the kernels (noexcept) cannot fail.  Empty
+    /// when X has no elements.
     template <class VX, class VY>
-    auto prepare_forward(const VX& X, const VY& Y)
+    auto prepare_forward(const VX& X, const VY& Y, std::string_view epilogue)
     {
         using step = forward_step<decltype(specialize(X.as_const()).form())>;
         check_views<VX, VY>();
         static_assert(!std::is_const_v<typename VY::value_type>, "BatchNorm3d::forward: Y must be writable");
-        check_io(X, "input", {{Y.data(), Y.sizes(), "output"}});
+        check_io(detail::operand_of(X, "input"), {detail::operand_of(Y, "output")});
         const auto sz = X.sizes();
         const bool batch_stats = training_ || !track_;
         if (batch_stats) check_batch_size(sz);
@@ -192,7 +194,7 @@ public:
             if (affine_ && C_ == 0)
                 throw error("select(): index 0 out of range for tensor of size [0] at dimension 0");
             if (training_ && track_) ++nbt_;
-            remember(X.data(), Y.data(), sz, VX::layout_name(), batch_stats);
+            remember(X.data(), Y.data(), sz, VX::layout_name(), batch_stats, epilogue);
             return std::optional<step>{};
         }
         check_channels(C);
@@ -213,12 +215,13 @@ public:
                 beta_[c] = bias_of(c);
                 invstd_[c] = nn::rules::eval_backward_invstd(running_var_[c], eps_);
             }
-        remember(X.data(), Y.data(), sz, VX::layout_name(), batch_stats);
+        remember(X.data(), Y.data(), sz, VX::layout_name(), batch_stats, epilogue);
         return std::optional<step>{step{f, batch_stats, coeffs(), work, fin}};
     }
 
-    /// Backward of the last forward on X (through `epi` when given): writes dX and
-    /// accumulates weight_grad()/bias_grad().  dX may be the same memory as dY.
+    /// Backward of the last forward on X, through the epilogue that forward applied (`epi`
+    /// must be it): writes dX and accumulates weight_grad()/bias_grad().  dX may be the same
+    /// memory as dY.
     template <class VX, class VDY, class VDX, expr::epilogue Epi = expr::identity_t>
     void backward(const VX& X, const VDY& dY, const VDX& dX, Epi epi = {})
     {
@@ -227,7 +230,8 @@ public:
         static_assert(!std::is_const_v<typename VDX::value_type>, "BatchNorm3d::backward: dX must be writable");
         if (!saved_.valid)
             throw error("BatchNorm3d::backward called without a matching forward: run forward(X, Y) first");
-        check_io(X, "input", {{dY.data(), dY.sizes(), "grad_output"}, {dX.data(), dX.sizes(), "grad_input"}});
+        const auto dy = detail::operand_of(dY, "grad_output"), dx = detail::operand_of(dX, "grad_input");
+        check_io(detail::operand_of(X, "input"), {dy, dx});
         if (X.sizes() != saved_.sizes || VX::layout_name() != saved_.layout)
             throw error("BatchNorm3d::backward: input " + std::string(VX::layout_name()) + " " + X.shape().str() +
                         " does not match the last forward's input " + std::string(saved_.layout) + " " +
@@ -237,10 +241,22 @@ public:
                         "backward needs the forward's input X (run forward out of place when training)");
         if (static_cast<const void*>(X.data()) != saved_.x)
             throw error("BatchNorm3d::backward: X is not the input of the last forward");
-        if (dX.data() != dY.data() && overlaps(dX.data(), dY.data(), X.storage()))
+        if (dx.data != dy.data && dx.overlaps(dy))
             throw error("BatchNorm3d::backward: grad_input partially overlaps grad_output");
+        if (Epi::name != saved_.epilogue)
+            throw error("BatchNorm3d::backward: the last forward applied " + std::string(saved_.epilogue) +
+                        " after the batch norm but backward was given " + std::string(Epi::name) +
+                        " (pass backward the forward's epilogue, e.g. forward(X, Y, vf::relu) with "
+                        "backward(X, dY, dX, vf::relu))");
         if (X.shape().numel() == 0) return;
         run_backward(specialize(X.as_const()), dY.data(), dX.data(), epi);
+    }
+
+    /// A copied owner (the fused block) moves the record of the last forward's input from its
+    /// original's buffer to its own.
+    void rebind_input(const void* from, const void* to) noexcept
+    {
+        if (saved_.x == from && from != nullptr) saved_.x = to;
     }
 
     /// Runtime-shaped C: the kernels gen/ generated for this channel count and layout, if the
@@ -277,6 +293,7 @@ private:
         const void* x = nullptr;
         std::array<index_t, 5> sizes{};
         std::string_view layout;
+        std::string_view epilogue; // the name of the epilogue forward applied (a static string)
     };
 
     template <class VA, class VB>
@@ -294,27 +311,15 @@ private:
         }
     }
 
-    static bool overlaps(const void* a, const void* b, index_t n) noexcept
+    /// Shapes equal (the operands are checked: sizes valid, data not null), outputs either
+    /// exactly the input or disjoint from it.
+    static void check_io(const detail::operand& x, std::initializer_list<detail::operand> others)
     {
-        const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
-        const auto bytes = static_cast<std::uintptr_t>(n) * sizeof(float);
-        return pa < pb + bytes && pb < pa + bytes;
-    }
-
-    /// Shapes equal, pointers non-null, outputs either exactly the input or disjoint from it.
-    template <class VX>
-    static void check_io(const VX& X, const char* xname, std::initializer_list<io_arg> others)
-    {
-        const index_t n = X.storage(); // elements of memory, blocked padding included
-        if (n > 0 && X.data() == nullptr) throw error(std::string(xname) + " data pointer is null");
-        for (const io_arg& a : others) {
-            if (a.sizes != X.sizes())
-                throw error(std::string(a.name) + " has shape " + detail::sizes_str(a.sizes) + " but " + xname +
-                            " has shape " + X.shape().str());
-            if (n > 0 && a.data == nullptr) throw error(std::string(a.name) + " data pointer is null");
-            if (a.data != X.data() && overlaps(a.data, X.data(), n))
-                throw error(std::string(a.name) + " partially overlaps " + xname +
-                            " (it must be the same memory or disjoint)");
+        for (const detail::operand& a : others) {
+            if (a.sizes != x.sizes)
+                throw error(std::string(a.name) + " has shape " + detail::sizes_str(a.sizes) + " but " +
+                            std::string(x.name) + " has shape " + detail::sizes_str(x.sizes));
+            detail::check_disjoint(a, x, /*same memory allowed*/ true);
         }
     }
 
@@ -359,10 +364,10 @@ private:
     }
 
     void remember(const void* x, const void* y, const std::array<index_t, 5>& sz, std::string_view layout,
-                  bool batch_stats) noexcept
+                  bool batch_stats, std::string_view epilogue) noexcept
     {
         const bool empty = sz[0] * sz[1] * sz[2] * sz[3] * sz[4] == 0;
-        saved_ = {true, x == y && !empty, batch_stats, x, sz, layout};
+        saved_ = {true, x == y && !empty, batch_stats, x, sz, layout, epilogue};
     }
 
     kernels::bn_coeffs_out coeffs() noexcept { return {mean_.data(), mean_lo_.data(), alpha_.data(), beta_.data()}; }

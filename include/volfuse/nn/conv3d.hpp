@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "../core/checks.hpp"
 #include "../core/error.hpp"
 #include "../core/format.hpp"
 #include "../expr/evaluate.hpp"
@@ -54,6 +55,11 @@ public:
         if (out_channels == 0)
             throw error("Given groups=1, expected weight to be at least 1 at dimension 0, but got weight of size " +
                         weight_sizes() + " instead");
+        // PyTorch builds Conv3d(0, ...) with an uninitialized bias and gives its forward an output
+        // of 0 channels whatever out_channels says: no semantics to follow, so volfuse refuses it.
+        if (in_channels == 0)
+            throw error("Conv3d: in_channels=0 is not supported (a convolution over no input channels; PyTorch leaves "
+                        "the bias uninitialized and returns 0 output channels)");
         for (int i = 0; i < 3; ++i) {
             if (stride[i] <= 0) throw error("non-positive stride is not supported");
             if (padding[i] < 0) throw error("negative padding is not supported");
@@ -70,6 +76,20 @@ public:
         check_spec(stride, Spec.stride, "stride");
         check_spec(padding, Spec.padding, "padding");
         check_spec(dilation, Spec.dilation, "dilation");
+        // Every size this module derives from its arguments, computed once with overflow checks
+        // (2 * padding and the dilated kernel extent enter every shape check; the weight and its
+        // packed copies are allocated): after this, products of these never overflow.
+        for (int i = 0; i < 3; ++i) {
+            index_t twice = 0, span = 0;
+            if (!detail::mul_ok(padding[i], 2, twice) || !detail::mul_ok(dilation[i], kernel_size[i] - 1, span) ||
+                !detail::add_ok(span, 1, span))
+                throw error("Conv3d: padding " + padding.str() + ", dilation " + dilation.str() + " and kernel_size " +
+                            kernel_size.str() + " overflow a 64-bit size");
+        }
+        const index_t taps = detail::checked_numel(std::array<index_t, 3>{kernel_size.d, kernel_size.h, kernel_size.w});
+        detail::checked_numel(std::array<index_t, 5>{out_channels, in_channels, kernel_size.d, kernel_size.h, kernel_size.w});
+        detail::checked_numel(std::array<index_t, 3>{taps, in_channels, kernels::conv::round_up(out_channels, simd::width)});
+        detail::checked_numel(std::array<index_t, 3>{taps, out_channels, kernels::conv::round_up(in_channels, simd::width)});
         const auto nw = static_cast<std::size_t>(out_channels * in_channels * g_.taps());
         weight_.resize(nw);
         weight_grad_.assign(nw, 0.f);
@@ -171,7 +191,7 @@ public:
         check_views<VX, VDY>();
         check_views<VX, VDX>();
         static_assert(!std::is_const_v<typename VDX::value_type>, "Conv3d::backward: dX must be writable");
-        check_backward(X, dY.data(), dY.sizes(), dY.storage(), &dX);
+        check_backward(X, detail::operand_of(dY, "grad_output"), &dX);
         const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
         const float* x = X.shape().numel() > 0 ? input_of(X) : nullptr;
         float* dx = channels_last_out(dX, xgbuf_);
@@ -186,10 +206,10 @@ public:
     {
         check_views<VDX, VDY>();
         static_assert(!std::is_const_v<typename VDX::value_type>, "Conv3d::backward_input: dX must be writable");
-        const auto sz = dX.sizes();
-        check_input(sz, dX.data(), "grad_input");
-        check_other(sz, dX.data(), dX.storage(), dY.data(), dY.storage(), dY.sizes(), output_sizes(sz), "grad_output",
-                    "grad_input");
+        const auto dy_arg = detail::operand_of(dY, "grad_output"), dx_arg = detail::operand_of(dX, "grad_input");
+        check_input(dx_arg);
+        const auto sz = dx_arg.sizes;
+        check_other(dx_arg, dy_arg, output_sizes(sz));
         const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
         float* dx = channels_last_out(dX, xgbuf_);
         grad_input_channels_last<typename VDX::layout_type>(sz, dy, dx);
@@ -202,7 +222,7 @@ public:
     void backward_weight(const VX& X, const VDY& dY)
     {
         check_views<VX, VDY>();
-        check_backward(X, dY.data(), dY.sizes(), dY.storage(), static_cast<const VX*>(nullptr));
+        check_backward(X, detail::operand_of(dY, "grad_output"), static_cast<const VX*>(nullptr));
         const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
         const float* x = X.shape().numel() > 0 ? input_of(X) : nullptr;
         backward_channels_last<typename VX::layout_type>(X.sizes(), x, dy, nullptr);
@@ -210,16 +230,15 @@ public:
 
     // --- the evaluator's and the fused block's side --------------------------------------
 
-    /// Validates forward(X -> an output of `out_sizes` at `y`) and packs the weights (and
-    /// padded bias) for the kernels.  Returns X's data as NDHWC (reordered into a module
-    /// buffer for NCDHW).
+    /// Validates forward(X -> the output y) and packs the weights (and padded bias) for the
+    /// kernels.  Returns X's data as NDHWC (reordered into a module buffer for NCDHW).
     template <class VX>
-    const float* prepare_forward(const VX& X, const void* y, const std::array<index_t, 5>& out_sizes,
-                                 index_t y_storage)
+    const float* prepare_forward(const VX& X, const detail::operand& y)
     {
         static_assert(is_view_v<VX>, "Conv3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
-        check_input(X.sizes(), X.data(), "input");
-        check_other(X.sizes(), X.data(), X.storage(), y, y_storage, out_sizes, output_sizes(X.sizes()), "output");
+        const auto x = detail::operand_of(X, "input");
+        check_input(x);
+        check_other(x, y, output_sizes(x.sizes));
         packed_.resize(static_cast<std::size_t>(g_.taps() * g_.in() * ocp()));
         bias_padded_.assign(static_cast<std::size_t>(ocp()), 0.f);
         std::copy(bias_.begin(), bias_.end(), bias_padded_.begin());
@@ -249,15 +268,15 @@ public:
     /// Validates backward(X, dY, dX)'s arguments (dX null: backward_weight's) and computes
     /// nothing: what the fused block checks before any part of its backward writes.
     template <class VX, class VDX>
-    void check_backward(const VX& X, const void* dy, const std::array<index_t, 5>& dy_sizes, index_t dy_storage,
-                        const VDX* dX) const
+    void check_backward(const VX& X, const detail::operand& dy, const VDX* dX, std::string_view who = "Conv3d") const
     {
-        check_input(X.sizes(), X.data(), "input");
-        check_other(X.sizes(), X.data(), X.storage(), dy, dy_storage, dy_sizes, output_sizes(X.sizes()), "grad_output");
+        const auto x = detail::operand_of(X, "input");
+        check_input(x);
+        check_other(x, dy, output_sizes(x.sizes), who);
         if (dX) {
-            check_other(X.sizes(), X.data(), X.storage(), dX->data(), dX->storage(), dX->sizes(), X.sizes(), "grad_input");
-            if (overlaps(dX->data(), dX->storage(), dy, dy_storage))
-                throw error("Conv3d::backward: grad_input overlaps grad_output");
+            const auto dx = detail::operand_of(*dX, "grad_input");
+            check_other(x, dx, x.sizes, who);
+            detail::check_disjoint(dx, dy);
         }
     }
     /// The kernels and schedule for a call on `Layout` views, and why: the instantiation for
@@ -355,6 +374,7 @@ public:
         kept_.resize(static_cast<std::size_t>(n));
         return kept_.data();
     }
+    const float* kept_data() const noexcept { return kept_.data(); }
     double* moments(index_t rows)
     {
         moments_.resize(static_cast<std::size_t>(kernels::conv::moments_workspace(rows, g_.out())));
@@ -471,23 +491,20 @@ private:
                       "Conv3d: float32 tensors only");
     }
 
-    static bool overlaps(const void* a, index_t na, const void* b, index_t nb) noexcept
+    /// PyTorch's input checks, in its order, on a checked operand (sizes valid, data not null):
+    /// channels, then kernel against padded input (the sum overflow-checked).
+    void check_input(const detail::operand& x) const
     {
-        const auto pa = reinterpret_cast<std::uintptr_t>(a), pb = reinterpret_cast<std::uintptr_t>(b);
-        return na > 0 && nb > 0 && pa < pb + static_cast<std::uintptr_t>(nb) * sizeof(float) &&
-               pb < pa + static_cast<std::uintptr_t>(na) * sizeof(float);
-    }
-
-    /// PyTorch's input checks, in its order: channels, then kernel against padded input;
-    /// then the data of the tensor with the input's sizes (`name`) is not null.
-    void check_input(const std::array<index_t, 5>& s, const void* data, const char* name) const
-    {
+        const auto& s = x.sizes;
         if (s[1] != g_.in())
             throw error("Given groups=1, weight of size " + weight_sizes() + ", expected input" + detail::sizes_str(s) +
                         " to have " + std::to_string(g_.in()) + " channels, but got " + std::to_string(s[1]) +
                         " channels instead");
-        const index_t pd = s[2] + 2 * g_.template p<0>(), ph = s[3] + 2 * g_.template p<1>(),
-                      pw = s[4] + 2 * g_.template p<2>();
+        const index_t p2[3] = {2 * g_.template p<0>(), 2 * g_.template p<1>(), 2 * g_.template p<2>()};
+        index_t pd = 0, ph = 0, pw = 0;
+        if (!detail::add_ok(s[2], p2[0], pd) || !detail::add_ok(s[3], p2[1], ph) || !detail::add_ok(s[4], p2[2], pw))
+            throw error("Calculated padded input size per channel overflows a 64-bit size: input " +
+                        detail::sizes_str(s) + ", padding " + g_.p_.str());
         const index_t kd = g_.template dil<0>() * (g_.template k<0>() - 1) + 1,
                       kh = g_.template dil<1>() * (g_.template k<1>() - 1) + 1,
                       kw = g_.template dil<2>() * (g_.template k<2>() - 1) + 1;
@@ -496,22 +513,20 @@ private:
                         std::to_string(ph) + " x " + std::to_string(pw) + "). Kernel size: (" + std::to_string(kd) +
                         " x " + std::to_string(kh) + " x " + std::to_string(kw) +
                         "). Kernel size can't be greater than actual input size");
-        if (s[0] * s[1] * s[2] * s[3] * s[4] > 0 && data == nullptr) throw error(std::string(name) + " data pointer is null");
+        // An empty spatial extent with padding could still give outputs (all padding): PyTorch
+        // refuses that input, and so does volfuse.
+        if (s[2] == 0 || s[3] == 0 || s[4] == 0)
+            if (s[0] != 0)
+                throw error("Only zero batch or zero channel inputs are supported, but got input shape: " +
+                            detail::sizes_str(s));
     }
-    /// Another tensor of the call (at `data`, `storage` elements of memory: more than its
-    /// elements in nCdhw16c): its expected shape, non-null, disjoint from the tensor with the
-    /// input's sizes `in` (at `in_data`, `in_storage` elements).
-    static void check_other(const std::array<index_t, 5>& in, const void* in_data, index_t in_storage,
-                            const void* data, index_t storage, const std::array<index_t, 5>& got,
-                            const std::array<index_t, 5>& want, const char* name, const char* in_name = "input")
+    /// Another tensor of the call: its expected shape, disjoint from the tensor with the
+    /// input's sizes (`x`: the input, or grad_input for backward_input).
+    static void check_other(const detail::operand& x, const detail::operand& a, const std::array<index_t, 5>& want,
+                            std::string_view who = "Conv3d")
     {
-        if (got != want)
-            throw error(std::string(name) + " has shape " + detail::sizes_str(got) + " but Conv3d expects " +
-                        detail::sizes_str(want) + " for input " + detail::sizes_str(in));
-        index_t n = 1;
-        for (index_t v : got) n *= v;
-        if (n > 0 && data == nullptr) throw error(std::string(name) + " data pointer is null");
-        if (n > 0 && overlaps(data, storage, in_data, in_storage)) throw error(std::string(name) + " overlaps " + in_name);
+        detail::check_sizes(a, want, who, x.sizes);
+        detail::check_disjoint(a, x);
     }
 
     /// The data of V as NDHWC: V's own memory, or a reorder into `buf`.

@@ -8,6 +8,7 @@
 #include <string>
 #include <utility>
 
+#include "../core/checks.hpp"
 #include "../core/error.hpp"
 #include "../expr/evaluate.hpp"
 #include "batchnorm3d.hpp"
@@ -28,6 +29,20 @@ public:
             throw error("ConvBnReLU3d: BatchNorm3d has " + std::to_string(bn_.num_features()) +
                         " features but the Conv3d has " + std::to_string(conv_.out_channels()) + " output channels");
     }
+
+    /// A copy is a module of its own: its BatchNorm3d's record of the last forward's input (the
+    /// conv output the block keeps) points at the copy's kept output, so backward works on it.
+    ConvBnReLU3d(const ConvBnReLU3d& o) : conv_(o.conv_), bn_(o.bn_), last_(o.last_), dz_(o.dz_), dy_(o.dy_)
+    {
+        bn_.rebind_input(o.conv_.kept_data(), conv_.kept_data());
+    }
+    ConvBnReLU3d& operator=(const ConvBnReLU3d& o)
+    {
+        if (this != &o) *this = ConvBnReLU3d(o);
+        return *this;
+    }
+    ConvBnReLU3d(ConvBnReLU3d&&) noexcept = default; // vectors move their memory: the record stays right
+    ConvBnReLU3d& operator=(ConvBnReLU3d&&) noexcept = default;
 
     conv_type& conv() noexcept { return conv_; }
     const conv_type& conv() const noexcept { return conv_; }
@@ -93,17 +108,12 @@ private:
             static_assert(std::is_same_v<L, typename VDX::layout_type>,
                           "ConvBnReLU3d: all tensors of one call must have the same layout");
         constexpr bool direct = std::is_same_v<L, ndhwc_t>;
+        // Every check first (each operand's sizes, data and overlaps, the conv's channels and
+        // shapes, the pairing with forward); only then are sizes derived and anything touched.
+        const auto dy_arg = detail::operand_of(dY, "grad_output");
+        if constexpr (want_dx) conv_.check_backward(X, dy_arg, dX, "ConvBnReLU3d");
+        else conv_.check_backward(X, dy_arg, static_cast<const VX*>(nullptr), "ConvBnReLU3d");
         const auto osz = output_sizes(X.sizes());
-        // Every check first: shapes, the conv's (channels, nulls, overlaps), the pairing with forward.
-        if (dY.sizes() != osz)
-            throw error("grad_output has shape " + detail::sizes_str(dY.sizes()) + " but ConvBnReLU3d expects " +
-                        detail::sizes_str(osz) + " for input " + detail::sizes_str(X.sizes()));
-        if constexpr (want_dx)
-            if (dX->sizes() != X.sizes())
-                throw error("grad_input has shape " + detail::sizes_str(dX->sizes()) + " but input has shape " +
-                            detail::sizes_str(X.sizes()));
-        if constexpr (want_dx) conv_.check_backward(X, dY.data(), dY.sizes(), dY.storage(), dX);
-        else conv_.check_backward(X, dY.data(), dY.sizes(), dY.storage(), static_cast<const VX*>(nullptr));
         const bool batch_stats = bn_.training() || !bn_.track_running_stats();
         if (batch_stats && !(last_.batch_stats && last_.x == X.data() && last_.sizes == X.sizes()))
             throw error("ConvBnReLU3d::backward: X is not the input of the last training forward "
@@ -124,7 +134,7 @@ private:
         if (!batch_stats) {
             // Running statistics: recompute the conv output (unfolded) and let the BN
             // record it as its input; nothing else changes in eval.
-            x = conv_.prepare_forward(X, z, osz, n);
+            x = conv_.prepare_forward(X, detail::operand{z, n, n, osz, "output"});
             if (n > 0) conv_.template run_forward<L>(X.sizes(), x, z, false);
             bn_.forward(Z, DZ, relu);
         } else if (!empty) {

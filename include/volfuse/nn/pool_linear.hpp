@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../core/checks.hpp"
 #include "../core/error.hpp"
 #include "../core/format.hpp"
 #include "../parallel/threads.hpp"
@@ -21,64 +22,122 @@
 namespace volfuse {
 
 namespace detail {
+/// A pooling call's tensors, checked before anything runs: both operands valid, Y of the
+/// expected sizes and disjoint from X (pooling never runs in place).  Returns X's operand.
 template <class VX, class VY>
-void check_pool_io(const VX& X, const VY& Y, const std::array<index_t, 5>& want, const char* who)
+operand check_pool_io(const VX& X, const VY& Y, const std::array<index_t, 5>& want, const char* who)
 {
     static_assert(std::is_same_v<typename VX::layout_type, typename VY::layout_type>,
                   "pooling: input and output must have the same layout");
     static_assert(!std::is_const_v<typename VY::value_type>, "pooling: Y must be writable");
-    if (Y.sizes() != want)
-        throw error(std::string(who) + ": output has shape " + sizes_str(Y.sizes()) + " but expected " +
-                    sizes_str(want) + " for input " + sizes_str(X.sizes()));
+    const auto x = operand_of(X, "input"), y = operand_of(Y, "output");
+    if (y.sizes != want)
+        throw error(std::string(who) + ": output has shape " + sizes_str(y.sizes) + " but expected " + sizes_str(want) +
+                    " for input " + sizes_str(x.sizes));
+    check_disjoint(y, x);
+    return x;
+}
+/// a * b for a cost estimate (parallel_for's grain): saturates instead of overflowing.
+inline index_t cost_mul(index_t a, index_t b) noexcept
+{
+    index_t r = 0;
+    return mul_ok(a, b, r) ? r : std::numeric_limits<index_t>::max();
 }
 } // namespace detail
 
 /// torch.nn.MaxPool3d(kernel_size, stride = kernel_size, padding = 0); no dilation,
 /// ceil_mode or indices.  NaN propagates as in PyTorch (a NaN in the window wins).
+/// Output extents are PyTorch's: floor((in + 2 * pad - kernel) / stride) + 1, with its checks
+/// and messages (at construction for the arguments, at forward for the input).
 class MaxPool3d {
 public:
     explicit MaxPool3d(size3 kernel_size, std::optional<size3> stride = std::nullopt, size3 padding = 0)
         : k_(kernel_size), s_(stride.value_or(kernel_size)), p_(padding)
     {
+        // ATen's pooling_output_shape per dimension (stride, then padding), then pool3d_shape_check.
         for (int i = 0; i < 3; ++i) {
-            if (k_[i] <= 0 || s_[i] <= 0) throw error("max_pool3d: kernel_size and stride must be greater than zero");
-            if (p_[i] < 0 || 2 * p_[i] > k_[i]) throw error("pad should be smaller than or equal to half of kernel size");
+            if (s_[i] == 0) throw error("stride should not be zero");
+            if (p_[i] < 0) throw error("pad must be non-negative, but got pad: " + std::to_string(p_[i]));
+            if (p_[i] > k_[i] / 2)
+                throw error("pad should be at most half of kernel size, but got pad=" + std::to_string(p_[i]) +
+                            " and kernel_size=" + std::to_string(k_[i]));
         }
+        if (k_.d <= 0 || k_.h <= 0 || k_.w <= 0)
+            throw error("kernel size should be greater than zero, but got kT: " + std::to_string(k_.d) +
+                        " kH: " + std::to_string(k_.h) + " kW: " + std::to_string(k_.w));
+        if (s_.d <= 0 || s_.h <= 0 || s_.w <= 0)
+            throw error("stride should be greater than zero, but got dT: " + std::to_string(s_.d) +
+                        " dH: " + std::to_string(s_.h) + " dW: " + std::to_string(s_.w));
     }
-    std::array<index_t, 5> output_sizes(const std::array<index_t, 5>& in) const noexcept
+    size3 kernel_size() const noexcept { return k_; }
+    size3 stride() const noexcept { return s_; }
+    size3 padding() const noexcept { return p_; }
+
+    /// PyTorch's output sizes for input sizes `in` (checked: throws PyTorch's errors for an
+    /// empty non-batch dimension and for an output smaller than one).
+    std::array<index_t, 5> output_sizes(const std::array<index_t, 5>& in) const
     {
-        return {in[0], in[1], conv_out_extent(in[2], k_.d, s_.d, p_.d, 1), conv_out_extent(in[3], k_.h, s_.h, p_.h, 1),
-                conv_out_extent(in[4], k_.w, s_.w, p_.w, 1)};
+        for (int i = 1; i < 5; ++i)
+            if (in[i] <= 0)
+                throw error("max_pool3d(): Expected input's non-batch dimensions to have positive length, but input "
+                            "has a shape of " + detail::sizes_str(in) + " and non-batch dimension " +
+                            std::to_string(i) + " has length zero!");
+        std::array<index_t, 5> out{in[0], in[1], 0, 0, 0};
+        for (int i = 0; i < 3; ++i) {
+            // floor((in + 2p - k) / s) + 1: p <= k/2 so in + 2p - k <= in, and it may be negative.
+            const index_t num = in[2 + i] - k_[i] + 2 * p_[i];
+            out[2 + i] = (num >= 0 ? num / s_[i] : -((-num + s_[i] - 1) / s_[i])) + 1;
+        }
+        if (out[2] < 1 || out[3] < 1 || out[4] < 1)
+            throw error("Given input size: (" + std::to_string(in[1]) + "x" + std::to_string(in[2]) + "x" +
+                        std::to_string(in[3]) + "x" + std::to_string(in[4]) + "). Calculated output size: (" +
+                        std::to_string(in[1]) + "x" + std::to_string(out[2]) + "x" + std::to_string(out[3]) + "x" +
+                        std::to_string(out[4]) + "). Output size is too small");
+        return out;
     }
     template <class VX, class VY>
     void forward(const VX& X, const VY& Y) const
     {
-        const auto in = X.sizes(), out = output_sizes(in);
-        if (out[2] <= 0 || out[3] <= 0 || out[4] <= 0)
-            throw error("max_pool3d: output size is too small for input " + detail::sizes_str(in));
+        const auto in = detail::operand_of(X, "input").sizes, out = output_sizes(in);
         detail::check_pool_io(X, Y, out, "MaxPool3d");
-        parallel::parallel_for(out[0] * out[1], Y.shape().numel() * k_.d * k_.h * k_.w, [&](index_t nc) {
+        const index_t cost = detail::cost_mul(detail::cost_mul(Y.shape().numel(), k_.d * k_.h), k_.w);
+        parallel::parallel_for(out[0] * out[1], cost, [&](index_t nc) {
             const index_t n = nc / out[1], c = nc % out[1];
             for (index_t od = 0; od < out[2]; ++od)
                 for (index_t oh = 0; oh < out[3]; ++oh)
-                    for (index_t ow = 0; ow < out[4]; ++ow) {
-                        float m = -std::numeric_limits<float>::infinity();
-                        for (index_t kd = 0; kd < k_.d; ++kd)
-                            for (index_t kh = 0; kh < k_.h; ++kh)
-                                for (index_t kw = 0; kw < k_.w; ++kw) {
-                                    const index_t d = od * s_.d - p_.d + kd, h = oh * s_.h - p_.h + kh,
-                                                  w = ow * s_.w - p_.w + kw;
-                                    if (d < 0 || d >= in[2] || h < 0 || h >= in[3] || w < 0 || w >= in[4]) continue;
-                                    const float v = X(n, c, d, h, w);
-                                    if (v > m || std::isnan(v)) m = v;
-                                    if (std::isnan(m)) break;
-                                }
-                        Y(n, c, od, oh, ow) = m;
-                    }
+                    for (index_t ow = 0; ow < out[4]; ++ow) Y(n, c, od, oh, ow) = window_max(X, n, c, {od, oh, ow}).value;
         });
     }
 
 private:
+    struct max_at {
+        float value;
+        std::array<index_t, 3> at; // (d, h, w) of the input element chosen
+    };
+    /// The max of output cell o's window, with ATen's rule for which element it is: the first
+    /// strictly greater value in (d, h, w) order wins, a NaN always wins (the last NaN), and a
+    /// window of -inf only is its first element.  Only the part of the window inside the input
+    /// is visited (padding never wins).
+    template <class VX>
+    max_at window_max(const VX& X, index_t n, index_t c, const std::array<index_t, 3>& o) const
+    {
+        const auto in = X.sizes();
+        std::array<index_t, 3> lo{}, hi{};
+        for (int i = 0; i < 3; ++i) {
+            const index_t start = o[i] * s_[i] - p_[i];
+            lo[i] = std::max<index_t>(start, 0);
+            hi[i] = std::min<index_t>(start + k_[i], in[2 + i]); // start + k <= in + p: no overflow
+        }
+        max_at m{-std::numeric_limits<float>::infinity(), lo};
+        for (index_t d = lo[0]; d < hi[0]; ++d)
+            for (index_t h = lo[1]; h < hi[1]; ++h)
+                for (index_t w = lo[2]; w < hi[2]; ++w) {
+                    const float v = X(n, c, d, h, w);
+                    if (v > m.value || std::isnan(v)) m = {v, {d, h, w}};
+                }
+        return m;
+    }
+
     size3 k_, s_, p_;
 };
 
@@ -88,17 +147,32 @@ class AdaptiveAvgPool3d {
 public:
     explicit AdaptiveAvgPool3d(size3 output_size) : o_(output_size)
     {
-        if (o_.d <= 0 || o_.h <= 0 || o_.w <= 0)
-            throw error("adaptive_avg_pool3d: output_size must be greater than zero");
+        if (o_.d < 0 || o_.h < 0 || o_.w < 0)
+            throw error("adaptive_avg_pool3d: elements of output_size must be greater than or equal to 0 but received {" +
+                        std::to_string(o_.d) + ", " + std::to_string(o_.h) + ", " + std::to_string(o_.w) + "}");
     }
-    std::array<index_t, 5> output_sizes(const std::array<index_t, 5>& in) const noexcept
+    size3 output_size() const noexcept { return o_; }
+    /// [N, C, output_size]; an input with an empty spatial dimension is an error (PyTorch 1.13
+    /// returns NaN there; later PyTorch raises, and so does volfuse).
+    std::array<index_t, 5> output_sizes(const std::array<index_t, 5>& in) const
     {
+        for (int i = 2; i < 5; ++i)
+            if (in[i] <= 0)
+                throw error("adaptive_avg_pool3d(): Expected input to have non-zero size for non-batch dimensions, "
+                            "but input has sizes " + detail::sizes_str(in) + " with dimension " + std::to_string(i) +
+                            " being empty");
+        for (int i = 0; i < 3; ++i) {
+            index_t r = 0; // the window bounds reach O * I + O - 1
+            if (!detail::mul_ok(in[2 + i], o_[i], r) || !detail::add_ok(r, o_[i], r))
+                throw error("adaptive_avg_pool3d: input size " + std::to_string(in[2 + i]) + " times output_size " +
+                            std::to_string(o_[i]) + " overflows a 64-bit index");
+        }
         return {in[0], in[1], o_.d, o_.h, o_.w};
     }
     template <class VX, class VY>
     void forward(const VX& X, const VY& Y) const
     {
-        const auto in = X.sizes(), out = output_sizes(in);
+        const auto in = detail::operand_of(X, "input").sizes, out = output_sizes(in);
         detail::check_pool_io(X, Y, out, "AdaptiveAvgPool3d");
         auto start = [](index_t i, index_t I, index_t O) { return i * I / O; };
         auto end = [](index_t i, index_t I, index_t O) { return ((i + 1) * I + O - 1) / O; };
@@ -130,9 +204,7 @@ class Linear {
 public:
     Linear(index_t in_features, index_t out_features, bool bias = true) : in_(in_features), out_(out_features)
     {
-        if (in_features < 0 || out_features < 0)
-            throw error("Trying to create tensor with negative dimension " + std::to_string(std::min(in_features, out_features)) +
-                        ": [" + std::to_string(out_features) + ", " + std::to_string(in_features) + "]");
+        detail::checked_numel(std::array<index_t, 2>{out_features, in_features}); // PyTorch's messages
         weight_.resize(static_cast<std::size_t>(in_ * out_));
         if (bias) bias_.resize(static_cast<std::size_t>(out_));
         std::mt19937_64 gen(0);
@@ -149,13 +221,18 @@ public:
     /// y[N][out] = x[N][in] W^T + b.
     void forward(std::span<const float> x, std::span<float> y, index_t N) const
     {
-        if (static_cast<index_t>(x.size()) != N * in_)
+        index_t nx = 0, ny = 0;
+        if (N < 0 || !detail::mul_ok(N, in_, nx) || !detail::mul_ok(N, out_, ny))
+            throw error("Linear: batch size " + std::to_string(N) + " is negative or overflows a 64-bit size");
+        if (static_cast<index_t>(x.size()) != nx)
             throw error("mat1 and mat2 shapes cannot be multiplied (" + std::to_string(N) + "x" +
                         std::to_string(N > 0 ? static_cast<index_t>(x.size()) / N : 0) + " and " + std::to_string(in_) +
                         "x" + std::to_string(out_) + ")");
-        if (static_cast<index_t>(y.size()) != N * out_)
-            throw error("Linear: output has " + std::to_string(y.size()) + " elements, expected " +
-                        std::to_string(N * out_));
+        if (static_cast<index_t>(y.size()) != ny)
+            throw error("Linear: output has " + std::to_string(y.size()) + " elements, expected " + std::to_string(ny));
+        if ((nx > 0 && x.data() == nullptr) || (ny > 0 && y.data() == nullptr))
+            throw error("Linear: null data pointer");
+        detail::check_disjoint({y.data(), ny, ny, {}, "output"}, {x.data(), nx, nx, {}, "input"});
         for (index_t n = 0; n < N; ++n)
             for (index_t o = 0; o < out_; ++o) {
                 float s = 0.f;

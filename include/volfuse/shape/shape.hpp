@@ -10,6 +10,7 @@
 #include <boost/hana/tuple.hpp>
 #include <boost/hana/unpack.hpp>
 
+#include "../core/checks.hpp"
 #include "../core/error.hpp"
 #include "../core/format.hpp"
 #include "extent.hpp"
@@ -68,22 +69,12 @@ private:
 };
 
 /// Builds a shape from integers and/or vf::fix<N>; rejects negative extents and
-/// element counts that do not fit in index_t.
+/// element counts whose bytes do not fit in index_t.
 template <class AN, class AC, class AD, class AH, class AW>
 constexpr auto make_shape(AN n, AC c, AD d, AH h, AW w)
 {
     auto s = shape5{to_extent(n), to_extent(c), to_extent(d), to_extent(h), to_extent(w)};
-    const auto sz = s.sizes();
-    index_t total = 1;
-    for (index_t v : sz) {
-        if (v < 0)
-            throw error("Trying to create tensor with negative dimension " + std::to_string(v) + ": " +
-                        detail::sizes_str(sz));
-    }
-    for (index_t v : sz) {
-        if (__builtin_mul_overflow(total, v, &total))
-            throw error("shape " + detail::sizes_str(sz) + " has more elements than an int64 index can address");
-    }
+    detail::checked_numel(s.sizes()); // ATen's checks: no negative size, the bytes fit
     return s;
 }
 
