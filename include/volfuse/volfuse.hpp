@@ -14,6 +14,7 @@
 #include "nn/pool_linear.hpp"
 #include "parallel/threads.hpp"
 #include "registry/registry.hpp"
+#include "schedule/build.hpp"
 #include "schedule/conv_schedule.hpp"
 #include "schedule/cpu.hpp"
 #include "schedule/schedule.hpp"

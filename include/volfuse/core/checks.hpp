@@ -15,7 +15,7 @@
 #include "error.hpp"
 #include "format.hpp"
 
-namespace volfuse::detail {
+namespace volfuse::inline VOLFUSE_ISA_NS::detail {
 
 /// r = a * b (a + b); false when it overflows index_t.
 constexpr bool mul_ok(index_t a, index_t b, index_t& r) noexcept { return !__builtin_mul_overflow(a, b, &r); }

@@ -10,7 +10,7 @@
 
 #include "config.hpp"
 
-namespace volfuse::detail {
+namespace volfuse::inline VOLFUSE_ISA_NS::detail {
 
 /// Python's repr() of a float: shortest round-trip digits, scientific notation
 /// for exponents < -4 or >= 16 (`1e-05`, `0.1`, `1.0`, `1e+16`).

@@ -10,6 +10,8 @@
 //   vf::evaluate(Y, vf::relu(X))
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <string>
 
 #include "../core/checks.hpp"
@@ -21,7 +23,7 @@
 #include "../schedule/schedule.hpp"
 #include "nodes.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 namespace detail {
 template <class T>

@@ -6,13 +6,15 @@
 //   vf::relu(X)                           pointwise on a view
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <span>
 #include <type_traits>
 
 #include "../shape/view.hpp"
 #include "pointwise.hpp"
 
-namespace volfuse::expr {
+namespace volfuse::inline VOLFUSE_ISA_NS::expr {
 
 /// Leaf: a view.
 template <class V>
@@ -73,7 +75,7 @@ constexpr auto lift(const A& a)
 
 } // namespace volfuse::expr
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 // The epilogues applied to an expression build a node (applied to a vector, they compute).
 template <class A>

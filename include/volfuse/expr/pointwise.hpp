@@ -3,12 +3,14 @@
 // Each knows its forward on a vector and how a gradient passes through it.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <string_view>
 #include <type_traits>
 
 #include "../simd/vec.hpp"
 
-namespace volfuse::expr {
+namespace volfuse::inline VOLFUSE_ISA_NS::expr {
 
 template <class T>
 concept operand_like = !std::is_same_v<std::remove_cvref_t<T>, simd::fvec>;
@@ -52,7 +54,7 @@ concept epilogue = requires(const E& e, simd::fvec v) {
 
 } // namespace volfuse::expr
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 inline constexpr expr::identity_t identity{};
 inline constexpr expr::relu_t relu{};
 } // namespace volfuse

@@ -10,10 +10,12 @@
 // twice (reductions, then dx), writes dx once.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include "../expr/pointwise.hpp"
 #include "channel_loops.hpp"
 
-namespace volfuse::kernels {
+namespace volfuse::inline VOLFUSE_ISA_NS::kernels {
 
 /// Per-channel normalization coefficients, one float each per channel.
 /// The mean is carried as hi + lo: hi is ATen's float mean (statistics and

@@ -10,6 +10,8 @@
 // arithmetic (bits do not depend on where an element sits).
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <algorithm>
 #include <array>
 #include <utility>
@@ -18,7 +20,7 @@
 #include "../shape/layout.hpp"
 #include "../simd/vec.hpp"
 
-namespace volfuse::kernels {
+namespace volfuse::inline VOLFUSE_ISA_NS::kernels {
 
 using simd::fvec;
 using simd::width;

@@ -15,6 +15,8 @@
 // bits do not depend on the number of threads.  FLOPs per output element: 2 * IC * taps.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <algorithm>
 #include <array>
 
@@ -24,7 +26,7 @@
 #include "../shape/conv_geometry.hpp"
 #include "../simd/vec.hpp"
 
-namespace volfuse::kernels::conv {
+namespace volfuse::inline VOLFUSE_ISA_NS::kernels::conv {
 
 using simd::fvec;
 using simd::width;

@@ -4,6 +4,8 @@
 // constants wherever the shape's extents are; images (and tiles) run in parallel.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <algorithm>
 #include <string>
 
@@ -12,7 +14,7 @@
 #include "../parallel/threads.hpp"
 #include "../shape/view.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 /// dst = src, element by element in logical (n, c, d, h, w) terms, whatever the two
 /// layouts.  Blocked padding lanes of dst are not written.

@@ -8,7 +8,7 @@
 
 #include "../core/config.hpp"
 
-namespace volfuse::nn::rules {
+namespace volfuse::inline VOLFUSE_ISA_NS::nn::rules {
 
 /// Forces v to be rounded to its type here (blocks FP contraction across it).
 template <class T>

@@ -4,6 +4,8 @@
 // anything, then hands the work to the kernels.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <optional>
 #include <span>
 #include <string>
@@ -17,10 +19,11 @@
 #include "../expr/nodes.hpp"
 #include "../kernels/batch_norm.hpp"
 #include "../registry/registry.hpp"
+#include "../schedule/build.hpp"
 #include "../shape/view.hpp"
 #include "batch_norm_rules.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 /// Batch normalization over (N, D, H, W) per channel of a 5-D tensor.
 /// @tparam StaticC  channel count fixed at compile time (kernels specialized
@@ -56,6 +59,7 @@ public:
         }
         reserve(C_);
         reset_parameters();
+        detail::warn_once_about_build(); // a build slower than the machine allows says so, once
     }
     /// `BatchNorm3d<64>{}`: num_features taken from the template argument.
     BatchNorm3d() requires(StaticC != dynamic) : BatchNorm3d(StaticC) {}
@@ -269,16 +273,29 @@ public:
             (void)relu;
             return nullptr;
         } else {
-            const registry::key k{relu ? registry::op::bn_relu : registry::op::batch_norm, C_, C_, 1, 1, 0, 1,
-                                  std::string(L::name)};
-            choice_ = registry::global().lookup(k);
+            // Resolved once per (layout, epilogue) and kept until the registry changes.
+            const std::uint64_t g = registry::generation();
+            if (resolved_generation_ != g || resolved_layout_ != L::name || resolved_relu_ != relu) {
+                choice_ = registry::global().lookup(registry_key<L>(relu));
+                resolved_generation_ = g;
+                resolved_layout_ = L::name;
+                resolved_relu_ = relu;
+            }
             if (!choice_.found) return nullptr;
             if constexpr (std::is_same_v<L, ncdhw_t>) return &choice_.found->bn_ncdhw;
             else return &choice_.found->bn_ndhwc;
         }
     }
-    /// Which kernels the last call ran, and why.
+    /// Which kernels the last call ran, and why.  Before any call, its `why` says so:
+    /// kernel_choice(layout, relu) answers without one.
     const registry::choice& kernel_choice() const noexcept { return choice_; }
+    /// What a forward or backward on views of `L` (with relu or not) would run.
+    template <class L>
+    registry::choice kernel_choice(L, bool relu = false) const
+    {
+        if constexpr (StaticC != dynamic) return choice_;
+        else return registry::global().lookup(registry_key<L>(relu));
+    }
 
 private:
     struct io_arg {
@@ -436,7 +453,18 @@ private:
     std::vector<float> grad_mean_, k_;
     std::vector<double> work_;
     saved_t saved_;
-    registry::choice choice_{nullptr, StaticC != dynamic, StaticC != dynamic ? "specialized: compile-time channel count" : ""};
+    template <class L>
+    registry::key registry_key(bool relu) const
+    {
+        return {relu ? registry::op::bn_relu : registry::op::batch_norm, C_, C_, 1, 1, 0, 1, std::string(L::name)};
+    }
+    registry::choice choice_{nullptr, StaticC != dynamic,
+                             StaticC != dynamic ? "specialized: compile-time channel count"
+                                                : "no call yet: kernel_choice(vf::ncdhw) or kernel_choice(vf::ndhwc) "
+                                                  "says what a call would run"};
+    std::uint64_t resolved_generation_ = 0; // choice_ is valid for this registry generation, layout, epilogue
+    std::string_view resolved_layout_;
+    bool resolved_relu_ = false;
 };
 
 } // namespace volfuse

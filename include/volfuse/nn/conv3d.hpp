@@ -6,6 +6,8 @@
 // views are reordered into module-owned NDHWC buffers and back (as oneDNN reorders).
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -23,10 +25,11 @@
 #include "../kernels/conv3d.hpp"
 #include "../kernels/reorder.hpp"
 #include "../registry/registry.hpp"
+#include "../schedule/build.hpp"
 #include "../shape/conv_geometry.hpp"
 #include "../shape/view.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 /// 3-D convolution, groups = 1.
 /// @tparam Spec  what is fixed at compile time (conv_spec; all dynamic by default).
@@ -98,6 +101,7 @@ public:
             bias_grad_.assign(static_cast<std::size_t>(out_channels), 0.f);
         }
         reset_parameters();
+        detail::warn_once_about_build(); // a build slower than the machine allows says so, once
     }
     /// `Conv3d<spec>()` when the spec fixes the channels and the kernel; stride, padding
     /// and dilation default as in PyTorch where the spec leaves them dynamic.
@@ -297,11 +301,17 @@ public:
         if (user_schedule_) c.schedule = *user_schedule_;
         return c;
     }
-    /// choose(), remembered for kernel_choice().
+    /// choose(), remembered for kernel_choice(): resolved once per layout and kept until the
+    /// registry changes (registry::generation(): one atomic load per call, no lookup).
     template <class Layout>
     const registry::conv_kernels& kernels_for()
     {
-        choice_ = choose<Layout>();
+        const std::uint64_t g = registry::generation();
+        if (resolved_generation_ != g || resolved_layout_ != Layout::name) {
+            choice_ = choose<Layout>();
+            resolved_generation_ = g;
+            resolved_layout_ = Layout::name;
+        }
         return *choice_.kernels;
     }
     /// Runs every kernel of this module with `s` (clamped to what this build supports) instead
@@ -310,9 +320,14 @@ public:
     {
         user_schedule_ = s.clamped();
         user_schedule_->origin = "set by Conv3d::set_schedule" + (s.origin.empty() ? "" : " (" + s.origin + ")");
+        resolved_generation_ = 0;
     }
     /// Back to the tuned or default schedule.
-    void reset_schedule() noexcept { user_schedule_.reset(); }
+    void reset_schedule() noexcept
+    {
+        user_schedule_.reset();
+        resolved_generation_ = 0;
+    }
     /// The forward kernel on NDHWC data x (input sizes `in`) into y, with the weights
     /// prepare_forward (or fold) packed, the epilogue ReLU or identity, and optionally the
     /// per-channel moments of what it stores (kernels::conv::forward).
@@ -325,12 +340,23 @@ public:
         k.forward(dynamic_geom(), choice_.schedule, in[0], extents(in), extents(out), x, packed_weight(),
                   packed_bias(), y, relu, moments);
     }
-    /// Which kernels the last call ran, and why (for micro-benchmarking and debugging).
+    /// Which kernels the last call ran, and why (for micro-benchmarking and debugging).  Before
+    /// any call, its `why` says so: kernel_choice(layout) answers without one.
     const registry::choice& kernel_choice() const noexcept { return choice_; }
+    /// The kernels and schedule a call on views of `Layout` (vf::ncdhw, vf::ndhwc) would run.
+    template <class Layout>
+    registry::choice kernel_choice(Layout) const
+    {
+        return choose<Layout>();
+    }
     /// The run-time geometry the registry's kernels take.
     registry::dynamic_geometry dynamic_geom() const noexcept { return {g_.in_, g_.out_, g_.k_, g_.s_, g_.p_, g_.dil_}; }
     /// The op this conv is looked up as: `conv`, or `conv_bn_relu` inside the fused block.
-    void set_registry_op(registry::op o) noexcept { registry_op_ = o; }
+    void set_registry_op(registry::op o) noexcept
+    {
+        registry_op_ = o;
+        resolved_generation_ = 0;
+    }
 
     /// Weights and bias as prepare_forward (or fold) packed them; bias null without one.
     const float* packed_weight() const noexcept { return packed_.data(); }
@@ -558,7 +584,10 @@ private:
     std::uint64_t input_copy_stamp_ = 0;
     bool folded_ = false; // packed_/bias_padded_ hold a BatchNorm3d folded in (until finish_output)
     registry::op registry_op_ = registry::op::conv;
-    registry::choice choice_;
+    registry::choice choice_{nullptr, false, "no call yet: kernel_choice(vf::ncdhw) or kernel_choice(vf::ndhwc) "
+                                             "says what a call would run"};
+    std::uint64_t resolved_generation_ = 0; // choice_ is valid for this registry generation ...
+    std::string_view resolved_layout_;      // ... and layout
     std::optional<conv_schedule> user_schedule_;
 };
 

@@ -5,6 +5,8 @@
 // backward runs ReLU -> BN -> Conv3d by hand, as autograd would on the unfused chain.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <string>
 #include <utility>
 
@@ -14,7 +16,7 @@
 #include "batchnorm3d.hpp"
 #include "conv3d.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 template <conv_spec Spec = conv_spec{}, index_t StaticC = dynamic>
 class ConvBnReLU3d {

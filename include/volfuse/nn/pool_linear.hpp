@@ -3,6 +3,8 @@
 // class).  Plain loops: these layers move little data next to the convs they sit between.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -19,7 +21,7 @@
 #include "../shape/conv_geometry.hpp"
 #include "../shape/view.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 namespace detail {
 /// A pooling call's tensors, checked before anything runs: both operands valid, Y of the

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #ifdef _OPENMP
@@ -15,17 +17,33 @@
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 
-namespace volfuse {
-
-namespace detail {
+// The requested thread count is one setting of the process, whatever ISA a TU is built for
+// (outside the ISA namespace, core/config.hpp).
+namespace volfuse::threads_shared {
 inline std::atomic<int> requested_threads{0}; // 0: OpenMP's default
-} // namespace detail
+} // namespace volfuse::threads_shared
 
-/// Threads volfuse's kernels use (torch.set_num_threads's counterpart).
+namespace volfuse::inline VOLFUSE_ISA_NS {
+
+/// Threads volfuse's kernels use (torch.set_num_threads's counterpart).  Built without
+/// OpenMP, more than one is a no-op, said once on stderr (VOLFUSE_QUIET=1 silences it).
 inline void set_num_threads(int n)
 {
     if (n < 1) throw error("set_num_threads: expected a positive number of threads, got " + std::to_string(n));
-    detail::requested_threads = n;
+    threads_shared::requested_threads = n;
+#ifndef _OPENMP
+    if (n > 1) {
+        static const bool warned = [] {
+            if (std::getenv("VOLFUSE_QUIET") == nullptr)
+                std::fputs("volfuse: set_num_threads(n > 1) has no effect: this code was built without OpenMP; "
+                           "compile and link with -fopenmp (dependency('volfuse'), pkg-config --cflags --libs "
+                           "volfuse and the CMake target volfuse::volfuse carry it).\n",
+                           stderr);
+            return true;
+        }();
+        (void)warned;
+    }
+#endif
 }
 
 /// The thread count kernels will use: the last set_num_threads, else OpenMP's default;
@@ -33,7 +51,7 @@ inline void set_num_threads(int n)
 inline int get_num_threads() noexcept
 {
 #ifdef _OPENMP
-    const int n = detail::requested_threads;
+    const int n = threads_shared::requested_threads;
     return n > 0 ? n : omp_get_max_threads();
 #else
     return 1;

@@ -4,9 +4,13 @@
 // modules (Conv3d<>, hence ConvBnReLU3d<>) look their shape up on each call and run the
 // specialized instantiation when there is one, the runtime-shaped instantiation of the same
 // kernel template otherwise.  lookup() says which and why.
-// Thread safety: entries are added under an exclusive lock and looked up under a shared one;
-// entries are never removed, so a kernel found stays valid.
+// Entries live in the process-wide store (store.hpp), stamped with the ISA and ABI they were
+// compiled for; a lookup only answers entries of its own stamp.  Thread safety: entries are
+// added under an exclusive lock and looked up under a shared one; never removed, so a kernel
+// found stays valid.
 #pragma once
+
+#include "../core/config.hpp"
 
 #include <array>
 #include <atomic>
@@ -24,8 +28,9 @@
 #include "../shape/layout.hpp"
 #include "../shape/shape.hpp"
 #include "../shape/conv_geometry.hpp"
+#include "store.hpp"
 
-namespace volfuse::registry {
+namespace volfuse::inline VOLFUSE_ISA_NS::registry {
 
 /// What a layer is; the generator's op names.
 enum class op { conv, conv_bn_relu, batch_norm, bn_relu };
@@ -208,40 +213,57 @@ struct choice {
     conv_schedule schedule{};
 };
 
+/// This ISA's view of the process-wide store (store.hpp): registrations are stamped with the
+/// ISA and ABI they were compiled for; a lookup answers only entries of its own stamp, and says
+/// why when it refuses one of another (the generated sources built with another -march).
 class table {
 public:
-    /// Adds the entry for k; the first registration of a key wins (an entry, once found,
-    /// never changes under its user).  Returns whether it was added.
+    /// A table of its own (for tests and tools); global() is the one over the process's store.
+    table() : own_(std::make_unique<registry_store::store>()), store_(own_.get()) {}
+    explicit table(registry_store::store& s) noexcept : store_(&s) {}
+
+    /// Adds the entry for k; the first registration of a key (per stamp) wins: an entry, once
+    /// found, never changes under its user.  Returns whether it was added.
     bool add(const key& k, entry e)
     {
-        std::unique_lock lock(mutex_);
-        return entries_.emplace(k, std::move(e)).second;
+        auto p = std::make_shared<const entry>(std::move(e));
+        std::string origin = p->origin;
+        return store_->add(k.str(), {VOLFUSE_ABI_STAMP, std::move(origin), std::move(p)});
     }
-    /// The specialized kernels for k, or the runtime-shaped fallback.
+    /// The specialized kernels for k, or the runtime-shaped fallback, and why.
     choice lookup(const key& k) const
     {
         if (!enabled_.load(std::memory_order_relaxed))
             return {&fallback(), false, "runtime-shaped fallback: registry disabled (set_enabled(false))", nullptr,
                     host_conv_schedule()};
-        {
-            std::shared_lock lock(mutex_);
-            if (const auto it = entries_.find(k); it != entries_.end()) {
-                const auto& e = it->second;
+        const std::string ks = k.str();
+        const registry_store::record* other = nullptr;
+        for (const registry_store::record* r : store_->find(ks)) {
+            if (r->isa == VOLFUSE_ABI_STAMP) {
+                const entry& e = *static_cast<const entry*>(r->entry.get());
                 return {&e.conv, true, "specialized: generated for " + e.origin, &e,
                         pick_conv_schedule(e.schedule ? &*e.schedule : nullptr)};
             }
+            if (!other) other = r;
         }
-        return {&fallback(), false, "runtime-shaped fallback: no generated kernel for " + k.str(), nullptr,
+        if (other)
+            return {&fallback(), false,
+                    "runtime-shaped fallback: the generated kernels for " + ks + " (" + other->origin +
+                        ") were compiled for " + other->isa + ", this code for " VOLFUSE_ABI_STAMP
+                        ": refused (compile the generated sources with the flags of the code that uses them)",
+                    nullptr, host_conv_schedule()};
+        return {&fallback(), false, "runtime-shaped fallback: no generated kernel for " + ks, nullptr,
                 host_conv_schedule()};
     }
     /// Turns lookups off (every lookup answers the fallback) or on: for comparing the
     /// specialized and runtime-shaped kernels on the same shapes.
-    void set_enabled(bool on) noexcept { enabled_.store(on, std::memory_order_relaxed); }
-    std::size_t size() const
+    void set_enabled(bool on) noexcept
     {
-        std::shared_lock lock(mutex_);
-        return entries_.size();
+        enabled_.store(on, std::memory_order_relaxed);
+        store_->touch(); // modules resolve again
     }
+    /// Entries registered for this ISA and ABI.
+    std::size_t size() const { return store_->count(VOLFUSE_ABI_STAMP); }
 
 private:
     static const conv_kernels& fallback()
@@ -249,16 +271,20 @@ private:
         static const conv_kernels k = conv_kernels_for<conv_spec{}>();
         return k;
     }
-    mutable std::shared_mutex mutex_;
+    std::unique_ptr<registry_store::store> own_;
+    registry_store::store* store_;
     std::atomic<bool> enabled_{true};
-    std::map<key, entry> entries_; // node-based: pointers to entries stay valid as others are added
 };
 
-/// The process-wide registry generated code registers into.
+/// This ISA's registry over the process-wide store, which generated code registers into.
 inline table& global()
 {
-    static table t;
+    static table t(registry_store::global());
     return t;
 }
+
+/// Changes whenever a lookup's answer could change (an entry added, the registry switched on
+/// or off): modules keep their resolution until it moves.
+inline std::uint64_t generation() noexcept { return registry_store::global().generation(); }
 
 } // namespace volfuse::registry

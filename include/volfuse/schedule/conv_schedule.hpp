@@ -8,13 +8,15 @@
 // (conv_schedule_defaults, picked with host_cpu()).
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <algorithm>
 #include <string>
 
 #include "../simd/vec.hpp"
 #include "cpu.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 /// Register limits of this build's vector ISA: accumulators a tile may use (24 of AVX-512's 32
 /// registers: the rest hold weights and a broadcast; 12 of AVX2/SSE's 16) and channel vectors

@@ -3,13 +3,15 @@
 // only when the OS saves the zmm state (XCR0), as the kernels need.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <string>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 /// Microarchitecture classes with their own schedule defaults.
 enum class uarch {

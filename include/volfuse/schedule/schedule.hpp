@@ -4,13 +4,15 @@
 // prints the loop nest an expression compiles to.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <string>
 #include <string_view>
 
 #include "../kernels/channel_loops.hpp"
 #include "../parallel/threads.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 struct schedule {
     std::string_view arch;     // xsimd architecture the kernels were compiled for

@@ -10,7 +10,7 @@
 #include "../core/config.hpp"
 #include "../core/error.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 /// kernel_size / stride / padding / dilation as PyTorch takes them: one integer for
 /// all three dimensions, or {d, h, w}.

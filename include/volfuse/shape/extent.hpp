@@ -10,7 +10,7 @@
 
 #include "../core/config.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 namespace hana = boost::hana;
 

@@ -3,6 +3,8 @@
 // so they are compile-time constants wherever the shape allows.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <string_view>
 
 #include <boost/hana/tuple.hpp>
@@ -10,7 +12,7 @@
 
 #include "shape.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 /// Every plain layout is, per channel, a 3-D walk: element (o, c, i) lives at
 /// ((o * channels) + c) * inner + i.  NCDHW: outer = N, inner = D*H*W.

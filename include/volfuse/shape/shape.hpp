@@ -2,6 +2,8 @@
 // in one type.  Logical index order is always (n, c, d, h, w), as in PyTorch.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <array>
 #include <string>
 
@@ -15,7 +17,7 @@
 #include "../core/format.hpp"
 #include "extent.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 template <extent N, extent C, extent D, extent H, extent W>
 class shape5 {

@@ -1,13 +1,15 @@
 // tensor_view: a non-owning view of user memory with a layout and a shape.
 #pragma once
 
+#include "../core/config.hpp"
+
 #include <initializer_list>
 #include <span>
 #include <type_traits>
 
 #include "layout.hpp"
 
-namespace volfuse {
+namespace volfuse::inline VOLFUSE_ISA_NS {
 
 template <class T, class L, class S>
 class tensor_view {

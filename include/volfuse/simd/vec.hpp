@@ -11,7 +11,7 @@
 
 #include "../core/config.hpp"
 
-namespace volfuse::simd {
+namespace volfuse::inline VOLFUSE_ISA_NS::simd {
 
 using arch = xsimd::default_arch;
 using fvec = xsimd::batch<float, arch>;
