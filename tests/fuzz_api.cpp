@@ -199,6 +199,8 @@ void build_modules(decoder& d, modules& m)
 }
 
 // --- one call -------------------------------------------------------------------------------
+// The decoding below is the corpus's format: changing what a byte means (more ops, another
+// modulus) changes what every stored input exercises.  New calls get a new decoder version.
 enum class op { bn_forward, bn_backward, conv_forward, conv_backward, block_forward, block_backward, max_pool, avg_pool,
                 reorder, relu, mode, count };
 

@@ -22,6 +22,7 @@
 #include "../schedule/build.hpp"
 #include "../shape/view.hpp"
 #include "batch_norm_rules.hpp"
+#include "parameter.hpp"
 
 namespace volfuse::inline VOLFUSE_ISA_NS {
 
@@ -100,6 +101,12 @@ public:
 
     std::span<const float> weight_grad() const noexcept { return weight_grad_; }
     std::span<const float> bias_grad() const noexcept { return bias_grad_; }
+    /// weight and bias (none without affine), for an optimizer (nn/training.hpp).
+    std::vector<parameter> parameters()
+    {
+        if (!affine_) return {};
+        return {{"weight", weight_, weight_grad_}, {"bias", bias_, bias_grad_}};
+    }
     void zero_grad() noexcept
     {
         std::fill(weight_grad_.begin(), weight_grad_.end(), 0.f);

@@ -28,6 +28,7 @@
 #include "../schedule/build.hpp"
 #include "../shape/conv_geometry.hpp"
 #include "../shape/view.hpp"
+#include "parameter.hpp"
 
 namespace volfuse::inline VOLFUSE_ISA_NS {
 
@@ -142,6 +143,13 @@ public:
     std::span<const float> bias() const noexcept { return bias_; }
     std::span<const float> weight_grad() const noexcept { return weight_grad_; }
     std::span<const float> bias_grad() const noexcept { return bias_grad_; }
+    /// weight and bias (PyTorch's order and names), for an optimizer (nn/training.hpp).
+    std::vector<parameter> parameters()
+    {
+        std::vector<parameter> p{{"weight", weight_, weight_grad_}};
+        if (has_bias_) p.push_back({"bias", bias_, bias_grad_});
+        return p;
+    }
     void zero_grad() noexcept
     {
         std::fill(weight_grad_.begin(), weight_grad_.end(), 0.f);

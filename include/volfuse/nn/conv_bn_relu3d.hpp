@@ -49,6 +49,15 @@ public:
     conv_type& conv() noexcept { return conv_; }
     const conv_type& conv() const noexcept { return conv_; }
     bn_type& bn() noexcept { return bn_; }
+    /// The conv's then the BatchNorm3d's, named as in torch.ao.nn.intrinsic.ConvBnReLU3d's
+    /// state_dict ("0.weight", "0.bias", "1.weight", "1.bias").
+    std::vector<parameter> parameters()
+    {
+        std::vector<parameter> p;
+        for (auto& q : conv_.parameters()) p.push_back({"0." + q.name, q.value, q.grad});
+        for (auto& q : bn_.parameters()) p.push_back({"1." + q.name, q.value, q.grad});
+        return p;
+    }
     const bn_type& bn() const noexcept { return bn_; }
 
     /// PyTorch's: the mode is the BatchNorm3d's (the conv has none).

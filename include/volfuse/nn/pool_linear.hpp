@@ -1,6 +1,6 @@
 // The simple layers around the seed networks' conv blocks: MaxPool3d, AdaptiveAvgPool3d
-// and Linear, forward only, with PyTorch's semantics for what they support (documented per
-// class).  Plain loops: these layers move little data next to the convs they sit between.
+// and Linear, forward and backward, with PyTorch's semantics for what they support (documented
+// per class).  Plain loops: these layers move little data next to the convs they sit between.
 #pragma once
 
 #include "../core/config.hpp"
@@ -20,6 +20,7 @@
 #include "../parallel/threads.hpp"
 #include "../shape/conv_geometry.hpp"
 #include "../shape/view.hpp"
+#include "parameter.hpp"
 
 namespace volfuse::inline VOLFUSE_ISA_NS {
 
@@ -110,6 +111,39 @@ public:
                     for (index_t ow = 0; ow < out[4]; ++ow) Y(n, c, od, oh, ow) = window_max(X, n, c, {od, oh, ow}).value;
         });
     }
+    /// dX for dY at input X (max_pool3d_with_indices_backward): each output's gradient goes to
+    /// the element forward picked (PyTorch's rule: the first maximum in (d, h, w) order, so a
+    /// window of equal values, e.g. zeros after a ReLU, sends it to its first element), summed
+    /// where windows overlap.  dX is overwritten.
+    template <class VX, class VDY, class VDX>
+    void backward(const VX& X, const VDY& dY, const VDX& dX) const
+    {
+        static_assert(std::is_same_v<typename VX::layout_type, typename VDY::layout_type> &&
+                          std::is_same_v<typename VX::layout_type, typename VDX::layout_type>,
+                      "MaxPool3d::backward: all tensors of one call must have the same layout");
+        static_assert(!std::is_const_v<typename VDX::value_type>, "MaxPool3d::backward: dX must be writable");
+        const auto x = detail::operand_of(X, "input"), dy = detail::operand_of(dY, "grad_output"),
+                   dx = detail::operand_of(dX, "grad_input");
+        const auto out = output_sizes(x.sizes);
+        detail::check_sizes(dy, out, "MaxPool3d", x.sizes);
+        detail::check_sizes(dx, x.sizes, "MaxPool3d", x.sizes);
+        detail::check_disjoint(dx, x);
+        detail::check_disjoint(dx, dy);
+        const auto in = x.sizes;
+        const index_t cost = detail::cost_mul(detail::cost_mul(dY.shape().numel(), k_.d * k_.h), k_.w);
+        parallel::parallel_for(in[0] * in[1], cost, [&](index_t nc) { // one (n, c) plane per task: no races
+            const index_t n = nc / in[1], c = nc % in[1];
+            for (index_t d = 0; d < in[2]; ++d)
+                for (index_t h = 0; h < in[3]; ++h)
+                    for (index_t w = 0; w < in[4]; ++w) dX(n, c, d, h, w) = 0.f;
+            for (index_t od = 0; od < out[2]; ++od)
+                for (index_t oh = 0; oh < out[3]; ++oh)
+                    for (index_t ow = 0; ow < out[4]; ++ow) {
+                        const auto m = window_max(X, n, c, {od, oh, ow});
+                        dX(n, c, m.at[0], m.at[1], m.at[2]) += dY(n, c, od, oh, ow);
+                    }
+        });
+    }
 
 private:
     struct max_at {
@@ -194,6 +228,38 @@ public:
                     }
         });
     }
+    /// dX (the input's sizes) for dY (adaptive_avg_pool3d_backward): each output's gradient
+    /// divided by its window's size, added to every element of the window.  dX is overwritten.
+    template <class VDY, class VDX>
+    void backward(const VDY& dY, const VDX& dX) const
+    {
+        static_assert(std::is_same_v<typename VDY::layout_type, typename VDX::layout_type>,
+                      "AdaptiveAvgPool3d::backward: all tensors of one call must have the same layout");
+        static_assert(!std::is_const_v<typename VDX::value_type>, "AdaptiveAvgPool3d::backward: dX must be writable");
+        const auto dy = detail::operand_of(dY, "grad_output"), dx = detail::operand_of(dX, "grad_input");
+        const auto in = dx.sizes, out = output_sizes(in);
+        detail::check_sizes(dy, out, "AdaptiveAvgPool3d", in);
+        detail::check_disjoint(dx, dy);
+        auto start = [](index_t i, index_t I, index_t O) { return i * I / O; };
+        auto end = [](index_t i, index_t I, index_t O) { return ((i + 1) * I + O - 1) / O; };
+        parallel::parallel_for(in[0] * in[1], dX.shape().numel(), [&](index_t nc) {
+            const index_t n = nc / in[1], c = nc % in[1];
+            for (index_t d = 0; d < in[2]; ++d)
+                for (index_t h = 0; h < in[3]; ++h)
+                    for (index_t w = 0; w < in[4]; ++w) dX(n, c, d, h, w) = 0.f;
+            for (index_t od = 0; od < out[2]; ++od)
+                for (index_t oh = 0; oh < out[3]; ++oh)
+                    for (index_t ow = 0; ow < out[4]; ++ow) {
+                        const index_t d0 = start(od, in[2], out[2]), d1 = end(od, in[2], out[2]);
+                        const index_t h0 = start(oh, in[3], out[3]), h1 = end(oh, in[3], out[3]);
+                        const index_t w0 = start(ow, in[4], out[4]), w1 = end(ow, in[4], out[4]);
+                        const float g = dY(n, c, od, oh, ow) / static_cast<float>((d1 - d0) * (h1 - h0) * (w1 - w0));
+                        for (index_t d = d0; d < d1; ++d)
+                            for (index_t h = h0; h < h1; ++h)
+                                for (index_t w = w0; w < w1; ++w) dX(n, c, d, h, w) += g;
+                    }
+        });
+    }
 
 private:
     size3 o_;
@@ -209,6 +275,8 @@ public:
         detail::checked_numel(std::array<index_t, 2>{out_features, in_features}); // PyTorch's messages
         weight_.resize(static_cast<std::size_t>(in_ * out_));
         if (bias) bias_.resize(static_cast<std::size_t>(out_));
+        weight_grad_.assign(weight_.size(), 0.f);
+        bias_grad_.assign(bias_.size(), 0.f);
         std::mt19937_64 gen(0);
         const float bound = in_ > 0 ? 1.f / std::sqrt(static_cast<float>(in_)) : 0.f;
         std::uniform_real_distribution<float> u(-bound, bound);
@@ -217,6 +285,22 @@ public:
     }
     std::span<float> weight() noexcept { return weight_; }
     std::span<float> bias() noexcept { return bias_; }
+    std::span<const float> weight() const noexcept { return weight_; }
+    std::span<const float> bias() const noexcept { return bias_; }
+    std::span<const float> weight_grad() const noexcept { return weight_grad_; }
+    std::span<const float> bias_grad() const noexcept { return bias_grad_; }
+    void zero_grad() noexcept
+    {
+        std::fill(weight_grad_.begin(), weight_grad_.end(), 0.f);
+        std::fill(bias_grad_.begin(), bias_grad_.end(), 0.f);
+    }
+    /// The parameters in PyTorch's order (weight, bias), for an optimizer (nn/training.hpp).
+    std::vector<parameter> parameters()
+    {
+        std::vector<parameter> p{{"weight", weight_, weight_grad_}};
+        if (!bias_.empty()) p.push_back({"bias", bias_, bias_grad_});
+        return p;
+    }
     index_t in_features() const noexcept { return in_; }
     index_t out_features() const noexcept { return out_; }
 
@@ -243,9 +327,53 @@ public:
             }
     }
 
+    /// Gradients for dy[N][out] at input x[N][in]: dx = dy W (skipped when dx is empty: a
+    /// first layer's input needs none), weight_grad += dy^T x and bias_grad += the column sums
+    /// of dy (PyTorch's accumulation).  Each sum runs in float in index order.
+    void backward(std::span<const float> x, std::span<const float> dy, std::span<float> dx, index_t N)
+    {
+        index_t nx = 0, ny = 0;
+        if (N < 0 || !detail::mul_ok(N, in_, nx) || !detail::mul_ok(N, out_, ny))
+            throw error("Linear: batch size " + std::to_string(N) + " is negative or overflows a 64-bit size");
+        if (static_cast<index_t>(x.size()) != nx)
+            throw error("Linear::backward: input has " + std::to_string(x.size()) + " elements, expected " + std::to_string(nx));
+        if (static_cast<index_t>(dy.size()) != ny)
+            throw error("Linear::backward: grad_output has " + std::to_string(dy.size()) + " elements, expected " +
+                        std::to_string(ny));
+        if (!dx.empty() && static_cast<index_t>(dx.size()) != nx)
+            throw error("Linear::backward: grad_input has " + std::to_string(dx.size()) + " elements, expected " +
+                        std::to_string(nx) + " (or none)");
+        if ((nx > 0 && x.data() == nullptr) || (ny > 0 && dy.data() == nullptr) || (!dx.empty() && dx.data() == nullptr))
+            throw error("Linear::backward: null data pointer");
+        if (!dx.empty()) {
+            const detail::operand dxo{dx.data(), nx, nx, {}, "grad_input"};
+            detail::check_disjoint(dxo, {x.data(), nx, nx, {}, "input"});
+            detail::check_disjoint(dxo, {dy.data(), ny, ny, {}, "grad_output"});
+        }
+        if (!dx.empty())
+            for (index_t n = 0; n < N; ++n)
+                for (index_t i = 0; i < in_; ++i) {
+                    float s = 0.f;
+                    for (index_t o = 0; o < out_; ++o) s += dy[n * out_ + o] * weight_[o * in_ + i];
+                    dx[n * in_ + i] = s;
+                }
+        parallel::parallel_for(out_, nx * out_, [&](index_t o) {
+            for (index_t i = 0; i < in_; ++i) {
+                float s = 0.f;
+                for (index_t n = 0; n < N; ++n) s += dy[n * out_ + o] * x[n * in_ + i];
+                weight_grad_[o * in_ + i] += s;
+            }
+            if (!bias_grad_.empty()) {
+                float s = 0.f;
+                for (index_t n = 0; n < N; ++n) s += dy[n * out_ + o];
+                bias_grad_[o] += s;
+            }
+        });
+    }
+
 private:
     index_t in_, out_;
-    std::vector<float> weight_, bias_;
+    std::vector<float> weight_, bias_, weight_grad_, bias_grad_;
 };
 
 } // namespace volfuse
