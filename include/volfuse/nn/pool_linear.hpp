@@ -12,6 +12,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../core/checks.hpp"
@@ -39,6 +40,31 @@ operand check_pool_io(const VX& X, const VY& Y, const std::array<index_t, 5>& wa
                     " for input " + sizes_str(x.sizes));
     check_disjoint(y, x);
     return x;
+}
+/// An output cell's input window: [lo, hi) per spatial dimension (d, h, w).
+struct window3 {
+    std::array<index_t, 3> lo, hi;
+    index_t size() const noexcept { return (hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2]); }
+};
+/// Calls cell(o, window(o)) for every output cell o = (od, oh, ow) of one (n, c) plane of an
+/// output of sizes `out`, in (d, h, w) order (the order every pooling pass and its gradient use).
+template <class Window, class Cell>
+void for_each_cell(const std::array<index_t, 5>& out, Window window, Cell cell)
+{
+    for (index_t od = 0; od < out[2]; ++od)
+        for (index_t oh = 0; oh < out[3]; ++oh)
+            for (index_t ow = 0; ow < out[4]; ++ow) {
+                const std::array<index_t, 3> o{od, oh, ow};
+                cell(o, window(o));
+            }
+}
+/// Sets one (n, c) plane of V (sizes `s`) to zero: a pooling gradient's start.
+template <class V>
+void zero_plane(const V& v, const std::array<index_t, 5>& s, index_t n, index_t c)
+{
+    for (index_t d = 0; d < s[2]; ++d)
+        for (index_t h = 0; h < s[3]; ++h)
+            for (index_t w = 0; w < s[4]; ++w) v(n, c, d, h, w) = 0.f;
 }
 /// a * b for a cost estimate (parallel_for's grain): saturates instead of overflowing.
 inline index_t cost_mul(index_t a, index_t b) noexcept
@@ -106,9 +132,9 @@ public:
         const index_t cost = detail::cost_mul(detail::cost_mul(Y.shape().numel(), k_.d * k_.h), k_.w);
         parallel::parallel_for(out[0] * out[1], cost, [&](index_t nc) {
             const index_t n = nc / out[1], c = nc % out[1];
-            for (index_t od = 0; od < out[2]; ++od)
-                for (index_t oh = 0; oh < out[3]; ++oh)
-                    for (index_t ow = 0; ow < out[4]; ++ow) Y(n, c, od, oh, ow) = window_max(X, n, c, {od, oh, ow}).value;
+            detail::for_each_cell(out, window_of(in), [&](const std::array<index_t, 3>& o, const detail::window3& win) {
+                Y(n, c, o[0], o[1], o[2]) = window_max(X, n, c, win).value;
+            });
         });
     }
     /// dX for dY at input X (max_pool3d_with_indices_backward): each output's gradient goes to
@@ -133,15 +159,11 @@ public:
         const index_t cost = detail::cost_mul(detail::cost_mul(dY.shape().numel(), k_.d * k_.h), k_.w);
         parallel::parallel_for(in[0] * in[1], cost, [&](index_t nc) { // one (n, c) plane per task: no races
             const index_t n = nc / in[1], c = nc % in[1];
-            for (index_t d = 0; d < in[2]; ++d)
-                for (index_t h = 0; h < in[3]; ++h)
-                    for (index_t w = 0; w < in[4]; ++w) dX(n, c, d, h, w) = 0.f;
-            for (index_t od = 0; od < out[2]; ++od)
-                for (index_t oh = 0; oh < out[3]; ++oh)
-                    for (index_t ow = 0; ow < out[4]; ++ow) {
-                        const auto m = window_max(X, n, c, {od, oh, ow});
-                        dX(n, c, m.at[0], m.at[1], m.at[2]) += dY(n, c, od, oh, ow);
-                    }
+            detail::zero_plane(dX, in, n, c);
+            detail::for_each_cell(out, window_of(in), [&](const std::array<index_t, 3>& o, const detail::window3& win) {
+                const auto m = window_max(X, n, c, win);
+                dX(n, c, m.at[0], m.at[1], m.at[2]) += dY(n, c, o[0], o[1], o[2]);
+            });
         });
     }
 
@@ -150,20 +172,28 @@ private:
         float value;
         std::array<index_t, 3> at; // (d, h, w) of the input element chosen
     };
-    /// The max of output cell o's window, with ATen's rule for which element it is: the first
-    /// strictly greater value in (d, h, w) order wins, a NaN always wins (the last NaN), and a
-    /// window of -inf only is its first element.  Only the part of the window inside the input
-    /// is visited (padding never wins).
-    template <class VX>
-    max_at window_max(const VX& X, index_t n, index_t c, const std::array<index_t, 3>& o) const
+    /// The window of output cell o for input sizes `in`: only its part inside the input
+    /// (padding never wins).  start + k <= in + p: no overflow.
+    auto window_of(const std::array<index_t, 5>& in) const
     {
-        const auto in = X.sizes();
-        std::array<index_t, 3> lo{}, hi{};
-        for (int i = 0; i < 3; ++i) {
-            const index_t start = o[i] * s_[i] - p_[i];
-            lo[i] = std::max<index_t>(start, 0);
-            hi[i] = std::min<index_t>(start + k_[i], in[2 + i]); // start + k <= in + p: no overflow
-        }
+        return [this, in](const std::array<index_t, 3>& o) {
+            detail::window3 w{};
+            for (int i = 0; i < 3; ++i) {
+                const index_t start = o[i] * s_[i] - p_[i];
+                w.lo[i] = std::max<index_t>(start, 0);
+                w.hi[i] = std::min<index_t>(start + k_[i], in[2 + i]);
+            }
+            return w;
+        };
+    }
+    /// The max of a window, with ATen's rule for which element it is: the first strictly
+    /// greater value in (d, h, w) order wins, a NaN always wins (the last NaN), and a window of
+    /// -inf only is its first element.
+    template <class VX>
+    max_at window_max(const VX& X, index_t n, index_t c, const detail::window3& win) const
+    {
+        const auto& lo = win.lo;
+        const auto& hi = win.hi;
         max_at m{-std::numeric_limits<float>::infinity(), lo};
         for (index_t d = lo[0]; d < hi[0]; ++d)
             for (index_t h = lo[1]; h < hi[1]; ++h)
@@ -210,22 +240,15 @@ public:
     {
         const auto in = detail::operand_of(X, "input").sizes, out = output_sizes(in);
         detail::check_pool_io(X, Y, out, "AdaptiveAvgPool3d");
-        auto start = [](index_t i, index_t I, index_t O) { return i * I / O; };
-        auto end = [](index_t i, index_t I, index_t O) { return ((i + 1) * I + O - 1) / O; };
         parallel::parallel_for(out[0] * out[1], X.shape().numel(), [&](index_t nc) {
             const index_t n = nc / out[1], c = nc % out[1];
-            for (index_t od = 0; od < out[2]; ++od)
-                for (index_t oh = 0; oh < out[3]; ++oh)
-                    for (index_t ow = 0; ow < out[4]; ++ow) {
-                        const index_t d0 = start(od, in[2], out[2]), d1 = end(od, in[2], out[2]);
-                        const index_t h0 = start(oh, in[3], out[3]), h1 = end(oh, in[3], out[3]);
-                        const index_t w0 = start(ow, in[4], out[4]), w1 = end(ow, in[4], out[4]);
-                        float sum = 0.f;
-                        for (index_t d = d0; d < d1; ++d)
-                            for (index_t h = h0; h < h1; ++h)
-                                for (index_t w = w0; w < w1; ++w) sum += X(n, c, d, h, w);
-                        Y(n, c, od, oh, ow) = sum / static_cast<float>((d1 - d0) * (h1 - h0) * (w1 - w0));
-                    }
+            detail::for_each_cell(out, window_of(in, out), [&](const std::array<index_t, 3>& o, const detail::window3& win) {
+                float sum = 0.f;
+                for (index_t d = win.lo[0]; d < win.hi[0]; ++d)
+                    for (index_t h = win.lo[1]; h < win.hi[1]; ++h)
+                        for (index_t w = win.lo[2]; w < win.hi[2]; ++w) sum += X(n, c, d, h, w);
+                Y(n, c, o[0], o[1], o[2]) = sum / static_cast<float>(win.size());
+            });
         });
     }
     /// dX (the input's sizes) for dY (adaptive_avg_pool3d_backward): each output's gradient
@@ -240,28 +263,31 @@ public:
         const auto in = dx.sizes, out = output_sizes(in);
         detail::check_sizes(dy, out, "AdaptiveAvgPool3d", in);
         detail::check_disjoint(dx, dy);
-        auto start = [](index_t i, index_t I, index_t O) { return i * I / O; };
-        auto end = [](index_t i, index_t I, index_t O) { return ((i + 1) * I + O - 1) / O; };
         parallel::parallel_for(in[0] * in[1], dX.shape().numel(), [&](index_t nc) {
             const index_t n = nc / in[1], c = nc % in[1];
-            for (index_t d = 0; d < in[2]; ++d)
-                for (index_t h = 0; h < in[3]; ++h)
-                    for (index_t w = 0; w < in[4]; ++w) dX(n, c, d, h, w) = 0.f;
-            for (index_t od = 0; od < out[2]; ++od)
-                for (index_t oh = 0; oh < out[3]; ++oh)
-                    for (index_t ow = 0; ow < out[4]; ++ow) {
-                        const index_t d0 = start(od, in[2], out[2]), d1 = end(od, in[2], out[2]);
-                        const index_t h0 = start(oh, in[3], out[3]), h1 = end(oh, in[3], out[3]);
-                        const index_t w0 = start(ow, in[4], out[4]), w1 = end(ow, in[4], out[4]);
-                        const float g = dY(n, c, od, oh, ow) / static_cast<float>((d1 - d0) * (h1 - h0) * (w1 - w0));
-                        for (index_t d = d0; d < d1; ++d)
-                            for (index_t h = h0; h < h1; ++h)
-                                for (index_t w = w0; w < w1; ++w) dX(n, c, d, h, w) += g;
-                    }
+            detail::zero_plane(dX, in, n, c);
+            detail::for_each_cell(out, window_of(in, out), [&](const std::array<index_t, 3>& o, const detail::window3& win) {
+                const float g = dY(n, c, o[0], o[1], o[2]) / static_cast<float>(win.size());
+                for (index_t d = win.lo[0]; d < win.hi[0]; ++d)
+                    for (index_t h = win.lo[1]; h < win.hi[1]; ++h)
+                        for (index_t w = win.lo[2]; w < win.hi[2]; ++w) dX(n, c, d, h, w) += g;
+            });
         });
     }
 
 private:
+    /// PyTorch's adaptive windows: cell i of O over I inputs is [floor(i*I/O), ceil((i+1)*I/O)).
+    static auto window_of(const std::array<index_t, 5>& in, const std::array<index_t, 5>& out)
+    {
+        return [in, out](const std::array<index_t, 3>& o) {
+            detail::window3 w{};
+            for (int i = 0; i < 3; ++i) {
+                w.lo[i] = o[i] * in[2 + i] / out[2 + i];
+                w.hi[i] = ((o[i] + 1) * in[2 + i] + out[2 + i] - 1) / out[2 + i];
+            }
+            return w;
+        };
+    }
     size3 o_;
 };
 
@@ -307,9 +333,7 @@ public:
     /// y[N][out] = x[N][in] W^T + b.
     void forward(std::span<const float> x, std::span<float> y, index_t N) const
     {
-        index_t nx = 0, ny = 0;
-        if (N < 0 || !detail::mul_ok(N, in_, nx) || !detail::mul_ok(N, out_, ny))
-            throw error("Linear: batch size " + std::to_string(N) + " is negative or overflows a 64-bit size");
+        const auto [nx, ny] = batch_elements(N);
         if (static_cast<index_t>(x.size()) != nx)
             throw error("mat1 and mat2 shapes cannot be multiplied (" + std::to_string(N) + "x" +
                         std::to_string(N > 0 ? static_cast<index_t>(x.size()) / N : 0) + " and " + std::to_string(in_) +
@@ -332,9 +356,7 @@ public:
     /// of dy (PyTorch's accumulation).  Each sum runs in float in index order.
     void backward(std::span<const float> x, std::span<const float> dy, std::span<float> dx, index_t N)
     {
-        index_t nx = 0, ny = 0;
-        if (N < 0 || !detail::mul_ok(N, in_, nx) || !detail::mul_ok(N, out_, ny))
-            throw error("Linear: batch size " + std::to_string(N) + " is negative or overflows a 64-bit size");
+        const auto [nx, ny] = batch_elements(N);
         if (static_cast<index_t>(x.size()) != nx)
             throw error("Linear::backward: input has " + std::to_string(x.size()) + " elements, expected " + std::to_string(nx));
         if (static_cast<index_t>(dy.size()) != ny)
@@ -372,6 +394,15 @@ public:
     }
 
 private:
+    /// Elements of x[N][in] and y[N][out], overflow-checked.
+    std::pair<index_t, index_t> batch_elements(index_t N) const
+    {
+        index_t nx = 0, ny = 0;
+        if (N < 0 || !detail::mul_ok(N, in_, nx) || !detail::mul_ok(N, out_, ny))
+            throw error("Linear: batch size " + std::to_string(N) + " is negative or overflows a 64-bit size");
+        return {nx, ny};
+    }
+
     index_t in_, out_;
     std::vector<float> weight_, bias_, weight_grad_, bias_grad_;
 };

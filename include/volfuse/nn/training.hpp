@@ -2,6 +2,7 @@
 // gradient, torch.nn.CrossEntropyLoss, and torch.optim.SGD over modules' parameters().
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -16,6 +17,20 @@
 
 namespace volfuse::inline VOLFUSE_ISA_NS {
 
+namespace detail {
+/// Calls f(n, c, d, h, w, i) for every element of sizes s in NCDHW order (i: its row-major index).
+template <class F>
+void for_each_ncdhw(const std::array<index_t, 5>& s, F f)
+{
+    index_t i = 0;
+    for (index_t n = 0; n < s[0]; ++n)
+        for (index_t c = 0; c < s[1]; ++c)
+            for (index_t d = 0; d < s[2]; ++d)
+                for (index_t h = 0; h < s[3]; ++h)
+                    for (index_t w = 0; w < s[4]; ++w) f(n, c, d, h, w, i++);
+}
+} // namespace detail
+
 /// torch.flatten(X, 1) into rows[N][C*D*H*W] in PyTorch's (c, d, h, w) order, whatever X's
 /// layout (an NDHWC view flattens as the NCDHW tensor it stands for, as channels_last_3d does).
 template <class V>
@@ -27,13 +42,9 @@ void flatten(const V& X, std::span<float> rows)
                     std::to_string(x.numel));
     if (x.numel > 0 && rows.data() == nullptr) throw error("flatten: output data pointer is null");
     detail::check_disjoint({rows.data(), x.numel, x.numel, x.sizes, "output"}, x);
-    const auto& s = x.sizes;
-    std::size_t i = 0;
-    for (index_t n = 0; n < s[0]; ++n)
-        for (index_t c = 0; c < s[1]; ++c)
-            for (index_t d = 0; d < s[2]; ++d)
-                for (index_t h = 0; h < s[3]; ++h)
-                    for (index_t w = 0; w < s[4]; ++w) rows[i++] = X(n, c, d, h, w);
+    detail::for_each_ncdhw(x.sizes, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t i) {
+        rows[static_cast<std::size_t>(i)] = X(n, c, d, h, w);
+    });
 }
 
 /// flatten's gradient: rows[N][C*D*H*W] (PyTorch's order) back into dX's layout.
@@ -47,13 +58,9 @@ void unflatten(std::span<const float> rows, const V& dX)
                     std::to_string(dx.numel));
     if (dx.numel > 0 && rows.data() == nullptr) throw error("unflatten: input data pointer is null");
     detail::check_disjoint(dx, {rows.data(), dx.numel, dx.numel, dx.sizes, "input"});
-    const auto& s = dx.sizes;
-    std::size_t i = 0;
-    for (index_t n = 0; n < s[0]; ++n)
-        for (index_t c = 0; c < s[1]; ++c)
-            for (index_t d = 0; d < s[2]; ++d)
-                for (index_t h = 0; h < s[3]; ++h)
-                    for (index_t w = 0; w < s[4]; ++w) dX(n, c, d, h, w) = rows[i++];
+    detail::for_each_ncdhw(dx.sizes, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t i) {
+        dX(n, c, d, h, w) = rows[static_cast<std::size_t>(i)];
+    });
 }
 
 /// torch.nn.CrossEntropyLoss(reduction='mean' or 'sum', ignore_index=-100) on logits[N][K] and
