@@ -188,6 +188,7 @@ public:
                     vf::get_num_threads());
         std::printf("%-15s %-6s %-4s %-22s %10s %8s %11s\n", "shape", "layout", "C", "op", "time ms", "GB/s",
                     "% roofline");
+        bool missing_roofline = false;
         for (const auto& r : rows_) {
             const auto name = name_of(r);
             if (name.rfind("bn/", 0) != 0) continue;
@@ -203,9 +204,15 @@ public:
             const double ms = report::ms_of(r);
             const auto& roof = part[4].find("inplace") != std::string::npos ? inplace_gbs : copy_gbs;
             const auto c = roof.find(part[1]);
-            std::printf("%-15s %-6s %-4s %-22s %10.3f %8.2f %10.0f%%\n", part[1].c_str(), part[2].c_str(),
-                        part[3].c_str(), part[4].c_str(), ms, gbs, c == roof.end() ? 0.0 : 100.0 * gbs / c->second);
+            char pct[32] = "no roofline*";
+            if (c != roof.end()) std::snprintf(pct, sizeof pct, "%.0f%%", 100.0 * gbs / c->second);
+            else missing_roofline = true;
+            std::printf("%-15s %-6s %-4s %-22s %10.3f %8.2f %11s\n", part[1].c_str(), part[2].c_str(),
+                        part[3].c_str(), part[4].c_str(), ms, gbs, pct);
         }
+        if (missing_roofline)
+            std::printf("* the roofline rows of that shape did not run (a --benchmark_filter left them out: add "
+                        "ntcopy/<shape> and inplace/<shape> to it)\n");
         for (const auto& [shape, gbs] : copy_gbs)
             std::printf("roofline %-15s nt copy %6.2f GB/s, in place %6.2f GB/s; double sum %.3f ms (whole array), %.3f ms (512 KiB slice)\n",
                         shape.c_str(), gbs, inplace_gbs[shape], dsum_ms[shape], dsum_cached_ms[shape]);
@@ -227,8 +234,9 @@ void register_layout(const sizes5& s, const std::string& layout)
                       op::eval_relu, op::eval_relu_inplace, op::backward,           op::backward_relu};
     for (op o : ops) {
         const std::string base = "bn/" + shape_str(s) + "/" + layout + "/";
+        // Static C rows for the channel counts compiled in (the seed's); any C runs runtime-shaped.
         if (s[1] == 64) add(base + "64/" + op_name(o), bm_bn<L, 64>, s, o);
-        else add(base + "32/" + op_name(o), bm_bn<L, 32>, s, o);
+        else if (s[1] == 32) add(base + "32/" + op_name(o), bm_bn<L, 32>, s, o);
         add(base + "dyn/" + op_name(o), bm_bn<L, vf::dynamic>, s, o);
     }
 }
@@ -238,8 +246,15 @@ void register_layout(const sizes5& s, const std::string& layout)
 int main(int argc, char** argv)
 {
     // --threads=N (default 1): threads for the kernels and for the rooflines; --smoke.
-    vf::set_num_threads(report::take_flags(argc, argv).threads);
-    for (const auto& s : shapes) {
+    // --shape=N,C,D,H,W (repeatable): these shapes instead of the seed's.
+    const report::flags& f = report::take_flags(argc, argv, /*accepts_shape*/ true);
+    vf::set_num_threads(f.threads);
+    std::vector<sizes5> chosen = shapes;
+    if (!f.shapes.empty()) {
+        chosen.clear();
+        for (const auto& u : f.shapes) chosen.push_back({u[0], u[1], u[2], u[3], u[4]});
+    }
+    for (const auto& s : chosen) {
         add("ntcopy/" + shape_str(s), bm_ntcopy, s);
         add("inplace/" + shape_str(s), bm_inplace, s);
         add("dsum/" + shape_str(s), bm_dsum, s, false);

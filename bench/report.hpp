@@ -4,6 +4,8 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -17,11 +19,13 @@ namespace report {
 
 /// The benchmark programs' own flags, taken off the command line before Google Benchmark
 /// sees it: `--threads=N` (threads for the kernels and the rooflines of programs that do not
-/// sweep thread counts themselves; 1 when absent) and `--smoke` (one iteration per row and no
-/// warm-up: CI's proof that every row still runs, within CI's time, not a measurement).
+/// sweep thread counts themselves; 1 when absent), `--smoke` (one iteration per row and no
+/// warm-up: CI's proof that every row still runs, within CI's time, not a measurement) and
+/// `--shape=N,C,D,H,W` (programs that take it: the user's shapes instead of the seed's).
 struct flags {
     int threads = 1;
     bool smoke = false;
+    std::vector<std::array<long, 5>> shapes; // --shape=N,C,D,H,W (repeatable): the user's own
 };
 
 inline flags& options()
@@ -30,7 +34,7 @@ inline flags& options()
     return f;
 }
 
-inline const flags& take_flags(int& argc, char** argv)
+inline const flags& take_flags(int& argc, char** argv, bool accepts_shape = false)
 {
     auto drop = [&](int i) {
         for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
@@ -42,6 +46,20 @@ inline const flags& take_flags(int& argc, char** argv)
             drop(i);
         } else if (std::strcmp(argv[i], "--smoke") == 0) {
             options().smoke = true;
+            drop(i);
+        } else if (std::strncmp(argv[i], "--shape=", 8) == 0) {
+            if (!accepts_shape) {
+                std::fprintf(stderr, "%s: --shape is for bench/run batchnorm (this benchmark runs fixed layers)\n", argv[0]);
+                std::exit(2);
+            }
+            std::array<long, 5> s{};
+            char end = 0;
+            const int got = std::sscanf(argv[i] + 8, "%ld,%ld,%ld,%ld,%ld%c", &s[0], &s[1], &s[2], &s[3], &s[4], &end);
+            if (got != 5 || std::any_of(s.begin(), s.end(), [](long v) { return v <= 0; })) {
+                std::fprintf(stderr, "%s: --shape takes five positive sizes N,C,D,H,W (got '%s')\n", argv[0], argv[i] + 8);
+                std::exit(2);
+            }
+            options().shapes.push_back(s);
             drop(i);
         } else {
             ++i;

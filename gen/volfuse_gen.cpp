@@ -249,8 +249,11 @@ void write_header(std::ostream& o, const std::vector<layer>& layers, const std::
         o << "// " << src << ":" << l.line << "\n";
         if (l.is_conv()) {
             o << "inline constexpr volfuse::conv_spec " << l.name << "_spec = " << spec_of(l) << ";\n";
-            o << "using " << l.name << "_t = volfuse::" << (l.op == "conv" ? "Conv3d" : "ConvBnReLU3d") << "<"
-              << l.name << "_spec>;\n";
+            // A block's type fixes its BatchNorm3d's channels too (specialized BN kernels).
+            o << "using " << l.name << "_t = volfuse::" << (l.op == "conv" ? "Conv3d<" + l.name + "_spec>"
+                                                                            : "ConvBnReLU3d<" + l.name + "_spec, " +
+                                                                                  std::to_string(l.out) + ">")
+              << ";\n";
         } else {
             o << "using " << l.name << "_t = volfuse::BatchNorm3d<" << l.out << ">;\n";
         }

@@ -50,7 +50,7 @@ with tempfile.TemporaryDirectory() as d:
     r = subprocess.run([GEN, good, cpp, hpp, "--namespace", "net"], capture_output=True, text=True)
     src = open(cpp).read() if os.path.exists(cpp) else ""
     hdr = open(hpp).read() if os.path.exists(hpp) else ""
-    if r.returncode != 0 or "using c1_t = volfuse::ConvBnReLU3d<c1_spec>;" not in hdr \
+    if r.returncode != 0 or "using c1_t = volfuse::ConvBnReLU3d<c1_spec, 8>;" not in hdr \
             or "using b1_t = volfuse::BatchNorm3d<8>;" not in hdr \
             or '"good.arch:1 (c1)"' not in src or ".stride = {1, 2, 2}" not in hdr:
         failures += 1

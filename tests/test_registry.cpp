@@ -52,6 +52,13 @@ TEST_CASE("a runtime-shaped block runs the generated kernels, with the fallback'
             std::vector<float> y, dx, gw, gamma_grad;
             vf::registry::choice choice;
         };
+        if constexpr (std::is_same_v<L, vf::ndhwc_t>) {
+            // The block's BatchNorm3d ran the BN kernels generated with the block (normalize in
+            // training, backward in both modes); inference folds it into the conv.
+            const std::string why = block.bn().kernel_choice().why;
+            REQUIRE(why == "specialized: generated with its block, registry_test.arch:2 (block_a)");
+            REQUIRE(block.bn().kernel_choice(vf::ndhwc, true).why == why);
+        }
         return out{from_layout<L>(ym, ys), from_layout<L>(dxm, xs), vec(block.conv().weight_grad()),
                    vec(block.bn().weight_grad()), block.conv().kernel_choice()};
     };
@@ -165,4 +172,54 @@ TEST_CASE("the registry can be switched off, for comparing kernels", "[registry]
     REQUIRE_FALSE(off.specialized);
     REQUIRE(off.why == "runtime-shaped fallback: registry disabled (set_enabled(false))");
     REQUIRE(r.lookup(a).specialized);
+}
+
+TEST_CASE("a block's BatchNorm3d reports what ran: its block's generated kernels, or folded", "[registry]")
+{
+    std::mt19937 g(43);
+    const sizes5 xs{1, 5, 3, 4, 5}, ys{1, 17, 3, 4, 5};
+    auto x = randn(numel(xs), g);
+    std::vector<float> y(static_cast<std::size_t>(numel(ys)));
+    vf::ConvBnReLU3d<> block(vf::Conv3d<>(5, 17, 3, 1, 1), vf::BatchNorm3d<>(17));
+    REQUIRE(block.bn().kernel_choice().why.rfind("no call yet", 0) == 0);
+    block.eval();
+    block.forward(view_of<vf::ndhwc_t>(x.data(), xs), view_of<vf::ndhwc_t>(y.data(), ys));
+    REQUIRE(block.bn().kernel_choice().why ==
+            "folded into the conv's weights and bias (inference); the conv: specialized: generated for "
+            "registry_test.arch:2 (block_a)");
+    block.train();
+    block.forward(view_of<vf::ndhwc_t>(x.data(), xs), view_of<vf::ndhwc_t>(y.data(), ys));
+    REQUIRE(block.bn().kernel_choice().why == "specialized: generated with its block, registry_test.arch:2 (block_a)");
+    // The same BatchNorm3d used alone afterwards looks itself up again (no standalone kernels
+    // for 17 channels were generated).
+    vf::BatchNorm3d<> alone = block.bn();
+    std::vector<float> z(y.size());
+    alone.forward(view_of<vf::ndhwc_t>(y.data(), ys), view_of<vf::ndhwc_t>(z.data(), ys));
+    REQUIRE(alone.kernel_choice().why.rfind("runtime-shaped fallback: no generated kernel for batch_norm in=17", 0) == 0);
+}
+
+TEST_CASE("the generated block type is specialized whole: conv and BatchNorm3d, same bits", "[registry]")
+{
+    static_assert(registry_test::block_a_t::bn_type::static_channels == 17);
+    std::mt19937 g(44);
+    const sizes5 xs{2, 5, 3, 4, 6}, ys{2, 17, 3, 4, 6};
+    const auto x = randn(numel(xs), g), dy = randn(numel(ys), g);
+    auto run = [&](auto& block) {
+        std::vector<float> y(static_cast<std::size_t>(numel(ys))), dx(x.size());
+        auto xm = x, dym = dy;
+        block.forward(view_of<vf::ndhwc_t>(xm.data(), xs), view_of<vf::ndhwc_t>(y.data(), ys));
+        block.backward(view_of<vf::ndhwc_t>(xm.data(), xs), view_of<vf::ndhwc_t>(dym.data(), ys),
+                       view_of<vf::ndhwc_t>(dx.data(), xs));
+        return std::tuple{y, dx, vec(block.conv().weight_grad()), vec(block.bn().weight_grad()),
+                          vec(block.bn().running_var())};
+    };
+    registry_test::block_a_t named;
+    vf::ConvBnReLU3d<> runtime(vf::Conv3d<>(5, 17, 3, 1, 1), vf::BatchNorm3d<>(17));
+    const auto a = run(named), b = run(runtime);
+    REQUIRE(named.bn().kernel_choice().why == "specialized: compile-time channel count");
+    REQUIRE(same_bits(std::get<0>(a), std::get<0>(b)));
+    REQUIRE(same_bits(std::get<1>(a), std::get<1>(b)));
+    REQUIRE(same_bits(std::get<2>(a), std::get<2>(b)));
+    REQUIRE(same_bits(std::get<3>(a), std::get<3>(b)));
+    REQUIRE(same_bits(std::get<4>(a), std::get<4>(b)));
 }

@@ -1,9 +1,13 @@
 // The seed's VideoActionRecognizer on volfuse, its conv blocks the types volfuse_gen generated
-// from video_action_recognizer.arch (specialized kernels, registered for runtime-shaped code):
+// from video_action_recognizer.arch (specialized conv and BatchNorm3d kernels):
 //   x [B, 3, T, H, W] -> conv1+bn1+relu -> maxpool(2) -> conv2+bn2+relu -> avgpool(1) -> fc -> [B, 400]
+// forward, backward (autograd's chain, by hand) and parameters() named as the PyTorch model's
+// state_dict, so a training step is zero_grad, forward, loss, backward, SGD step
+// (train_seed_networks.cpp).
 #pragma once
 
 #include <span>
+#include <string>
 #include <vector>
 
 #include "video_action_recognizer_kernels.hpp" // generated: video::conv1_t, video::conv2_t
@@ -13,11 +17,12 @@ namespace video {
 namespace vf = volfuse;
 
 struct VideoActionRecognizer {
-    conv1_t block1{vf::Conv3d<conv1_spec>{}, vf::BatchNorm3d<>(64)};
+    static constexpr vf::index_t classes = 400;
+    conv1_t block1{}; // Conv3d(3, 64, 7, stride=2, padding=3) -> BatchNorm3d(64) -> ReLU
     vf::MaxPool3d maxpool{2};
-    conv2_t block2{vf::Conv3d<conv2_spec>{}, vf::BatchNorm3d<>(128)};
+    conv2_t block2{}; // Conv3d(64, 128, 3, padding=1) -> BatchNorm3d(128) -> ReLU
     vf::AdaptiveAvgPool3d avgpool{1};
-    vf::Linear fc{128, 400};
+    vf::Linear fc{128, classes};
 
     void train(bool mode = true)
     {
@@ -27,30 +32,55 @@ struct VideoActionRecognizer {
     void eval() { train(false); }
 
     /// Logits [B, 400] for an NCDHW video batch x [B, 3, T, H, W] (as PyTorch takes it; the
-    /// blocks run channels-last, so x is reordered once).
+    /// blocks run channels-last, so x is reordered once).  Keeps what backward needs.
     std::vector<float> forward(std::span<const float> x, vf::index_t B, vf::index_t T, vf::index_t H, vf::index_t W)
     {
-        const std::array<vf::index_t, 5> s0{B, 3, T, H, W};
+        s0_ = {B, 3, T, H, W};
         in_.resize(x.size());
-        vf::reorder(vf::ncdhw_view(x.data(), s0), vf::ndhwc_view(in_.data(), s0));
-        const auto s1 = block1.output_sizes(s0), s2 = maxpool.output_sizes(s1), s3 = block2.output_sizes(s2),
-                   s4 = avgpool.output_sizes(s3);
-        a_.resize(static_cast<std::size_t>(numel(s1)));
-        b_.resize(static_cast<std::size_t>(numel(s2)));
-        c_.resize(static_cast<std::size_t>(numel(s3)));
-        d_.resize(static_cast<std::size_t>(numel(s4)));
-        block1.forward(vf::ndhwc_view(in_.data(), s0), vf::ndhwc_view(a_.data(), s1));
-        maxpool.forward(vf::ndhwc_view(a_.data(), s1), vf::ndhwc_view(b_.data(), s2));
-        block2.forward(vf::ndhwc_view(b_.data(), s2), vf::ndhwc_view(c_.data(), s3));
-        avgpool.forward(vf::ndhwc_view(c_.data(), s3), vf::ndhwc_view(d_.data(), s4));
-        std::vector<float> logits(static_cast<std::size_t>(B * 400));
-        fc.forward(d_, logits, B); // [B, 128, 1, 1, 1] channels-last is [B, 128] row-major
+        vf::reorder(vf::ncdhw_view(x.data(), s0_), vf::ndhwc_view(in_.data(), s0_));
+        s1_ = block1.output_sizes(s0_), s2_ = maxpool.output_sizes(s1_), s3_ = block2.output_sizes(s2_),
+        s4_ = avgpool.output_sizes(s3_);
+        a_.resize(numel(s1_)), b_.resize(numel(s2_)), c_.resize(numel(s3_)), d_.resize(numel(s4_));
+        block1.forward(vf::ndhwc_view(in_.data(), s0_), vf::ndhwc_view(a_.data(), s1_));
+        maxpool.forward(vf::ndhwc_view(a_.data(), s1_), vf::ndhwc_view(b_.data(), s2_));
+        block2.forward(vf::ndhwc_view(b_.data(), s2_), vf::ndhwc_view(c_.data(), s3_));
+        avgpool.forward(vf::ndhwc_view(c_.data(), s3_), vf::ndhwc_view(d_.data(), s4_));
+        std::vector<float> logits(static_cast<std::size_t>(B * classes));
+        fc.forward(d_, logits, B); // [B, 128, 1, 1, 1] channels-last is torch.flatten's [B, 128]
         return logits;
     }
 
+    /// Gradients of the last forward for dlogits [B, 400]: accumulates every parameter's grad
+    /// (the input needs none: block1 skips its grad-input convolution, as autograd does).
+    void backward(std::span<const float> dlogits)
+    {
+        const vf::index_t B = s0_[0];
+        dd_.resize(d_.size()), dc_.resize(c_.size()), db_.resize(b_.size()), da_.resize(a_.size());
+        fc.backward(d_, dlogits, dd_, B);
+        avgpool.backward(vf::ndhwc_view(dd_.data(), s4_), vf::ndhwc_view(dc_.data(), s3_));
+        block2.backward(vf::ndhwc_view(b_.data(), s2_), vf::ndhwc_view(dc_.data(), s3_), vf::ndhwc_view(db_.data(), s2_));
+        maxpool.backward(vf::ndhwc_view(a_.data(), s1_), vf::ndhwc_view(db_.data(), s2_), vf::ndhwc_view(da_.data(), s1_));
+        block1.backward(vf::ndhwc_view(in_.data(), s0_), vf::ndhwc_view(da_.data(), s1_));
+    }
+
+    /// Every parameter, named as in the PyTorch model's state_dict ("conv1.weight", "bn1.bias", ...).
+    std::vector<vf::parameter> parameters()
+    {
+        std::vector<vf::parameter> p;
+        vf::append_parameters(p, "conv1.", block1.conv().parameters());
+        vf::append_parameters(p, "bn1.", block1.bn().parameters());
+        vf::append_parameters(p, "conv2.", block2.conv().parameters());
+        vf::append_parameters(p, "bn2.", block2.bn().parameters());
+        vf::append_parameters(p, "fc.", fc.parameters());
+        return p;
+    }
+
 private:
-    static vf::index_t numel(const std::array<vf::index_t, 5>& s) { return s[0] * s[1] * s[2] * s[3] * s[4]; }
-    std::vector<float> in_, a_, b_, c_, d_; // activations, reused across calls
+    using sizes = std::array<vf::index_t, 5>;
+    static std::size_t numel(const sizes& s) { return static_cast<std::size_t>(s[0] * s[1] * s[2] * s[3] * s[4]); }
+    sizes s0_{}, s1_{}, s2_{}, s3_{}, s4_{};
+    std::vector<float> in_, a_, b_, c_, d_;  // activations, reused across calls
+    std::vector<float> da_, db_, dc_, dd_;   // their gradients
 };
 
 } // namespace video

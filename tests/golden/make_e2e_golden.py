@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from seed_models import VideoActionRecognizer
+
 torch.set_num_threads(1)
 
 
@@ -19,25 +21,6 @@ def pattern(n, a, b, m, center, scale):
 def hexs(t):
     vals = t.detach().contiguous().reshape(-1).tolist()
     return " ".join("%08x" % struct.unpack("<I", struct.pack("<f", v))[0] for v in vals)
-
-
-class VideoActionRecognizer(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = torch.nn.Conv3d(3, 64, 7, stride=2, padding=3)
-        self.bn1 = torch.nn.BatchNorm3d(64)
-        self.maxpool = torch.nn.MaxPool3d(2)
-        self.conv2 = torch.nn.Conv3d(64, 128, 3, padding=1)
-        self.bn2 = torch.nn.BatchNorm3d(128)
-        self.avgpool = torch.nn.AdaptiveAvgPool3d((1, 1, 1))
-        self.fc = torch.nn.Linear(128, 400)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.maxpool(x)
-        x = torch.relu(self.bn2(self.conv2(x)))
-        x = self.avgpool(x)
-        return self.fc(x.view(x.shape[0], -1))
 
 
 def main():

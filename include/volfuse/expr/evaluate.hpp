@@ -88,78 +88,120 @@ constexpr void check_conv_io()
     static_assert(!std::is_const_v<typename VY::value_type>, "vf::evaluate: Y must be writable");
 }
 
-/// epi(conv(X)) into Y: one direct-conv pass with the epilogue applied to each tile.
-template <class VY, class M, class I, class Epi>
-void evaluate_conv(const VY& Y, const expr::conv_output<M, I>& node, Epi)
-{
-    check_conv_io<VY, I>();
-    static_assert(conv_epilogue<Epi>, "vf::evaluate: a conv's epilogue is vf::identity or vf::relu");
-    M& conv = *node.module;
-    const auto& X = node.in.view;
-    const float* x = conv.prepare_forward(X, operand_of(Y, "output"));
-    if (Y.shape().numel() == 0) return;
-    float* y = conv.output_for(Y);
-    conv.template run_forward<typename VY::layout_type>(X.sizes(), x, y, is_relu<Epi>);
-    conv.finish_output(y, Y);
-}
-
-/// epi(bn(conv(X))) into Y, the fused block.  Batch statistics: the conv writes its output
-/// z (kept for backward) while its epilogue accumulates per-channel shifted sums from the
-/// tiles in registers (kernels::conv::block_moments); the module turns them into coefficients and running statistics; one
-/// normalize + epilogue sweep writes Y.  Running statistics: BN folded into the conv's
-/// weights and bias, the epilogue applied in the conv's own tile stores: Y written once.
-template <class VY, class BN, class M, class I, class Epi>
-void evaluate_conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, Epi op)
-{
-    check_conv_io<VY, I>();
-    M& conv = *node.module;
-    const auto& X = node.in.view;
-    const auto osz = Y.sizes();
-    const float* x = conv.prepare_forward(X, operand_of(Y, "output"));
-    const index_t C = osz[1], rows = osz[0] * osz[2] * osz[3];
-    const bool batch_stats = bn.training() || !bn.track_running_stats();
-    if (!batch_stats && (bn.num_features() != C))
-        throw error("running_mean should contain " + std::to_string(C) + " elements not " +
-                    std::to_string(bn.num_features()));
-    float* y = conv.output_for(Y);
-    if (batch_stats) {
-        index_t n = 1;
-        for (index_t v : osz) n *= v;
-        float* z = conv.kept_output(n);
-        double* moments = conv.moments(rows); // workspaces before the module commits its state
-        const auto step = bn.prepare_forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(y, osz), Epi::name);
-        if (!step) return;
-        conv.template run_forward<typename VY::layout_type>(X.sizes(), x, z, false, moments);
-        const index_t P = kernels::conv::round_up(C, simd::width);
-        const double count = static_cast<double>(n / std::max<index_t>(C, 1));
-        for (index_t c = 0; c < C; ++c) {
-            const double mean = moments[P + c];
-            const float mean_f = static_cast<float>(mean);
-            step->coeffs.mean[c] = mean_f;
-            step->coeffs.mean_lo[c] = static_cast<float>(mean - mean_f);
-            // ATen's var_sum is taken around the float mean: M2 + n (mean - mean_f)^2.
-            const double d = mean - mean_f;
-            const float var_sum = static_cast<float>(moments[2 * P + c] + count * d * d);
-            step->finalize(c, mean_f, var_sum, step->coeffs.alpha[c], step->coeffs.beta[c]);
-        }
-        using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
-        const registry::entry* found = conv.kernel_choice().found;
-        if constexpr (conv_epilogue<Epi> && BN::static_channels == dynamic &&
-                      std::is_same_v<std::remove_cv_t<Form>, registry::dynamic_form<ndhwc_t>>) {
-            if (found && found->bn_ndhwc.normalize) { // the generated normalize for this block's channels
-                found->bn_ndhwc.normalize(step->form, z, y, step->coeffs, is_relu<Epi>);
-                conv.finish_output(y, Y);
-                return;
-            }
-        }
-        kernels::normalize(step->form, 0, C, z, y, step->coeffs, op);
-    } else {
+/// The one place that composes the modules' internal phases (validate and commit, run the
+/// kernels, finish): Conv3d and BatchNorm3d keep those private and befriend it (and the fused
+/// block); users reach them through vf::evaluate and the modules' forward/backward.
+struct composer {
+    /// epi(conv(X)) into Y: one direct-conv pass with the epilogue applied to each tile.
+    template <class VY, class M, class I, class Epi>
+    static void conv(const VY& Y, const expr::conv_output<M, I>& node, Epi)
+    {
+        check_conv_io<VY, I>();
+        static_assert(conv_epilogue<Epi>, "vf::evaluate: a conv's epilogue is vf::identity or vf::relu");
+        M& conv = *node.module;
+        const auto& X = node.in.view;
+        const float* x = conv.prepare_forward(X, operand_of(Y, "output"));
         if (Y.shape().numel() == 0) return;
-        conv.fold(bn);
+        float* y = conv.output_for(Y);
         conv.template run_forward<typename VY::layout_type>(X.sizes(), x, y, is_relu<Epi>);
+        conv.finish_output(y, Y);
     }
-    conv.finish_output(y, Y);
-}
+
+    /// epi(bn(conv(X))) into Y, the fused block.  Batch statistics: the conv writes its output
+    /// z (kept for backward) while its epilogue accumulates per-channel shifted sums from the
+    /// tiles in registers (kernels::conv::block_moments); the module turns them into coefficients and running statistics; one
+    /// normalize + epilogue sweep writes Y.  Running statistics: BN folded into the conv's
+    /// weights and bias, the epilogue applied in the conv's own tile stores: Y written once.
+    template <class VY, class BN, class M, class I, class Epi>
+    static void conv_bn(const VY& Y, BN& bn, const expr::conv_output<M, I>& node, Epi op)
+    {
+        check_conv_io<VY, I>();
+        M& conv = *node.module;
+        const auto& X = node.in.view;
+        const auto osz = Y.sizes();
+        const float* x = conv.prepare_forward(X, operand_of(Y, "output"));
+        const index_t C = osz[1], rows = osz[0] * osz[2] * osz[3];
+        const bool batch_stats = bn.training() || !bn.track_running_stats();
+        if (!batch_stats && (bn.num_features() != C))
+            throw error("running_mean should contain " + std::to_string(C) + " elements not " +
+                        std::to_string(bn.num_features()));
+        float* y = conv.output_for(Y);
+        if (batch_stats) {
+            index_t n = 1;
+            for (index_t v : osz) n *= v;
+            float* z = conv.kept_output(n);
+            double* moments = conv.moments(rows); // workspaces before the module commits its state
+            const auto step = bn.prepare_forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(y, osz), Epi::name);
+            if (!step) return;
+            conv.template run_forward<typename VY::layout_type>(X.sizes(), x, z, false, moments);
+            const index_t P = kernels::conv::round_up(C, simd::width);
+            const double count = static_cast<double>(n / std::max<index_t>(C, 1));
+            for (index_t c = 0; c < C; ++c) {
+                const double mean = moments[P + c];
+                const float mean_f = static_cast<float>(mean);
+                step->coeffs.mean[c] = mean_f;
+                step->coeffs.mean_lo[c] = static_cast<float>(mean - mean_f);
+                // ATen's var_sum is taken around the float mean: M2 + n (mean - mean_f)^2.
+                const double d = mean - mean_f;
+                const float var_sum = static_cast<float>(moments[2 * P + c] + count * d * d);
+                step->finalize(c, mean_f, var_sum, step->coeffs.alpha[c], step->coeffs.beta[c]);
+            }
+            using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
+            // The BN kernels gen emitted with this block come with the conv's registry entry: the
+            // BN runs them here and in its backward (and kernel_choice() says so).
+            bn.adopt_kernels(conv.kernel_choice());
+            if constexpr (conv_epilogue<Epi> && BN::static_channels == dynamic &&
+                          std::is_same_v<std::remove_cv_t<Form>, registry::dynamic_form<ndhwc_t>>) {
+                if (const auto* k = bn.template registered_kernels<ndhwc_t>(is_relu<Epi>)) {
+                    k->normalize(step->form, z, y, step->coeffs, is_relu<Epi>);
+                    conv.finish_output(y, Y);
+                    return;
+                }
+            }
+            kernels::normalize(step->form, 0, C, z, y, step->coeffs, op);
+        } else {
+            if (Y.shape().numel() == 0) return;
+            conv.fold(bn);
+            conv.template run_forward<typename VY::layout_type>(X.sizes(), x, y, is_relu<Epi>);
+            bn.adopt_kernels(conv.kernel_choice()); // for a backward (which runs the BN unfolded)
+            bn.folded_into(conv.kernel_choice());
+        }
+        conv.finish_output(y, Y);
+    }
+
+    /// epi(bn(X)) into Y: the module validates and commits its state; what runs is chosen here.
+    template <class VY, class BN, class VX, class Op>
+    static void batch_norm(const VY& Y, BN& bn, const VX& X, Op op)
+    {
+        if (const auto step = bn.prepare_forward(X, Y, Op::name)) {
+            using L = typename VY::layout_type;
+            using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
+            if constexpr (conv_epilogue<Op> && BN::static_channels == dynamic &&
+                          std::is_same_v<std::remove_cv_t<Form>, registry::dynamic_form<L>>) {
+                // runtime-shaped C: the generated kernels for this channel count, if registered
+                if (const auto* k = bn.template registered_kernels<L>(is_relu<Op>)) {
+                    if (step->batch_stats)
+                        k->train(step->form, X.data(), Y.data(), step->coeffs, step->work,
+                                 registry::train_finalize::of(step->finalize), is_relu<Op>);
+                    else
+                        k->normalize(step->form, X.data(), Y.data(), step->coeffs, is_relu<Op>);
+                    return;
+                }
+            }
+            if (step->batch_stats)
+                kernels::batch_norm_train(step->form, X.data(), Y.data(), step->coeffs, step->work, step->finalize, op);
+            else
+                kernels::normalize(step->form, 0, value_of(step->form.channels), X.data(), Y.data(), step->coeffs, op);
+        }
+    }
+
+    /// What a conv call on views of VY's layout would run (describe()).
+    template <class VY, class Conv>
+    static registry::choice choose(const Conv& conv)
+    {
+        return conv.template choose<typename VY::layout_type>();
+    }
+};
 
 } // namespace detail
 
@@ -172,35 +214,13 @@ void evaluate(const VY& Y, const E& e)
     const auto& in = S::inner(e);
     const auto op = S::op(e);
     if constexpr (detail::is_bn_of_conv_v<In>) {
-        detail::evaluate_conv_bn(Y, *in.module, in.in, op);
+        detail::composer::conv_bn(Y, *in.module, in.in, op);
     } else if constexpr (detail::is_conv_v<In>) {
-        detail::evaluate_conv(Y, in, op);
+        detail::composer::conv(Y, in, op);
     } else if constexpr (detail::is_bn_v<In>) {
         static_assert(detail::is_leaf_v<std::remove_cvref_t<decltype(in.in)>>,
                       "vf::evaluate: batch norm applies to a tensor or a convolution's output");
-        // The module validates and commits its state; what runs is chosen here.
-        const auto& X = in.in.view;
-        if (const auto step = in.module->prepare_forward(X, Y, decltype(op)::name)) {
-            using L = typename VY::layout_type;
-            using BN = std::remove_pointer_t<decltype(in.module)>;
-            using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
-            if constexpr (detail::conv_epilogue<std::remove_cv_t<decltype(op)>> && BN::static_channels == dynamic &&
-                          std::is_same_v<std::remove_cv_t<Form>, registry::dynamic_form<L>>) {
-                // runtime-shaped C: the generated kernels for this channel count, if registered
-                if (const auto* k = in.module->template registered_kernels<L>(detail::is_relu<std::remove_cv_t<decltype(op)>>)) {
-                    if (step->batch_stats)
-                        k->train(step->form, X.data(), Y.data(), step->coeffs, step->work,
-                                 registry::train_finalize::of(step->finalize), detail::is_relu<std::remove_cv_t<decltype(op)>>);
-                    else
-                        k->normalize(step->form, X.data(), Y.data(), step->coeffs, detail::is_relu<std::remove_cv_t<decltype(op)>>);
-                    return;
-                }
-            }
-            if (step->batch_stats)
-                kernels::batch_norm_train(step->form, X.data(), Y.data(), step->coeffs, step->work, step->finalize, op);
-            else
-                kernels::normalize(step->form, 0, value_of(step->form.channels), X.data(), Y.data(), step->coeffs, op);
-        }
+        detail::composer::batch_norm(Y, *in.module, in.in.view, op);
     } else if constexpr (detail::is_affine_v<In>) {
         static_assert(detail::is_leaf_v<std::remove_cvref_t<decltype(in.in)>>,
                       "vf::evaluate: channel_affine applies to a tensor");
@@ -237,7 +257,7 @@ std::string describe_conv(const VY& Y, const Conv& conv, const std::string& epi,
 {
     namespace kc = kernels::conv;
     const auto& g = conv.geom();
-    const registry::choice choice = conv.template choose<typename VY::layout_type>();
+    const registry::choice choice = composer::choose<VY>(conv);
     const index_t vectors =
         std::min<index_t>(choice.schedule.tile_vectors, (g.out() + simd::width - 1) / simd::width);
     const index_t pixels = [&] {

@@ -154,7 +154,58 @@ public:
         evaluate(Y, expr::pointwise<Epi, expr::batch_norm<BatchNorm3d, expr::tensor<VX>>>{epi, (*this)(X)});
     }
 
-    // --- the evaluator's side (expr/evaluate.hpp) -----------------------------
+    /// Backward of the last forward on X, through the epilogue that forward applied (`epi`
+    /// must be it): writes dX and accumulates weight_grad()/bias_grad().  dX may be the same
+    /// memory as dY.
+    template <class VX, class VDY, class VDX, expr::epilogue Epi = expr::identity_t>
+    void backward(const VX& X, const VDY& dY, const VDX& dX, Epi epi = {})
+    {
+        check_views<VX, VDY>();
+        check_views<VX, VDX>();
+        static_assert(!std::is_const_v<typename VDX::value_type>, "BatchNorm3d::backward: dX must be writable");
+        if (!saved_.valid)
+            throw error("BatchNorm3d::backward called without a matching forward: run forward(X, Y) first");
+        const auto dy = detail::operand_of(dY, "grad_output"), dx = detail::operand_of(dX, "grad_input");
+        check_io(detail::operand_of(X, "input"), {dy, dx});
+        if (X.sizes() != saved_.sizes || VX::layout_name() != saved_.layout)
+            throw error("BatchNorm3d::backward: input " + std::string(VX::layout_name()) + " " + X.shape().str() +
+                        " does not match the last forward's input " + std::string(saved_.layout) + " " +
+                        detail::sizes_str(saved_.sizes));
+        if (saved_.in_place && static_cast<const void*>(X.data()) == saved_.x)
+            throw error("BatchNorm3d::backward: the last forward ran in place and overwrote its input; "
+                        "backward needs the forward's input X (run forward out of place when training)");
+        if (static_cast<const void*>(X.data()) != saved_.x)
+            throw error("BatchNorm3d::backward: X is not the input of the last forward");
+        if (dx.data != dy.data && dx.overlaps(dy))
+            throw error("BatchNorm3d::backward: grad_input partially overlaps grad_output");
+        if (Epi::name != saved_.epilogue)
+            throw error("BatchNorm3d::backward: the last forward applied " + std::string(saved_.epilogue) +
+                        " after the batch norm but backward was given " + std::string(Epi::name) +
+                        " (pass backward the forward's epilogue, e.g. forward(X, Y, vf::relu) with "
+                        "backward(X, dY, dX, vf::relu))");
+        if (X.shape().numel() == 0) return;
+        run_backward(specialize(X.as_const()), dY.data(), dX.data(), epi);
+    }
+
+    /// Which kernels the last call ran, and why.  Before any call, its `why` says so:
+    /// kernel_choice(layout, relu) answers without one.
+    const registry::choice& kernel_choice() const noexcept { return choice_; }
+    /// What a forward or backward on views of `L` (with relu or not) would run.
+    template <class L>
+    registry::choice kernel_choice(L, bool relu = false) const
+    {
+        if constexpr (StaticC != dynamic) return choice_;
+        else if (const registry::entry* e = adopted_.entry;
+                 e && adopted_.generation == registry::generation() && kernels_of<L>(*e).normalize)
+            return {nullptr, true, "specialized: generated with its block, " + e->origin, e};
+        else return registry::global().lookup(registry_key<L>(relu));
+    }
+
+private:
+    // --- the evaluator's and the fused block's side --------------------------------------
+    friend struct detail::composer;
+    template <conv_spec, index_t>
+    friend class ConvBnReLU3d;
 
     /// Turns a channel's batch statistics into its scale and shift, and updates the
     /// running statistics, with ATen's rounding (called by the training kernel).
@@ -230,39 +281,6 @@ public:
         return std::optional<step>{step{f, batch_stats, coeffs(), work, fin}};
     }
 
-    /// Backward of the last forward on X, through the epilogue that forward applied (`epi`
-    /// must be it): writes dX and accumulates weight_grad()/bias_grad().  dX may be the same
-    /// memory as dY.
-    template <class VX, class VDY, class VDX, expr::epilogue Epi = expr::identity_t>
-    void backward(const VX& X, const VDY& dY, const VDX& dX, Epi epi = {})
-    {
-        check_views<VX, VDY>();
-        check_views<VX, VDX>();
-        static_assert(!std::is_const_v<typename VDX::value_type>, "BatchNorm3d::backward: dX must be writable");
-        if (!saved_.valid)
-            throw error("BatchNorm3d::backward called without a matching forward: run forward(X, Y) first");
-        const auto dy = detail::operand_of(dY, "grad_output"), dx = detail::operand_of(dX, "grad_input");
-        check_io(detail::operand_of(X, "input"), {dy, dx});
-        if (X.sizes() != saved_.sizes || VX::layout_name() != saved_.layout)
-            throw error("BatchNorm3d::backward: input " + std::string(VX::layout_name()) + " " + X.shape().str() +
-                        " does not match the last forward's input " + std::string(saved_.layout) + " " +
-                        detail::sizes_str(saved_.sizes));
-        if (saved_.in_place && static_cast<const void*>(X.data()) == saved_.x)
-            throw error("BatchNorm3d::backward: the last forward ran in place and overwrote its input; "
-                        "backward needs the forward's input X (run forward out of place when training)");
-        if (static_cast<const void*>(X.data()) != saved_.x)
-            throw error("BatchNorm3d::backward: X is not the input of the last forward");
-        if (dx.data != dy.data && dx.overlaps(dy))
-            throw error("BatchNorm3d::backward: grad_input partially overlaps grad_output");
-        if (Epi::name != saved_.epilogue)
-            throw error("BatchNorm3d::backward: the last forward applied " + std::string(saved_.epilogue) +
-                        " after the batch norm but backward was given " + std::string(Epi::name) +
-                        " (pass backward the forward's epilogue, e.g. forward(X, Y, vf::relu) with "
-                        "backward(X, dY, dX, vf::relu))");
-        if (X.shape().numel() == 0) return;
-        run_backward(specialize(X.as_const()), dY.data(), dX.data(), epi);
-    }
-
     /// A copied owner (the fused block) moves the record of the last forward's input from its
     /// original's buffer to its own.
     void rebind_input(const void* from, const void* to) noexcept
@@ -280,31 +298,53 @@ public:
             (void)relu;
             return nullptr;
         } else {
-            // Resolved once per (layout, epilogue) and kept until the registry changes.
             const std::uint64_t g = registry::generation();
+            if (const registry::entry* e = adopted_.entry; e && adopted_.generation == g) {
+                const registry::bn_kernels<L>& k = kernels_of<L>(*e);
+                if (k.normalize) {
+                    if (choice_.found != e || resolved_layout_ != "block") {
+                        choice_ = {nullptr, true, "specialized: generated with its block, " + e->origin, e};
+                        resolved_layout_ = "block"; // the next standalone call resolves again
+                    }
+                    return &k;
+                }
+            }
+            // Resolved once per (layout, epilogue) and kept until the registry changes.
             if (resolved_generation_ != g || resolved_layout_ != L::name || resolved_relu_ != relu) {
                 choice_ = registry::global().lookup(registry_key<L>(relu));
                 resolved_generation_ = g;
                 resolved_layout_ = L::name;
                 resolved_relu_ = relu;
             }
-            if (!choice_.found) return nullptr;
-            if constexpr (std::is_same_v<L, ncdhw_t>) return &choice_.found->bn_ncdhw;
-            else return &choice_.found->bn_ndhwc;
+            return choice_.found ? &kernels_of<L>(*choice_.found) : nullptr;
         }
     }
-    /// Which kernels the last call ran, and why.  Before any call, its `why` says so:
-    /// kernel_choice(layout, relu) answers without one.
-    const registry::choice& kernel_choice() const noexcept { return choice_; }
-    /// What a forward or backward on views of `L` (with relu or not) would run.
     template <class L>
-    registry::choice kernel_choice(L, bool relu = false) const
+    static const registry::bn_kernels<L>& kernels_of(const registry::entry& e) noexcept
     {
-        if constexpr (StaticC != dynamic) return choice_;
-        else return registry::global().lookup(registry_key<L>(relu));
+        if constexpr (std::is_same_v<L, ncdhw_t>) return e.bn_ncdhw;
+        else return e.bn_ndhwc;
+    }
+    /// The fused block's BN: the registry entry its conv resolved carries the BN kernels gen
+    /// emitted with the block (bn_ncdhw/bn_ndhwc), which this module then runs in forward and
+    /// backward instead of looking up a standalone BatchNorm3d of its channel count.  No entry
+    /// (the conv fell back): the standalone lookup, as for any BatchNorm3d.
+    void adopt_kernels(const registry::choice& block) noexcept
+    {
+        adopted_.entry = block.found;
+        adopted_.generation = registry::generation();
+    }
+    /// Inference in the block: folded into the conv's weights, no BN kernel runs.
+    void folded_into(const registry::choice& block)
+    {
+        if constexpr (StaticC == dynamic) // a static C's choice stays "specialized: compile-time"
+            if (choice_.found != block.found || resolved_layout_ != "folded") {
+                choice_ = {nullptr, block.specialized,
+                           "folded into the conv's weights and bias (inference); the conv: " + block.why, block.found};
+                resolved_layout_ = "folded"; // the next standalone call resolves again
+            }
     }
 
-private:
     struct io_arg {
         const void* data;
         std::array<index_t, 5> sizes;
@@ -472,6 +512,22 @@ private:
     std::uint64_t resolved_generation_ = 0; // choice_ is valid for this registry generation, layout, epilogue
     std::string_view resolved_layout_;
     bool resolved_relu_ = false;
+    /// The fused block's entry (adopt_kernels).  A copy is a module of its own and looks its
+    /// kernels up itself (its owner's next forward adopts again); a move keeps it.
+    struct adopted_entry {
+        const registry::entry* entry = nullptr;
+        std::uint64_t generation = 0;
+        adopted_entry() = default;
+        adopted_entry(const adopted_entry&) noexcept {}
+        adopted_entry(adopted_entry&&) noexcept = default;
+        adopted_entry& operator=(const adopted_entry& o) noexcept
+        {
+            if (this != &o) *this = adopted_entry();
+            return *this;
+        }
+        adopted_entry& operator=(adopted_entry&&) noexcept = default;
+    };
+    adopted_entry adopted_;
 };
 
 } // namespace volfuse

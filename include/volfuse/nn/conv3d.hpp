@@ -240,7 +240,34 @@ public:
         backward_channels_last<typename VX::layout_type>(X.sizes(), x, dy, nullptr);
     }
 
+    /// Runs every kernel of this module with `s` (clamped to what this build supports) instead
+    /// of the tuned or default schedule: schedules change speed, never results.
+    void set_schedule(const conv_schedule& s)
+    {
+        user_schedule_ = s.clamped();
+        user_schedule_->origin = "set by Conv3d::set_schedule" + (s.origin.empty() ? "" : " (" + s.origin + ")");
+        resolved_generation_ = 0;
+    }
+    /// Back to the tuned or default schedule.
+    void reset_schedule() noexcept
+    {
+        user_schedule_.reset();
+        resolved_generation_ = 0;
+    }
+    /// Which kernels the last call ran, and why (for micro-benchmarking and debugging).  Before
+    /// any call, its `why` says so: kernel_choice(layout) answers without one.
+    const registry::choice& kernel_choice() const noexcept { return choice_; }
+    /// The kernels and schedule a call on views of `Layout` (vf::ncdhw, vf::ndhwc) would run.
+    template <class Layout>
+    registry::choice kernel_choice(Layout) const
+    {
+        return choose<Layout>();
+    }
+private:
     // --- the evaluator's and the fused block's side --------------------------------------
+    friend struct detail::composer;
+    template <conv_spec, index_t>
+    friend class ConvBnReLU3d;
 
     /// Validates forward(X -> the output y) and packs the weights (and padded bias) for the
     /// kernels.  Returns X's data as NDHWC (reordered into a module buffer for NCDHW).
@@ -322,20 +349,6 @@ public:
         }
         return *choice_.kernels;
     }
-    /// Runs every kernel of this module with `s` (clamped to what this build supports) instead
-    /// of the tuned or default schedule: schedules change speed, never results.
-    void set_schedule(const conv_schedule& s)
-    {
-        user_schedule_ = s.clamped();
-        user_schedule_->origin = "set by Conv3d::set_schedule" + (s.origin.empty() ? "" : " (" + s.origin + ")");
-        resolved_generation_ = 0;
-    }
-    /// Back to the tuned or default schedule.
-    void reset_schedule() noexcept
-    {
-        user_schedule_.reset();
-        resolved_generation_ = 0;
-    }
     /// The forward kernel on NDHWC data x (input sizes `in`) into y, with the weights
     /// prepare_forward (or fold) packed, the epilogue ReLU or identity, and optionally the
     /// per-channel moments of what it stores (kernels::conv::forward).
@@ -347,15 +360,6 @@ public:
         const auto& k = kernels_for<Layout>();
         k.forward(dynamic_geom(), choice_.schedule, in[0], extents(in), extents(out), x, packed_weight(),
                   packed_bias(), y, relu, moments);
-    }
-    /// Which kernels the last call ran, and why (for micro-benchmarking and debugging).  Before
-    /// any call, its `why` says so: kernel_choice(layout) answers without one.
-    const registry::choice& kernel_choice() const noexcept { return choice_; }
-    /// The kernels and schedule a call on views of `Layout` (vf::ncdhw, vf::ndhwc) would run.
-    template <class Layout>
-    registry::choice kernel_choice(Layout) const
-    {
-        return choose<Layout>();
     }
     /// The run-time geometry the registry's kernels take.
     registry::dynamic_geometry dynamic_geom() const noexcept { return {g_.in_, g_.out_, g_.k_, g_.s_, g_.p_, g_.dil_}; }
@@ -486,7 +490,6 @@ public:
         k.grad_input(dynamic_geom(), choice_.schedule, sz[0], extents(sz), extents(osz), dy, packed_.data(), dx);
     }
 
-private:
     static constexpr size3 or_default(size3 v, index_t d) noexcept
     {
         return {v.d == dynamic ? d : v.d, v.h == dynamic ? d : v.h, v.w == dynamic ? d : v.w};

@@ -32,6 +32,14 @@ public:
                         " features but the Conv3d has " + std::to_string(conv_.out_channels()) + " output channels");
     }
 
+    /// `ConvBnReLU3d<spec, C>{}` when the spec fixes the conv (as Conv3d<spec>{}) and C is
+    /// static: the types volfuse_gen names (`conv1_t`), with PyTorch's BatchNorm3d defaults.
+    ConvBnReLU3d()
+        requires(StaticC != dynamic && std::is_default_constructible_v<conv_type>)
+        : ConvBnReLU3d(conv_type{}, bn_type(StaticC))
+    {
+    }
+
     /// A copy is a module of its own: its BatchNorm3d's record of the last forward's input (the
     /// conv output the block keeps) points at the copy's kept output, so backward works on it.
     ConvBnReLU3d(const ConvBnReLU3d& o) : conv_(o.conv_), bn_(o.bn_), last_(o.last_), dz_(o.dz_), dy_(o.dy_)
@@ -54,8 +62,8 @@ public:
     std::vector<parameter> parameters()
     {
         std::vector<parameter> p;
-        for (auto& q : conv_.parameters()) p.push_back({"0." + q.name, q.value, q.grad});
-        for (auto& q : bn_.parameters()) p.push_back({"1." + q.name, q.value, q.grad});
+        append_parameters(p, "0.", conv_.parameters());
+        append_parameters(p, "1.", bn_.parameters());
         return p;
     }
     const bn_type& bn() const noexcept { return bn_; }

@@ -4,6 +4,7 @@
 
 #include <span>
 #include <string>
+#include <vector>
 
 #include "../core/config.hpp"
 
@@ -14,5 +15,12 @@ struct parameter {
     std::span<float> value; ///< the parameter
     std::span<float> grad;  ///< its accumulated gradient (same size)
 };
+
+/// Appends a submodule's parameters to its parent's list, named as the parent's state_dict
+/// names them (`prefix` "conv1." or "0.": "conv1.weight"), as torch.nn.Module.named_parameters.
+inline void append_parameters(std::vector<parameter>& to, const std::string& prefix, const std::vector<parameter>& from)
+{
+    for (const parameter& q : from) to.push_back({prefix + q.name, q.value, q.grad});
+}
 
 } // namespace volfuse
