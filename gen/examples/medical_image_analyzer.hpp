@@ -6,9 +6,9 @@
 #pragma once
 
 #include <span>
-#include <string>
 #include <vector>
 
+#include "seed_parameters.hpp"
 #include "medical_image_analyzer_kernels.hpp" // generated: medical::conv1_t, medical::conv2_t
 
 namespace medical {
@@ -56,13 +56,7 @@ struct MedicalImageAnalyzer {
     /// Every parameter, named as in the PyTorch model's state_dict.
     std::vector<vf::parameter> parameters()
     {
-        std::vector<vf::parameter> p;
-        vf::append_parameters(p, "conv1.", block1.conv().parameters());
-        vf::append_parameters(p, "bn1.", block1.bn().parameters());
-        vf::append_parameters(p, "conv2.", block2.conv().parameters());
-        vf::append_parameters(p, "bn2.", block2.bn().parameters());
-        vf::append_parameters(p, "fc.", fc.parameters());
-        return p;
+        return seed::parameters(block1, block2, fc);
     }
 
 private:

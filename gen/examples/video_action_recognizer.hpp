@@ -7,9 +7,9 @@
 #pragma once
 
 #include <span>
-#include <string>
 #include <vector>
 
+#include "seed_parameters.hpp"
 #include "video_action_recognizer_kernels.hpp" // generated: video::conv1_t, video::conv2_t
 
 namespace video {
@@ -66,13 +66,7 @@ struct VideoActionRecognizer {
     /// Every parameter, named as in the PyTorch model's state_dict ("conv1.weight", "bn1.bias", ...).
     std::vector<vf::parameter> parameters()
     {
-        std::vector<vf::parameter> p;
-        vf::append_parameters(p, "conv1.", block1.conv().parameters());
-        vf::append_parameters(p, "bn1.", block1.bn().parameters());
-        vf::append_parameters(p, "conv2.", block2.conv().parameters());
-        vf::append_parameters(p, "bn2.", block2.bn().parameters());
-        vf::append_parameters(p, "fc.", fc.parameters());
-        return p;
+        return seed::parameters(block1, block2, fc);
     }
 
 private:
