@@ -197,7 +197,7 @@ public:
         if constexpr (StaticC != dynamic) return choice_;
         else if (const registry::entry* e = adopted_.entry;
                  e && adopted_.generation == registry::generation() && kernels_of<L>(*e).normalize)
-            return {nullptr, true, "specialized: generated with its block, " + e->origin, e};
+            return block_choice(*e);
         else return registry::global().lookup(registry_key<L>(relu));
     }
 
@@ -303,7 +303,7 @@ private:
                 const registry::bn_kernels<L>& k = kernels_of<L>(*e);
                 if (k.normalize) {
                     if (choice_.found != e || resolved_layout_ != "block") {
-                        choice_ = {nullptr, true, "specialized: generated with its block, " + e->origin, e};
+                        choice_ = block_choice(*e);
                         resolved_layout_ = "block"; // the next standalone call resolves again
                     }
                     return &k;
@@ -318,6 +318,10 @@ private:
             }
             return choice_.found ? &kernels_of<L>(*choice_.found) : nullptr;
         }
+    }
+    static registry::choice block_choice(const registry::entry& e)
+    {
+        return {nullptr, true, "specialized: generated with its block, " + e.origin, &e};
     }
     template <class L>
     static const registry::bn_kernels<L>& kernels_of(const registry::entry& e) noexcept
