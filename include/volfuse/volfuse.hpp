@@ -4,6 +4,7 @@
 
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "dist/communicator.hpp"
 #include "expr/evaluate.hpp"
 #include "expr/nodes.hpp"
 #include "expr/pointwise.hpp"
@@ -13,6 +14,7 @@
 #include "nn/conv_bn_relu3d.hpp"
 #include "nn/parameter.hpp"
 #include "nn/pool_linear.hpp"
+#include "nn/sync_batchnorm3d.hpp"
 #include "nn/training.hpp"
 #include "parallel/threads.hpp"
 #include "registry/registry.hpp"

@@ -134,18 +134,14 @@ struct composer {
             const auto step = bn.prepare_forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(y, osz), Epi::name);
             if (!step) return;
             conv.template run_forward<typename VY::layout_type>(X.sizes(), x, z, false, moments);
+            // The conv epilogue's moments (merged in block order) -> the BN's finalization.
             const index_t P = kernels::conv::round_up(C, simd::width);
             const double count = static_cast<double>(n / std::max<index_t>(C, 1));
             for (index_t c = 0; c < C; ++c) {
-                const double mean = moments[P + c];
-                const float mean_f = static_cast<float>(mean);
-                step->coeffs.mean[c] = mean_f;
-                step->coeffs.mean_lo[c] = static_cast<float>(mean - mean_f);
-                // ATen's var_sum is taken around the float mean: M2 + n (mean - mean_f)^2.
-                const double d = mean - mean_f;
-                const float var_sum = static_cast<float>(moments[2 * P + c] + count * d * d);
-                step->finalize(c, mean_f, var_sum, step->coeffs.alpha[c], step->coeffs.beta[c]);
+                step->moments.mean[c] = moments[P + c];
+                step->moments.m2[c] = kernels::var_sum_about_float_mean(count, moments[P + c], moments[2 * P + c]);
             }
+            step->finalize(0, C);
             using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
             // The BN kernels gen emitted with this block come with the conv's registry entry: the
             // BN runs them here and in its backward (and kernel_choice() says so).
@@ -169,6 +165,57 @@ struct composer {
         conv.finish_output(y, Y);
     }
 
+    /// epi(sync_bn(conv(X))) into Y, the fused block with a SyncBatchNorm3d part.  Training: the
+    /// conv's own checks and workspaces become this process's outcome in the BN's agreement
+    /// round (an error anywhere is an error everywhere, before anything is committed), then the
+    /// conv runs with its epilogue's moments, which are all-gathered and merged in rank order,
+    /// finalized, and normalize + epilogue writes Y.  Eval: the local block (BN folded).
+    template <class VY, class SBN, class M, class I, class Epi>
+    static void conv_sync_bn(const VY& Y, SBN& sbn, const expr::conv_output<M, I>& node, Epi op)
+    {
+        if (!sbn.training()) {
+            sbn.synced_ = false;
+            conv_bn(Y, sbn.bn_, node, op);
+            return;
+        }
+        check_conv_io<VY, I>();
+        M& conv = *node.module;
+        auto& bn = sbn.bn_;
+        const auto& X = node.in.view;
+        const auto osz = Y.sizes();
+        const index_t C = osz[1], rows = osz[0] * osz[2] * osz[3];
+        const float* x = nullptr;
+        float *y = nullptr, *z = nullptr;
+        double* moments = nullptr;
+        index_t n = 0;
+        auto h = sbn.try_local([&] {
+            x = conv.prepare_forward(X, operand_of(Y, "output"));
+            n = 1;
+            for (index_t v : osz) n *= v;
+            bn.check_channels(C);
+            y = conv.output_for(Y);
+            z = conv.kept_output(n);
+            moments = conv.moments(rows);
+            sbn.prepare_buffers(C);
+            bn.reserve(C);
+        });
+        h.count = SBN::values_per_channel(osz);
+        const std::int64_t global = sbn.agree(h, osz);
+        // Committed from here on.
+        const kernels::moments_out m = bn.moments();
+        if (n > 0) {
+            conv.template run_forward<typename VY::layout_type>(X.sizes(), x, z, false, moments);
+            const index_t P = kernels::conv::round_up(C, simd::width);
+            for (index_t c = 0; c < C; ++c) m.mean[c] = moments[P + c], m.m2[c] = moments[2 * P + c];
+        }
+        sbn.commit_forward(C, global, n > 0, osz, z, y, ndhwc_t::name, Epi::name);
+        if (n > 0) {
+            const auto f = SBN::bn_type::specialize(ndhwc_view(static_cast<const float*>(z), osz)).form();
+            kernels::normalize(f, 0, C, z, y, bn.coeffs(), op);
+            conv.finish_output(y, Y);
+        }
+    }
+
     /// epi(bn(X)) into Y: the module validates and commits its state; what runs is chosen here.
     template <class VY, class BN, class VX, class Op>
     static void batch_norm(const VY& Y, BN& bn, const VX& X, Op op)
@@ -181,15 +228,16 @@ struct composer {
                 // runtime-shaped C: the generated kernels for this channel count, if registered
                 if (const auto* k = bn.template registered_kernels<L>(is_relu<Op>)) {
                     if (step->batch_stats)
-                        k->train(step->form, X.data(), Y.data(), step->coeffs, step->work,
-                                 registry::train_finalize::of(step->finalize), is_relu<Op>);
+                        k->train(step->form, step->policy, X.data(), Y.data(), step->moments, step->coeffs,
+                                 step->work, registry::train_finalize::of(step->finalize), is_relu<Op>);
                     else
                         k->normalize(step->form, X.data(), Y.data(), step->coeffs, is_relu<Op>);
                     return;
                 }
             }
             if (step->batch_stats)
-                kernels::batch_norm_train(step->form, X.data(), Y.data(), step->coeffs, step->work, step->finalize, op);
+                kernels::batch_norm_train(step->form, step->policy, X.data(), Y.data(), step->moments, step->coeffs,
+                                          step->work, step->finalize, op);
             else
                 kernels::normalize(step->form, 0, value_of(step->form.channels), X.data(), Y.data(), step->coeffs, op);
         }
@@ -214,7 +262,9 @@ void evaluate(const VY& Y, const E& e)
     const auto& in = S::inner(e);
     const auto op = S::op(e);
     if constexpr (detail::is_bn_of_conv_v<In>) {
-        detail::composer::conv_bn(Y, *in.module, in.in, op);
+        using BN = std::remove_pointer_t<decltype(in.module)>;
+        if constexpr (BN::is_sync) detail::composer::conv_sync_bn(Y, *in.module, in.in, op);
+        else detail::composer::conv_bn(Y, *in.module, in.in, op);
     } else if constexpr (detail::is_conv_v<In>) {
         detail::composer::conv(Y, in, op);
     } else if constexpr (detail::is_bn_v<In>) {
@@ -358,13 +408,23 @@ std::string describe_bn_and_pointwise(const VY& Y, const In& in, const std::stri
         line(0, "parallel for c in [0, C):   # one channel's slice stays in cache across its passes");
         d = 1;
     }
-    if (train) {
+    bool aten = false;
+    if constexpr (detail::is_bn_v<In>) aten = in.module->stats_policy() == kernels::batch_stats_policy::aten;
+    const std::string partials = "block partials added in block order   # same bits for any thread count";
+    if (train && aten) {
+        line(d, "statistics: policy aten (ATen's order and rounding)");
         pass(d, "sum += widen(x)                      # double accumulators");
-        if (minor && !blocked) line(d, "sum = block partials added in block order   # same bits for any thread count");
+        if (minor && !blocked) line(d, "sum = " + partials);
         line(d, "mean = float(sum / n)");
         pass(d, "var_sum += widen((x - mean)^2)       # double accumulators");
-        line(d, "invstd, alpha = invstd * gamma, running statistics   # PyTorch's rounding");
+    } else if (train) {
+        line(d, "statistics: policy fast (one read of x), shift = the channel's first value");
+        pass(d, "s1 += x - shift, s2 += (x - shift)^2   # float runs of " + std::to_string(kernels::stats_run) +
+                    " per lane, then double");
+        if (minor && !blocked) line(d, "s1, s2 = " + partials);
+        line(d, "mean = shift + s1 / n, M2 = s2 - s1^2 / n");
     }
+    if (train) line(d, "finalize: invstd, alpha = invstd * gamma, running statistics   # PyTorch's rounding");
     if constexpr (detail::is_bn_v<In>) pass(d, "y = " + epi + "(((x - mean_hi) - mean_lo) * alpha + beta)   # one fma");
     else if constexpr (detail::is_affine_v<In>) pass(d, "y = " + epi + "(x * scale + shift)   # one fma");
     else pass(d, "y = " + epi + "(x)");

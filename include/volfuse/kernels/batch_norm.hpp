@@ -1,19 +1,26 @@
-// Batch-norm kernels: training forward (statistics + normalize + epilogue),
-// normalize-only (inference), and backward.  The statistics arithmetic, which
-// matches ATen bit for bit, is spelled out here; the per-channel scalar rules
-// (running statistics, invstd) are callbacks supplied by the module.
+// Batch-norm kernels as phases, which BatchNorm3d, the fused block and SyncBatchNorm3d
+// compose (the evaluator and the modules decide what runs between them):
+//   forward:  statistics per channel (moments(): count, mean, M2, mergeable; or
+//             aten_statistics(): ATen's bits) -> [merge across processes] -> finalize (the
+//             module's rules) -> normalize (+ epilogue);
+//   backward: backward_reduce (sum dy', sum (x - mean) dy') -> [merge] -> finalize ->
+//             backward_elementwise.
+// batch_norm_train / batch_norm_backward are the one-process compositions, group by group.
 //
-// Traffic per element (fp32): training forward reads x three times (sum, squared
-// deviations, normalize) and writes y once; for NCDHW the three reads of a
-// channel run back to back, so the 2nd and 3rd hit cache when a channel's slice
-// fits in L2/L3.  Inference: one read, one write.  Backward: reads x and dy
-// twice (reductions, then dx), writes dx once.
+// Traffic per element (fp32), policy fast: the training forward reads x once for the
+// moments and once to normalize (from cache: a channel-major channel's or a 16-channel
+// block's slice is normalized right after its moments) and writes y once; policy aten reads
+// x three times (two statistics passes).  Inference: one read, one write.  Backward: reads
+// x and dy twice (reductions, then dx, the second from cache group by group), writes dx once.
 #pragma once
 
 #include "../core/config.hpp"
 
+#include <type_traits>
+
 #include "../expr/pointwise.hpp"
 #include "channel_loops.hpp"
+#include "moments.hpp"
 
 namespace volfuse::inline VOLFUSE_ISA_NS::kernels {
 
@@ -51,35 +58,107 @@ void normalize(const Form& f, index_t c0, index_t c1, const float* x, float* y, 
                              });
 }
 
-/// Per-channel batch statistics, then normalize, channel group by channel group.
-/// `finalize(c, mean_f, var_sum_f, alpha&, beta&)` turns a channel's statistics
-/// into its scale and shift (and updates running statistics).
-/// ATen's rounding: mean = float(double sum / n); var_sum = double sum of
-/// float((x - mean_f)^2): the mean is rounded to float before the second pass.
-/// work: reduce_workspace(f, 1) doubles; k's arrays: C floats each, written here.
-template <class Form, class Finalize, class Epi>
-void batch_norm_train(const Form& f, const float* x, float* y, const bn_coeffs_out& k, double* work,
-                      Finalize&& finalize, Epi epi) noexcept
+/// How batch statistics are summed (a module option: BatchNorm3d::set_stats_policy).
+///   fast: one read of x.  Per channel, S1 = sum x widened to double term by term (exact
+///         per term: the mean must be right to double precision, since the output carries it
+///         as a float hi + lo pair) and S2 = sum (x - s)^2 around a shift s (the channel's
+///         first element), in float runs of `stats_run` terms per lane, the runs in double
+///         (channel-minor forms: widened term by term too, so that static and dynamic C keep
+///         identical bits); mean = S1/n, M2 = S2 - n (mean - s)^2.  Mergeable (moments()), so
+///         it is also what SyncBatchNorm3d gathers.  M2's relative error is about
+///         (1 + ((s - mean)/std)^2) * 2^-24 * a few: a float rounding of the variance.
+///   aten: ATen's order and rounding, bit for bit (two passes widened to double: the sum,
+///         then float((x - float(mean))^2)); its running statistics equal PyTorch's bits.
+enum class batch_stats_policy { fast, aten };
+
+/// Float terms per lane before a run is added in double (simd::blocked_acc).
+inline constexpr int stats_run = 32;
+/// The fast policy's accumulation of (S1, S2) (channel-minor forms: see batch_stats_policy).
+template <class Form>
+using fast_moments = std::conditional_t<Form::channel_minor, all_double, accumulation<1, stats_run>>;
+
+/// Offset of channel c's first element (outer 0, inner 0) in a form's data.
+template <class Form>
+constexpr index_t first_offset(const Form& f, index_t c) noexcept
+{
+    if constexpr (Form::blocked) return (c / Form::block) * value_of(f.inner) * Form::block + c % Form::block;
+    else return c * value_of(f.inner);
+}
+
+/// Per-channel statistics of channels [c0, c1) as arrays (C each).
+struct moments_out {
+    float* shift; // scratch: the channel's shift
+    double* mean;
+    double* m2; // moments(): sum of squared deviations from mean; statistics(): from float(mean)
+};
+
+/// Phase 1 (mergeable): per channel of [c0, c1), mean and M2 of x in one read (policy fast).
+/// work: reduce_workspace(f, 2) doubles.  Channel-minor forms cover [0, C) in parallel over
+/// pixel blocks; other forms run [c0, c1) on the calling thread.
+template <class Form>
+void moments(const Form& f, index_t c0, index_t c1, const float* x, double* work, const moments_out& m) noexcept
 {
     const index_t stride = reduce_stride(value_of(f.channels));
+    if constexpr (Form::channel_minor) c0 = 0, c1 = value_of(f.channels);
+    for (index_t c = c0; c < c1; ++c) m.shift[c] = x[first_offset(f, c)];
+    reduce_channels<2, 1, 1, fast_moments<Form>>(
+        f, c0, c1, srcs<1>{x}, srcs<1>{m.shift},
+        [](const fvecs<1>& v, const fvecs<1>& p) {
+            const fvec d = v[0] - p[0];
+            return fvecs<2>{v[0], d * d};
+        },
+        work, stride);
+    const double n = static_cast<double>(f.count());
+    for (index_t c = c0; c < c1; ++c) {
+        const double mean = work[c] / n, d = mean - static_cast<double>(m.shift[c]);
+        const double m2 = work[stride + c] - n * d * d;
+        m.mean[c] = mean;
+        m.m2[c] = m2 < 0 ? 0 : m2; // rounding can take an exactly constant channel's M2 below 0
+    }
+}
+
+/// Phase 1, ATen's way (policy aten): mean = sum / n in double, m2 = ATen's var_sum, the double
+/// sum of float((x - float(mean))^2).  Not mergeable: local statistics only.
+template <class Form>
+void aten_statistics(const Form& f, index_t c0, index_t c1, const float* x, double* work, const moments_out& m) noexcept
+{
+    const index_t stride = reduce_stride(value_of(f.channels));
+    if constexpr (Form::channel_minor) c0 = 0, c1 = value_of(f.channels);
+    const double n = static_cast<double>(f.count());
+    reduce_channels<1, 1, 0>(f, c0, c1, srcs<1>{x}, srcs<0>{}, [](const fvecs<1>& v, const fvecs<0>&) { return v; },
+                             work, stride);
+    for (index_t c = c0; c < c1; ++c) {
+        m.mean[c] = work[c] / n;
+        m.shift[c] = static_cast<float>(m.mean[c]);
+    }
+    reduce_channels<1, 1, 1>(
+        f, c0, c1, srcs<1>{x}, srcs<1>{m.shift},
+        [](const fvecs<1>& v, const fvecs<1>& p) {
+            const fvec d = v[0] - p[0];
+            return fvecs<1>{d * d}; // rounded to float, then summed in double (as ATen)
+        },
+        work, stride);
+    for (index_t c = c0; c < c1; ++c) m.m2[c] = work[c];
+}
+
+/// The training forward of one process: per channel group, statistics (phase 1) ->
+/// `finalize(c0, c1)` (phase 3: the module's rules over m.mean / ATen var_sum in m.m2; a
+/// local batch needs no merge) -> normalize (phase 4).  A channel's slice is still in cache
+/// when it is normalized (channel-major and blocked forms run group by group).
+/// work: reduce_workspace(f, 2) doubles; m's arrays and k's: C each.
+template <class Form, class Finalize, class Epi>
+void batch_norm_train(const Form& f, batch_stats_policy policy, const float* x, float* y, const moments_out& m,
+                      const bn_coeffs_out& k, double* work, Finalize&& finalize, Epi epi) noexcept
+{
     const double n = static_cast<double>(f.count());
     for_channel_groups(f, [&](index_t c0, index_t c1) {
-        reduce_channels<1, 1, 0>(f, c0, c1, srcs<1>{x}, srcs<0>{}, [](const fvecs<1>& v, const fvecs<0>&) { return v; },
-                                 work, stride);
-        for (index_t c = c0; c < c1; ++c) {
-            const double m = work[c] / n;
-            k.mean[c] = static_cast<float>(m);
-            k.mean_lo[c] = static_cast<float>(m - k.mean[c]);
+        if (policy == batch_stats_policy::aten) {
+            aten_statistics(f, c0, c1, x, work, m);
+        } else {
+            moments(f, c0, c1, x, work, m);
+            for (index_t c = c0; c < c1; ++c) m.m2[c] = var_sum_about_float_mean(n, m.mean[c], m.m2[c]);
         }
-        reduce_channels<1, 1, 1>(
-            f, c0, c1, srcs<1>{x}, srcs<1>{k.mean},
-            [](const fvecs<1>& v, const fvecs<1>& p) {
-                const fvec d = v[0] - p[0];
-                return fvecs<1>{d * d}; // rounded to float, then summed in double (as ATen)
-            },
-            work, stride);
-        for (index_t c = c0; c < c1; ++c)
-            finalize(c, k.mean[c], static_cast<float>(work[c]), k.alpha[c], k.beta[c]);
+        finalize(c0, c1);
         normalize(f, c0, c1, x, y, k, epi);
     });
 }
@@ -94,36 +173,64 @@ struct bn_backward_coeffs {
     float* k;            // written by finalize: dotp*invstd^2/n (batch statistics only)
 };
 
-/// Backward through epi(batch_norm(x)).  Pass 1 reduces, per channel,
-/// sum(dy') and dotp = sum((x - mean) * dy') in double, where dy' = epi.grad(dy);
-/// `finalize(c, sum, dotp)` accumulates parameter grads and sets grad_mean/k.
-/// Pass 2: dx = ((dy' - grad_mean) - (x - mean) * k) * invstd * gamma with batch
-/// statistics, dx = dy' * invstd * gamma with running statistics.
-/// dx may be the same memory as dy or x.
+/// Backward phase 1: per channel of [c0, c1), sum(dy') and dotp = sum((x - mean) * dy') in
+/// double, dy' = epi.grad(dy) (the epilogue's mask recomputed from x), into work[c] and
+/// work[stride + c].  A: all_double (policy aten) or float runs (policy fast: both sums feed
+/// terms of dx that are O(dy), so a float rounding of them is below dx's own).
+template <class A, class Form, class Epi>
+void backward_reduce(const Form& f, index_t c0, index_t c1, const float* x, const float* dy, const bn_coeffs& k,
+                     double* work, Epi epi) noexcept
+{
+    reduce_channels<2, 2, 4, A>(
+        f, c0, c1, srcs<2>{x, dy}, srcs<4>{k.mean, k.mean_lo, k.alpha, k.beta},
+        [epi](const fvecs<2>& v, const fvecs<4>& p) {
+            const fvec xm = centered(v[0], p[0], p[1]);
+            const fvec g = epi.grad(simd::fma(xm, p[2], p[3]), v[1]);
+            return fvecs<2>{g, xm * g};
+        },
+        work, reduce_stride(value_of(f.channels)));
+}
+
+/// Backward phase 1 with the accumulation `policy` asks for.
+template <class Form, class Epi>
+void backward_sums(const Form& f, batch_stats_policy policy, index_t c0, index_t c1, const float* x, const float* dy,
+                   const bn_coeffs& k, double* work, Epi epi) noexcept
+{
+    if (policy == batch_stats_policy::aten) backward_reduce<all_double>(f, c0, c1, x, dy, k, work, epi);
+    else if constexpr (Form::channel_minor) backward_reduce<all_double>(f, c0, c1, x, dy, k, work, epi);
+    else backward_reduce<accumulation<0, stats_run>>(f, c0, c1, x, dy, k, work, epi);
+}
+
+/// Backward phase 3 (after the sums are merged and finalized into grad_mean and k):
+/// dx = ((dy' - grad_mean) - (x - mean) * k) * invstd * gamma with batch statistics,
+/// dx = dy' * invstd * gamma with running statistics.  dx may be the same memory as dy or x.
+template <bool BatchStats, class Form, class Epi>
+void backward_elementwise(const Form& f, index_t c0, index_t c1, const float* x, const float* dy, float* dx,
+                          const bn_backward_coeffs& cf, Epi epi) noexcept
+{
+    transform_channels<2, 8>(
+        f, c0, c1, srcs<2>{x, dy},
+        srcs<8>{cf.fwd.mean, cf.fwd.mean_lo, cf.fwd.alpha, cf.fwd.beta, cf.grad_mean, cf.k, cf.invstd, cf.gamma}, dx,
+        [epi](const fvecs<2>& v, const fvecs<8>& p) {
+            const fvec xm = centered(v[0], p[0], p[1]);
+            fvec t = epi.grad(simd::fma(xm, p[2], p[3]), v[1]);
+            if constexpr (BatchStats) t = simd::fnma(xm, p[5], t - p[4]);
+            return (t * p[6]) * p[7];
+        });
+}
+
+/// The backward of one process: per channel group, reduce -> `finalize(c, sum, dotp)`
+/// (parameter grads, grad_mean and k) -> elementwise, the group's slices still in cache.
+/// work: reduce_workspace(f, 2) doubles.
 template <bool BatchStats, class Form, class Finalize, class Epi>
-void batch_norm_backward(const Form& f, const float* x, const float* dy, float* dx, const bn_backward_coeffs& cf,
-                         double* work, Finalize&& finalize, Epi epi) noexcept
+void batch_norm_backward(const Form& f, batch_stats_policy policy, const float* x, const float* dy, float* dx,
+                         const bn_backward_coeffs& cf, double* work, Finalize&& finalize, Epi epi) noexcept
 {
     const index_t stride = reduce_stride(value_of(f.channels));
     for_channel_groups(f, [&](index_t c0, index_t c1) {
-        reduce_channels<2, 2, 4>(
-            f, c0, c1, srcs<2>{x, dy}, srcs<4>{cf.fwd.mean, cf.fwd.mean_lo, cf.fwd.alpha, cf.fwd.beta},
-            [epi](const fvecs<2>& v, const fvecs<4>& p) {
-                const fvec xm = centered(v[0], p[0], p[1]);
-                const fvec g = epi.grad(simd::fma(xm, p[2], p[3]), v[1]);
-                return fvecs<2>{g, xm * g};
-            },
-            work, stride);
+        backward_sums(f, policy, c0, c1, x, dy, cf.fwd, work, epi);
         for (index_t c = c0; c < c1; ++c) finalize(c, work[c], work[stride + c]);
-        transform_channels<2, 8>(
-            f, c0, c1, srcs<2>{x, dy},
-            srcs<8>{cf.fwd.mean, cf.fwd.mean_lo, cf.fwd.alpha, cf.fwd.beta, cf.grad_mean, cf.k, cf.invstd, cf.gamma},
-            dx, [epi](const fvecs<2>& v, const fvecs<8>& p) {
-                const fvec xm = centered(v[0], p[0], p[1]);
-                fvec t = epi.grad(simd::fma(xm, p[2], p[3]), v[1]);
-                if constexpr (BatchStats) t = simd::fnma(xm, p[5], t - p[4]);
-                return (t * p[6]) * p[7];
-            });
+        backward_elementwise<BatchStats>(f, c0, c1, x, dy, dx, cf, epi);
     });
 }
 

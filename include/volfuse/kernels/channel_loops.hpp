@@ -197,15 +197,41 @@ struct channel_params {
     }
 };
 
+/// How reduce_channels accumulates its K terms: the first `Doubles` widened into double one by
+/// one (simd::dacc: what a sum that must stay exact to double precision needs, e.g. the one a
+/// mean comes from), the others in float runs of `Run` per lane, each run then added in double
+/// (simd::blocked_acc: one float add per term in the hot loop).
+template <std::size_t Doubles, int Run = 32>
+struct accumulation {
+    static constexpr std::size_t doubles = Doubles;
+    static constexpr int run = Run;
+};
+using all_double = accumulation<std::size_t(-1)>;
+
+/// One slot's accumulators of K terms under accumulation A (k is a compile-time constant
+/// after unrolling, so each add is one branch-free accumulator update).
+template <std::size_t K, class A>
+struct term_accumulators {
+    static constexpr std::size_t D = std::min(K, A::doubles);
+    std::array<simd::dacc, D> d{};
+    std::array<simd::blocked_acc<A::run>, K - D> f{};
+    void add(std::size_t k, fvec v) noexcept
+    {
+        if (k < D) d[k].add(v);
+        else f[k - D].add(v);
+    }
+    simd::dacc widened(std::size_t k) const noexcept { return k < D ? d[k] : f[k - D].widened(); }
+};
+
 /// out[k * stride + c] = sum over the channel's elements of term(x..., p...)[k], c in [c0, c1),
-/// each float term widened and summed in double.  `out` is reduce_workspace(f, K) doubles.
+/// each float term summed in double as accumulation A says.  `out` is reduce_workspace(f, K) doubles.
 /// `term(const fvecs<S>& in, const fvecs<P>& prm) -> fvecs<K>`.
 /// Accumulators: channel-major, two chains per term in registers; blocked, and
 /// channel-minor with static C, one per channel in registers; channel-minor with
 /// dynamic C, in memory.
 /// Channel-minor forms reduce fixed pixel blocks in parallel into partials after
 /// `out`, then add the partials in block order.
-template <std::size_t K, std::size_t S, std::size_t P, class Form, class Term>
+template <std::size_t K, std::size_t S, std::size_t P, class A = all_double, class Form, class Term>
 void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, const srcs<P>& prm, Term&& term,
                      double* out, index_t stride) noexcept
 {
@@ -221,7 +247,7 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
     // One walk over outer [o0, o1) into `dst` (stride as out); channel-major: per channel.
     auto reduce_range = [&](index_t ca, index_t cb, index_t o0, index_t o1, double* dst) {
         channel_params<Form, P> params{prm};
-        std::array<std::array<simd::dacc, K>, slots> acc{};
+        std::array<term_accumulators<K, A>, slots> acc{};
         walk(
             f, ca, cb, o0, o1,
             [&](index_t a, index_t b) {
@@ -244,19 +270,21 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
                         (simd::dvec::load_unaligned(a) + w.lo).store_unaligned(a);
                         (simd::dvec::load_unaligned(a + simd::dvec::size) + w.hi).store_unaligned(a + simd::dvec::size);
                     } else {
-                        acc[decltype(u)::value][k].add(t[k]);
+                        acc[decltype(u)::value].add(k, t[k]);
                     }
                 }
             },
             [&](index_t a, index_t) {
                 if constexpr (!per_lane) {
-                    for (std::size_t k = 0; k < K; ++k) dst[k * stride + a] = simd::dacc::total(acc[0][k], acc[1][k]);
+                    for (std::size_t k = 0; k < K; ++k)
+                        dst[k * stride + a] = simd::dacc::total(acc[0].widened(k), acc[1].widened(k));
                 } else if constexpr (!in_memory) {
                     for (std::size_t j = 0; j < slots; ++j)
                         for (std::size_t k = 0; k < K; ++k) {
                             double* d = dst + k * stride + a + static_cast<index_t>(j) * width;
-                            acc[j][k].lo.store_unaligned(d);
-                            acc[j][k].hi.store_unaligned(d + simd::dvec::size);
+                            const simd::dacc w = acc[j].widened(k);
+                            w.lo.store_unaligned(d);
+                            w.hi.store_unaligned(d + simd::dvec::size);
                         }
                 }
             });

@@ -25,6 +25,7 @@
 #include "../schedule/conv_schedule.hpp"
 #include "../shape/conv_geometry.hpp"
 #include "../simd/vec.hpp"
+#include "moments.hpp"
 
 namespace volfuse::inline VOLFUSE_ISA_NS::kernels::conv {
 
@@ -337,24 +338,15 @@ struct no_stats {
 };
 
 /// Per-channel count, mean and M2 (sum of squared deviations from the mean), in double.
-/// merge() is Chan's formula: two sets' moments combined without cancellation.
+/// merge_into() is Chan's formula (moments.hpp): two sets' moments combined without cancellation.
 struct channel_moments {
     double *count, *mean, *m2; // OCP each (whole vectors)
 
-    /// (na, ma, m2a) += (nb, mb, m2b), lane by lane.
-    static void merge(simd::dvec& na, simd::dvec& ma, simd::dvec& m2a, simd::dvec nb, simd::dvec mb,
-                      simd::dvec m2b) noexcept
-    {
-        const simd::dvec n = na + nb, delta = mb - ma;
-        ma = ma + delta * (nb / n);
-        m2a = m2a + m2b + delta * delta * (na * nb / n);
-        na = n;
-    }
     void merge_into(index_t c, simd::dvec nb, simd::dvec mb, simd::dvec m2b) noexcept
     {
         simd::dvec na = simd::dvec::load_unaligned(count + c), ma = simd::dvec::load_unaligned(mean + c),
                    m2a = simd::dvec::load_unaligned(m2 + c);
-        merge(na, ma, m2a, nb, mb, m2b);
+        chan_merge(na, ma, m2a, nb, mb, m2b);
         na.store_unaligned(count + c);
         ma.store_unaligned(mean + c);
         m2a.store_unaligned(m2 + c);

@@ -26,6 +26,11 @@
 
 namespace volfuse::inline VOLFUSE_ISA_NS {
 
+using kernels::batch_stats_policy;
+
+template <index_t StaticC>
+class SyncBatchNorm3d;
+
 /// Batch normalization over (N, D, H, W) per channel of a 5-D tensor.
 /// @tparam StaticC  channel count fixed at compile time (kernels specialized
 ///                  for it), or `dynamic` (the default) for a run-time count.
@@ -35,6 +40,7 @@ class BatchNorm3d {
 
 public:
     static constexpr index_t static_channels = StaticC;
+    static constexpr bool is_sync = false; // SyncBatchNorm3d's is true (the evaluator composes it differently)
 
     /// Same arguments and defaults as torch.nn.BatchNorm3d; momentum = nullopt is
     /// PyTorch's momentum=None (cumulative moving average).
@@ -113,6 +119,13 @@ public:
         std::fill(bias_grad_.begin(), bias_grad_.end(), 0.f);
     }
 
+    /// How training statistics are summed: batch_stats_policy::fast (the default: one read of
+    /// the input, float runs merged in double, shifted) or batch_stats_policy::aten (ATen's
+    /// order and rounding: running statistics equal PyTorch 1.13's bits on contiguous NCDHW).
+    /// docs/batchnorm.md says what each costs and guarantees.
+    void set_stats_policy(batch_stats_policy p) noexcept { policy_ = p; }
+    batch_stats_policy stats_policy() const noexcept { return policy_; }
+
     void reset_running_stats() noexcept
     {
         std::fill(running_mean_.begin(), running_mean_.end(), 0.f);
@@ -160,6 +173,37 @@ public:
     template <class VX, class VDY, class VDX, expr::epilogue Epi = expr::identity_t>
     void backward(const VX& X, const VDY& dY, const VDX& dX, Epi epi = {})
     {
+        check_backward(X, dY, dX, epi);
+        if (X.shape().numel() == 0) return;
+        run_backward(specialize(X.as_const()), dY.data(), dX.data(), epi);
+    }
+
+    /// Which kernels the last call ran, and why.  Before any call, its `why` says so:
+    /// kernel_choice(layout, relu) answers without one.
+    const registry::choice& kernel_choice() const noexcept { return choice_; }
+    /// What a forward or backward on views of `L` (with relu or not) would run.
+    template <class L>
+    registry::choice kernel_choice(L, bool relu = false) const
+    {
+        if constexpr (StaticC != dynamic) return choice_;
+        else if (const registry::entry* e = adopted_.entry;
+                 e && adopted_.generation == registry::generation() && kernels_of<L>(*e).normalize)
+            return block_choice(*e);
+        else return registry::global().lookup(registry_key<L>(relu));
+    }
+
+private:
+    // --- the evaluator's and the fused block's side --------------------------------------
+    friend struct detail::composer;
+    template <conv_spec, index_t, class>
+    friend class ConvBnReLU3d;
+    template <index_t>
+    friend class SyncBatchNorm3d; // composes the same phases around its all-gathers
+
+    /// Every check backward(X, dY, dX, epi) makes, nothing written.
+    template <class VX, class VDY, class VDX, class Epi>
+    void check_backward(const VX& X, const VDY& dY, const VDX& dX, Epi) const
+    {
         check_views<VX, VDY>();
         check_views<VX, VDX>();
         static_assert(!std::is_const_v<typename VDX::value_type>, "BatchNorm3d::backward: dX must be writable");
@@ -183,47 +227,36 @@ public:
                         " after the batch norm but backward was given " + std::string(Epi::name) +
                         " (pass backward the forward's epilogue, e.g. forward(X, Y, vf::relu) with "
                         "backward(X, dY, dX, vf::relu))");
-        if (X.shape().numel() == 0) return;
-        run_backward(specialize(X.as_const()), dY.data(), dX.data(), epi);
     }
 
-    /// Which kernels the last call ran, and why.  Before any call, its `why` says so:
-    /// kernel_choice(layout, relu) answers without one.
-    const registry::choice& kernel_choice() const noexcept { return choice_; }
-    /// What a forward or backward on views of `L` (with relu or not) would run.
-    template <class L>
-    registry::choice kernel_choice(L, bool relu = false) const
-    {
-        if constexpr (StaticC != dynamic) return choice_;
-        else if (const registry::entry* e = adopted_.entry;
-                 e && adopted_.generation == registry::generation() && kernels_of<L>(*e).normalize)
-            return block_choice(*e);
-        else return registry::global().lookup(registry_key<L>(relu));
-    }
-
-private:
-    // --- the evaluator's and the fused block's side --------------------------------------
-    friend struct detail::composer;
-    template <conv_spec, index_t>
-    friend class ConvBnReLU3d;
-
-    /// Turns a channel's batch statistics into its scale and shift, and updates the
-    /// running statistics, with ATen's rounding (called by the training kernel).
+    /// The finalization phase, written once for every composition (this module's training
+    /// kernels, the fused block's conv-epilogue moments, SyncBatchNorm3d's merged moments):
+    /// channels' batch statistics -> the normalize coefficients, the invstd backward needs, and
+    /// the running statistics, with ATen's rounding.
     struct train_finalizer {
         BatchNorm3d* m;
-        index_t n;      // values per channel
+        index_t n;      // values per channel (the global count for SyncBatchNorm3d)
         bool update;    // training with running statistics
         float momentum; // this step's factor (momentum, or 1/num_batches_tracked)
-        void operator()(index_t c, float mean, float var_sum, float& alpha, float& beta) const noexcept
+        /// mean in double; var_sum as ATen's: squared deviations from float(mean), in double.
+        void channel(index_t c, double mean, double var_sum) const noexcept
         {
-            const float invstd = nn::rules::train_invstd(var_sum, n, m->eps_);
+            const float mean_f = static_cast<float>(mean), vs = static_cast<float>(var_sum);
+            m->mean_[c] = mean_f;
+            m->mean_lo_[c] = static_cast<float>(mean - mean_f);
+            const float invstd = nn::rules::train_invstd(vs, n, m->eps_);
             m->invstd_[c] = invstd;
-            alpha = nn::rules::scale(invstd, m->gamma_[c]);
-            beta = m->bias_of(c);
+            m->alpha_[c] = nn::rules::scale(invstd, m->gamma_[c]);
+            m->beta_[c] = m->bias_of(c);
             if (update) {
-                m->running_mean_[c] = nn::rules::update_running_mean(m->running_mean_[c], mean, momentum);
-                m->running_var_[c] = nn::rules::update_running_var(m->running_var_[c], var_sum, n, momentum);
+                m->running_mean_[c] = nn::rules::update_running_mean(m->running_mean_[c], mean_f, momentum);
+                m->running_var_[c] = nn::rules::update_running_var(m->running_var_[c], vs, n, momentum);
             }
+        }
+        /// Channels [c0, c1) from the statistics phase's arrays (stat_mean_, stat_m2_ = var_sum).
+        void operator()(index_t c0, index_t c1) const noexcept
+        {
+            for (index_t c = c0; c < c1; ++c) channel(c, m->stat_mean_[c], m->stat_m2_[c]);
         }
     };
     /// One forward as the module hands it to the evaluator: the form to run on
@@ -233,7 +266,9 @@ private:
         using form_type = Form;
         Form form;
         bool batch_stats;           // batch statistics (kernels::batch_norm_train) or running ones (normalize)
-        kernels::bn_coeffs_out coeffs; // filled by the training kernel, here for running statistics
+        kernels::batch_stats_policy policy;
+        kernels::moments_out moments;  // the statistics phase's output (C each)
+        kernels::bn_coeffs_out coeffs; // filled by the finalization, here for running statistics
         double* work;
         train_finalizer finalize;
     };
@@ -278,7 +313,7 @@ private:
                 invstd_[c] = nn::rules::eval_backward_invstd(running_var_[c], eps_);
             }
         remember(X.data(), Y.data(), sz, VX::layout_name(), batch_stats, epilogue);
-        return std::optional<step>{step{f, batch_stats, coeffs(), work, fin}};
+        return std::optional<step>{step{f, batch_stats, policy_, moments(), coeffs(), work, fin}};
     }
 
     /// A copied owner (the fused block) moves the record of the last forward's input from its
@@ -362,6 +397,7 @@ private:
         std::array<index_t, 5> sizes{};
         std::string_view layout;
         std::string_view epilogue; // the name of the epilogue forward applied (a static string)
+        kernels::batch_stats_policy policy = kernels::batch_stats_policy::fast;
     };
 
     template <class VA, class VB>
@@ -421,7 +457,9 @@ private:
     {
         if (static_cast<index_t>(mean_.size()) >= C && !mean_.empty()) return;
         const auto c = static_cast<std::size_t>(std::max<index_t>(C, 1));
-        for (auto* v : {&mean_, &mean_lo_, &alpha_, &beta_, &invstd_, &gamma_, &grad_mean_, &k_}) v->resize(c);
+        for (auto* v : {&mean_, &mean_lo_, &alpha_, &beta_, &invstd_, &gamma_, &grad_mean_, &k_, &shift_}) v->resize(c);
+        stat_mean_.resize(c);
+        stat_m2_.resize(c);
     }
 
     template <class V>
@@ -435,10 +473,11 @@ private:
                   bool batch_stats, std::string_view epilogue) noexcept
     {
         const bool empty = sz[0] * sz[1] * sz[2] * sz[3] * sz[4] == 0;
-        saved_ = {true, x == y && !empty, batch_stats, x, sz, layout, epilogue};
+        saved_ = {true, x == y && !empty, batch_stats, x, sz, layout, epilogue, policy_};
     }
 
     kernels::bn_coeffs_out coeffs() noexcept { return {mean_.data(), mean_lo_.data(), alpha_.data(), beta_.data()}; }
+    kernels::moments_out moments() noexcept { return {shift_.data(), stat_mean_.data(), stat_m2_.data()}; }
 
     float gamma_of(index_t c) const noexcept { return affine_ ? weight_[c] : 1.f; }
     float bias_of(index_t c) const noexcept { return affine_ ? bias_[c] : 0.f; }
@@ -477,16 +516,17 @@ private:
                       StaticC == dynamic && std::is_same_v<std::remove_cv_t<decltype(f)>, registry::dynamic_form<L>>) {
             if (const auto* k = registered_kernels<L>(std::is_same_v<Epi, expr::relu_t>)) {
                 if (saved_.batch_stats)
-                    k->backward(f, true, X.data(), dy, dx, cf, work, registry::backward_finalize::of(batch_finalize),
-                                std::is_same_v<Epi, expr::relu_t>);
+                    k->backward(f, true, saved_.policy, X.data(), dy, dx, cf, work,
+                                registry::backward_finalize::of(batch_finalize), std::is_same_v<Epi, expr::relu_t>);
                 else
-                    k->backward(f, false, X.data(), dy, dx, cf, work, registry::backward_finalize::of(running_finalize),
-                                std::is_same_v<Epi, expr::relu_t>);
+                    k->backward(f, false, saved_.policy, X.data(), dy, dx, cf, work,
+                                registry::backward_finalize::of(running_finalize), std::is_same_v<Epi, expr::relu_t>);
                 return;
             }
         }
-        if (saved_.batch_stats) kernels::batch_norm_backward<true>(f, X.data(), dy, dx, cf, work, batch_finalize, epi);
-        else kernels::batch_norm_backward<false>(f, X.data(), dy, dx, cf, work, running_finalize, epi);
+        if (saved_.batch_stats)
+            kernels::batch_norm_backward<true>(f, saved_.policy, X.data(), dy, dx, cf, work, batch_finalize, epi);
+        else kernels::batch_norm_backward<false>(f, saved_.policy, X.data(), dy, dx, cf, work, running_finalize, epi);
     }
 
     index_t C_;
@@ -500,6 +540,10 @@ private:
     std::vector<float> weight_, bias_, running_mean_, running_var_, weight_grad_, bias_grad_;
     // Saved by forward for backward (per channel): statistics, coefficients, weight.
     std::vector<float> mean_, mean_lo_, alpha_, beta_, invstd_, gamma_;
+    // The statistics phase's output (per channel): shift scratch, mean, M2 / var_sum.
+    std::vector<float> shift_;
+    std::vector<double> stat_mean_, stat_m2_;
+    kernels::batch_stats_policy policy_ = kernels::batch_stats_policy::fast;
     // Backward scratch.
     std::vector<float> grad_mean_, k_;
     std::vector<double> work_;

@@ -266,7 +266,7 @@ public:
 private:
     // --- the evaluator's and the fused block's side --------------------------------------
     friend struct detail::composer;
-    template <conv_spec, index_t>
+    template <conv_spec, index_t, class>
     friend class ConvBnReLU3d;
 
     /// Validates forward(X -> the output y) and packs the weights (and padded bias) for the

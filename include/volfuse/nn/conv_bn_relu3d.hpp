@@ -15,14 +15,21 @@
 #include "../expr/evaluate.hpp"
 #include "batchnorm3d.hpp"
 #include "conv3d.hpp"
+#include "sync_batchnorm3d.hpp"
 
 namespace volfuse::inline VOLFUSE_ISA_NS {
 
-template <conv_spec Spec = conv_spec{}, index_t StaticC = dynamic>
+/// @tparam Norm  the normalization part: BatchNorm3d<StaticC> (the default) or
+///               SyncBatchNorm3d<StaticC> (statistics over a communicator's processes).
+template <conv_spec Spec = conv_spec{}, index_t StaticC = dynamic, class Norm = BatchNorm3d<StaticC>>
 class ConvBnReLU3d {
+    static_assert(std::is_same_v<Norm, BatchNorm3d<StaticC>> || std::is_same_v<Norm, SyncBatchNorm3d<StaticC>>,
+                  "ConvBnReLU3d: the normalization is BatchNorm3d<C> or SyncBatchNorm3d<C>");
+    static constexpr bool sync = std::is_same_v<Norm, SyncBatchNorm3d<StaticC>>;
+
 public:
     using conv_type = Conv3d<Spec>;
-    using bn_type = BatchNorm3d<StaticC>;
+    using bn_type = Norm;
 
     ConvBnReLU3d(conv_type conv, bn_type bn) : conv_(std::move(conv)), bn_(std::move(bn))
     {
@@ -35,7 +42,7 @@ public:
     /// `ConvBnReLU3d<spec, C>{}` when the spec fixes the conv (as Conv3d<spec>{}) and C is
     /// static: the types volfuse_gen names (`conv1_t`), with PyTorch's BatchNorm3d defaults.
     ConvBnReLU3d()
-        requires(StaticC != dynamic && std::is_default_constructible_v<conv_type>)
+        requires(StaticC != dynamic && std::is_default_constructible_v<conv_type> && !sync)
         : ConvBnReLU3d(conv_type{}, bn_type(StaticC))
     {
     }
@@ -129,43 +136,63 @@ private:
         constexpr bool direct = std::is_same_v<L, ndhwc_t>;
         // Every check first (each operand's sizes, data and overlaps, the conv's channels and
         // shapes, the pairing with forward); only then are sizes derived and anything touched.
-        const auto dy_arg = detail::operand_of(dY, "grad_output");
-        if constexpr (want_dx) conv_.check_backward(X, dy_arg, dX, "ConvBnReLU3d");
-        else conv_.check_backward(X, dy_arg, static_cast<const VX*>(nullptr), "ConvBnReLU3d");
-        const auto osz = output_sizes(X.sizes());
-        const bool batch_stats = bn_.training() || !bn_.track_running_stats();
-        if (batch_stats && !(last_.batch_stats && last_.x == X.data() && last_.sizes == X.sizes()))
-            throw error("ConvBnReLU3d::backward: X is not the input of the last training forward "
-                        "(run forward(X, Y) in training mode first)");
-        index_t n = 1;
-        for (index_t v : osz) n *= v;
-        // Then every allocation.
-        dz_.resize(static_cast<std::size_t>(n));
-        if constexpr (!direct) dy_.resize(static_cast<std::size_t>(n));
-        conv_.reserve_backward(X.sizes());
-        float* z = conv_.kept_output(n); // the batch-statistics forward's conv output, kept
+        std::array<index_t, 5> osz{};
+        index_t n = 0;
+        float* z = nullptr;
         float* dx = nullptr;
-        if constexpr (want_dx) dx = conv_.grad_input_for(*dX);
-        const auto Z = ndhwc_view(static_cast<const float*>(z), osz);
-        const auto DZ = ndhwc_view(dz_.data(), osz);
-        const bool empty = X.shape().numel() == 0;
         const float* x = nullptr;
-        if (!batch_stats) {
-            // Running statistics: recompute the conv output (unfolded) and let the BN
-            // record it as its input; nothing else changes in eval.
-            x = conv_.prepare_forward(X, detail::operand{z, n, n, osz, "output"});
-            if (n > 0) conv_.template run_forward<L>(X.sizes(), x, z, false);
-            bn_.forward(Z, DZ, relu);
-        } else if (!empty) {
-            x = conv_.is_channels_last(X) || conv_.input_copy_stamp() != last_.x_stamp ? conv_.input_of(X)
-                                                                                         : conv_.input_copy();
+        const float* dy = nullptr;
+        const bool empty = X.shape().numel() == 0;
+        auto prepare = [&] {
+            const auto dy_arg = detail::operand_of(dY, "grad_output");
+            if constexpr (want_dx) conv_.check_backward(X, dy_arg, dX, "ConvBnReLU3d");
+            else conv_.check_backward(X, dy_arg, static_cast<const VX*>(nullptr), "ConvBnReLU3d");
+            osz = output_sizes(X.sizes());
+            const bool batch_stats = bn_.training() || !bn_.track_running_stats();
+            if (batch_stats && !(last_.batch_stats && last_.x == X.data() && last_.sizes == X.sizes()))
+                throw error("ConvBnReLU3d::backward: X is not the input of the last training forward "
+                            "(run forward(X, Y) in training mode first)");
+            n = 1;
+            for (index_t v : osz) n *= v;
+            // Then every allocation.
+            dz_.resize(static_cast<std::size_t>(n));
+            if constexpr (!direct) dy_.resize(static_cast<std::size_t>(n));
+            conv_.reserve_backward(X.sizes());
+            z = conv_.kept_output(n); // the batch-statistics forward's conv output, kept
+            if constexpr (want_dx) dx = conv_.grad_input_for(*dX);
+            if (!batch_stats) {
+                // Running statistics: recompute the conv output (unfolded) and let the BN
+                // record it as its input; nothing else changes in eval (no communication).
+                x = conv_.prepare_forward(X, detail::operand{z, n, n, osz, "output"});
+                if (n > 0) conv_.template run_forward<L>(X.sizes(), x, z, false);
+                bn_.forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(dz_.data(), osz), relu);
+            } else if (!empty) {
+                x = conv_.is_channels_last(X) || conv_.input_copy_stamp() != last_.x_stamp ? conv_.input_of(X)
+                                                                                             : conv_.input_copy();
+            }
+            dy = dY.data();
+            if constexpr (!direct) {
+                if (n > 0) reorder(dY, ndhwc_view(dy_.data(), osz));
+                dy = dy_.data();
+            }
+        };
+        if constexpr (sync) {
+            // A SyncBatchNorm3d's backward is collective: this process's own checks become its
+            // outcome in the BN's agreement round, so an error anywhere is an error everywhere.
+            std::string failed;
+            try {
+                prepare();
+            } catch (const std::exception& e) {
+                failed = e.what();
+                if (failed.empty()) failed = "ConvBnReLU3d::backward failed";
+            }
+            bn_.backward_agreed(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(dy, osz),
+                                ndhwc_view(dz_.data(), osz), relu, failed);
+        } else {
+            prepare();
+            bn_.backward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(dy, osz),
+                         ndhwc_view(dz_.data(), osz), relu);
         }
-        const float* dy = dY.data();
-        if constexpr (!direct) {
-            if (n > 0) reorder(dY, ndhwc_view(dy_.data(), osz));
-            dy = dy_.data();
-        }
-        bn_.backward(Z, ndhwc_view(dy, osz), DZ, relu);
         conv_.template backward_channels_last<L>(X.sizes(), x, dz_.data(), dx);
         if constexpr (want_dx && !direct)
             if (!empty && dx != dX->data()) reorder(ndhwc_view(static_cast<const float*>(dx), X.sizes()), *dX);
@@ -182,5 +209,10 @@ private:
     last_forward last_;
     std::vector<float> dz_, dy_; // workspaces: dL/dz, and dY or dz in the caller's layout
 };
+
+template <conv_spec S, index_t C>
+ConvBnReLU3d(Conv3d<S>, BatchNorm3d<C>) -> ConvBnReLU3d<S, C>;
+template <conv_spec S, index_t C>
+ConvBnReLU3d(Conv3d<S>, SyncBatchNorm3d<C>) -> ConvBnReLU3d<S, C, SyncBatchNorm3d<C>>;
 
 } // namespace volfuse

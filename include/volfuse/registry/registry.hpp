@@ -145,7 +145,7 @@ struct callback {
         return {&f, [](const void* c, A... a) { (*static_cast<const F*>(c))(a...); }};
     }
 };
-using train_finalize = callback<index_t, float, float, float&, float&>;
+using train_finalize = callback<index_t, index_t>;
 using backward_finalize = callback<index_t, double, double>;
 
 /// The channel form of a runtime-shaped view of layout L (what BatchNorm3d<> runs on).
@@ -156,11 +156,12 @@ using dynamic_form = decltype(L::form(std::declval<const shape5<index_t, index_t
 /// form; a specialized entry runs them with the channel count fixed at compile time.
 template <class L>
 struct bn_kernels {
-    void (*train)(const dynamic_form<L>&, const float* x, float* y, const kernels::bn_coeffs_out&, double* work,
-                  train_finalize, bool relu);
+    void (*train)(const dynamic_form<L>&, kernels::batch_stats_policy, const float* x, float* y,
+                  const kernels::moments_out&, const kernels::bn_coeffs_out&, double* work, train_finalize, bool relu);
     void (*normalize)(const dynamic_form<L>&, const float* x, float* y, const kernels::bn_coeffs&, bool relu);
-    void (*backward)(const dynamic_form<L>&, bool batch_stats, const float* x, const float* dy, float* dx,
-                     const kernels::bn_backward_coeffs&, double* work, backward_finalize, bool relu);
+    void (*backward)(const dynamic_form<L>&, bool batch_stats, kernels::batch_stats_policy, const float* x,
+                     const float* dy, float* dx, const kernels::bn_backward_coeffs&, double* work, backward_finalize,
+                     bool relu);
 };
 
 /// The kernels of one instantiation: C fixed (C = dynamic: the runtime-shaped fallback).
@@ -172,23 +173,23 @@ bn_kernels<L> bn_kernels_for() noexcept
         else return channel_form{f.outer, fix<C>, f.inner};
     };
     return {
-        [](const dynamic_form<L>& f, const float* x, float* y, const kernels::bn_coeffs_out& k, double* work,
-           train_finalize fin, bool relu) {
-            if (relu) kernels::batch_norm_train(form_of(f), x, y, k, work, fin, expr::relu_t{});
-            else kernels::batch_norm_train(form_of(f), x, y, k, work, fin, expr::identity_t{});
+        [](const dynamic_form<L>& f, kernels::batch_stats_policy p, const float* x, float* y,
+           const kernels::moments_out& m, const kernels::bn_coeffs_out& k, double* work, train_finalize fin, bool relu) {
+            if (relu) kernels::batch_norm_train(form_of(f), p, x, y, m, k, work, fin, expr::relu_t{});
+            else kernels::batch_norm_train(form_of(f), p, x, y, m, k, work, fin, expr::identity_t{});
         },
         [](const dynamic_form<L>& f, const float* x, float* y, const kernels::bn_coeffs& k, bool relu) {
             const auto g = form_of(f);
             if (relu) kernels::normalize(g, 0, value_of(g.channels), x, y, k, expr::relu_t{});
             else kernels::normalize(g, 0, value_of(g.channels), x, y, k, expr::identity_t{});
         },
-        [](const dynamic_form<L>& f, bool batch_stats, const float* x, const float* dy, float* dx,
-           const kernels::bn_backward_coeffs& cf, double* work, backward_finalize fin, bool relu) {
+        [](const dynamic_form<L>& f, bool batch_stats, kernels::batch_stats_policy p, const float* x, const float* dy,
+           float* dx, const kernels::bn_backward_coeffs& cf, double* work, backward_finalize fin, bool relu) {
             const auto g = form_of(f);
-            if (batch_stats && relu) kernels::batch_norm_backward<true>(g, x, dy, dx, cf, work, fin, expr::relu_t{});
-            else if (batch_stats) kernels::batch_norm_backward<true>(g, x, dy, dx, cf, work, fin, expr::identity_t{});
-            else if (relu) kernels::batch_norm_backward<false>(g, x, dy, dx, cf, work, fin, expr::relu_t{});
-            else kernels::batch_norm_backward<false>(g, x, dy, dx, cf, work, fin, expr::identity_t{});
+            if (batch_stats && relu) kernels::batch_norm_backward<true>(g, p, x, dy, dx, cf, work, fin, expr::relu_t{});
+            else if (batch_stats) kernels::batch_norm_backward<true>(g, p, x, dy, dx, cf, work, fin, expr::identity_t{});
+            else if (relu) kernels::batch_norm_backward<false>(g, p, x, dy, dx, cf, work, fin, expr::relu_t{});
+            else kernels::batch_norm_backward<false>(g, p, x, dy, dx, cf, work, fin, expr::identity_t{});
         },
     };
 }

@@ -187,6 +187,8 @@ struct dacc {
     /// Two accumulators (independent chains) combined in a fixed order: lanes of
     /// (a.lo + b.lo) + (a.hi + b.hi), then the lanes left to right.
     static double total(const dacc& a, const dacc& b) noexcept { return lanes_sum((a.lo + b.lo) + (a.hi + b.hi)); }
+    /// The accumulated sums (what a blocked_acc hands over at the end).
+    const dacc& widened() const noexcept { return *this; }
     /// Horizontal sum, lane 0 first (once per channel: order matters more than speed;
     /// also keeps GCC 12's false -Wmaybe-uninitialized of xsimd's AVX-512 hadd away).
     static double lanes_sum(dvec v) noexcept
@@ -196,6 +198,32 @@ struct dacc {
         double s = 0.0;
         for (double x : l) s += x;
         return s;
+    }
+};
+
+/// A float accumulator handed to a double one every `Run` additions: the hot loop adds in
+/// float (one instruction per term, no widening), and no float sum ever spans more than Run
+/// terms, so its relative rounding error stays below Run * 2^-24 (about Run^0.5 * 2^-24 for
+/// random signs) before the double sum takes over.  What the fast batch statistics accumulate in.
+template <int Run>
+struct blocked_acc {
+    fvec f = fvec(0.f);
+    int n = 0;
+    dacc d;
+    void add(fvec v) noexcept
+    {
+        f += v;
+        if (++n == Run) {
+            d.add(f);
+            f = fvec(0.f);
+            n = 0;
+        }
+    }
+    dacc widened() const noexcept
+    {
+        dacc r = d;
+        r.add(f);
+        return r;
     }
 };
 

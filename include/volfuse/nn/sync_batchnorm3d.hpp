@@ -1,0 +1,333 @@
+// volfuse::SyncBatchNorm3d: torch.nn.SyncBatchNorm's semantics on CPUs, over any
+// vf::communicator (MPI: <volfuse/dist/mpi.hpp>).  In training, every process passes its part
+// of the global batch and gets BatchNorm3d of the concatenated global batch, restricted to its
+// part; running statistics are updated identically everywhere.  It composes BatchNorm3d's
+// phases with two all-gathers per call:
+//   forward:  validate locally -> agree (header all-gather: errors, C, counts) -> local
+//             moments -> all-gather -> Chan merge in rank order -> finalize -> normalize;
+//   backward: validate locally -> agree -> local sums -> all-gather -> add in rank order ->
+//             finalize -> elementwise dx (weight/bias grads: this process's contribution).
+// Every process computes the merge itself from the same gathered bytes in the same order, so
+// statistics are identical on all of them and independent of how the transport orders a
+// reduction.  Eval mode communicates nothing (BatchNorm3d's eval).
+#pragma once
+
+#include "../core/config.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "../dist/communicator.hpp"
+#include "batchnorm3d.hpp"
+
+namespace volfuse::inline VOLFUSE_ISA_NS {
+
+/// Batch normalization with statistics over the processes of a communicator.
+/// @tparam StaticC  channel count fixed at compile time, or `dynamic` (the default).
+template <index_t StaticC = dynamic>
+class SyncBatchNorm3d {
+public:
+    static constexpr index_t static_channels = StaticC;
+    static constexpr bool is_sync = true;
+
+    /// As torch.nn.SyncBatchNorm(num_features, eps, momentum, affine, track_running_stats,
+    /// process_group): `comm` is the process group (it must outlive the module).
+    SyncBatchNorm3d(index_t num_features, communicator_ref comm, double eps = 1e-5,
+                    std::optional<double> momentum = 0.1, bool affine = true, bool track_running_stats = true)
+        : bn_(num_features, eps, momentum, affine, track_running_stats), comm_(comm)
+    {
+    }
+
+    /// torch.nn.SyncBatchNorm.convert_sync_batchnorm for one module: parameters, buffers,
+    /// num_batches_tracked, mode and statistics policy copied from `bn`.
+    static SyncBatchNorm3d from(const BatchNorm3d<StaticC>& bn, communicator_ref comm)
+    {
+        return SyncBatchNorm3d(bn, comm);
+    }
+
+    // --- everything BatchNorm3d has, with the same meaning ------------------------------
+    void train(bool mode = true) noexcept { bn_.train(mode); }
+    void eval() noexcept { bn_.eval(); }
+    bool training() const noexcept { return bn_.training(); }
+    index_t num_features() const noexcept { return bn_.num_features(); }
+    double eps() const noexcept { return bn_.eps(); }
+    std::optional<double> momentum() const noexcept { return bn_.momentum(); }
+    bool affine() const noexcept { return bn_.affine(); }
+    bool track_running_stats() const noexcept { return bn_.track_running_stats(); }
+    /// `SyncBatchNorm(64, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)`.
+    std::string repr() const { return "SyncBatchNorm" + bn_.repr().substr(std::string("BatchNorm3d").size()); }
+
+    std::span<float> weight() noexcept { return bn_.weight(); }
+    std::span<float> bias() noexcept { return bn_.bias(); }
+    std::span<float> running_mean() noexcept { return bn_.running_mean(); }
+    std::span<float> running_var() noexcept { return bn_.running_var(); }
+    std::span<const float> weight() const noexcept { return bn_.weight(); }
+    std::span<const float> bias() const noexcept { return bn_.bias(); }
+    std::span<const float> running_mean() const noexcept { return bn_.running_mean(); }
+    std::span<const float> running_var() const noexcept { return bn_.running_var(); }
+    std::int64_t num_batches_tracked() const noexcept { return bn_.num_batches_tracked(); }
+    void set_num_batches_tracked(std::int64_t v) noexcept { bn_.set_num_batches_tracked(v); }
+    std::span<const float> weight_grad() const noexcept { return bn_.weight_grad(); }
+    std::span<const float> bias_grad() const noexcept { return bn_.bias_grad(); }
+    std::vector<parameter> parameters() { return bn_.parameters(); }
+    void zero_grad() noexcept { bn_.zero_grad(); }
+    void reset_running_stats() noexcept { bn_.reset_running_stats(); }
+    void reset_parameters() noexcept { bn_.reset_parameters(); }
+    /// Eval mode only: training statistics are always the mergeable moments (policy fast).
+    void set_stats_policy(batch_stats_policy p) noexcept { bn_.set_stats_policy(p); }
+    batch_stats_policy stats_policy() const noexcept { return bn_.stats_policy(); }
+    /// The group this module synchronizes over.
+    const communicator_ref& communicator() const noexcept { return comm_; }
+
+    /// `bn(conv(X))`: batch norm of a convolution's output, for the fused block
+    /// (ConvBnReLU3d with a SyncBatchNorm3d part): conv epilogue moments -> all-gather -> normalize.
+    template <class M, class I>
+    expr::batch_norm<SyncBatchNorm3d, expr::conv_output<M, I>> operator()(const expr::conv_output<M, I>& c) noexcept
+    {
+        return {this, c};
+    }
+
+    // --- compute --------------------------------------------------------------------
+
+    /// Y = epi(SyncBatchNorm(X)); Y may be X itself.  Training: collective (every process of
+    /// the group calls it, with its own part of the batch: any N, 0 included); an error on
+    /// any process is thrown on all, and then no process has changed anything.
+    template <class VX, class VY, expr::epilogue Epi = expr::identity_t>
+    void forward(const VX& X, const VY& Y, Epi epi = {})
+    {
+        if (!bn_.training()) { // PyTorch: eval mode does not synchronize
+            synced_ = false;
+            bn_.forward(X, Y, epi);
+            return;
+        }
+        bn_type::template check_views<VX, VY>();
+        static_assert(!std::is_const_v<typename VY::value_type>, "SyncBatchNorm3d::forward: Y must be writable");
+        const auto sz = X.sizes();
+        const index_t C = sz[1];
+        header h = try_local([&] {
+            bn_.check_io(detail::operand_of(X, "input"), {detail::operand_of(Y, "output")});
+            bn_.check_channels(C);
+            prepare_buffers(C);
+            bn_.reserve(C);
+            if (X.shape().numel() > 0) bn_.workspace(bn_type::specialize(X.as_const()).form());
+        });
+        h.count = values_per_channel(sz);
+        const std::int64_t n = agree(h, sz); // throws on every process if any failed
+
+        // Committed from here on: kernels and all-gathers do not fail.
+        const auto f = bn_type::specialize(X.as_const()).form();
+        const kernels::moments_out m = bn_.moments();
+        if (X.shape().numel() > 0)
+            kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
+                kernels::moments(f, c0, c1, X.data(), bn_.work_.data(), m);
+            });
+        commit_forward(C, n, X.shape().numel() > 0, sz, X.data(), Y.data(), VX::layout_name(), Epi::name);
+        if (X.shape().numel() > 0) kernels::normalize(f, 0, C, X.data(), Y.data(), bn_.coeffs(), epi);
+    }
+
+    /// Backward of the last forward: collective after a training forward (every process
+    /// calls it), local after an eval-mode one.  dX is this process's slice of the global
+    /// grad input; weight_grad()/bias_grad() accumulate this process's contribution (sum them
+    /// across processes for the global batch's, as DDP does).
+    template <class VX, class VDY, class VDX, expr::epilogue Epi = expr::identity_t>
+    void backward(const VX& X, const VDY& dY, const VDX& dX, Epi epi = {})
+    {
+        backward_agreed(X, dY, dX, epi, {});
+    }
+
+private:
+    template <conv_spec, index_t, class>
+    friend class ConvBnReLU3d;
+    friend struct detail::composer;
+
+    /// backward, with an error the caller met before (its own checks: the fused block's) taken
+    /// into the agreement as this process's outcome, so that all processes throw.
+    template <class VX, class VDY, class VDX, class Epi>
+    void backward_agreed(const VX& X, const VDY& dY, const VDX& dX, Epi epi, const std::string& prior_error)
+    {
+        if (!synced_) {
+            if (!prior_error.empty()) throw error(prior_error);
+            bn_.backward(X, dY, dX, epi);
+            return;
+        }
+        const auto sz = X.sizes();
+        const index_t C = sz[1];
+        header h = try_local([&] {
+            if (!prior_error.empty()) throw error(prior_error);
+            bn_.check_backward(X, dY, dX, epi);
+            prepare_buffers(C);
+            if (X.shape().numel() > 0) bn_.workspace(bn_type::specialize(X.as_const()).form());
+        });
+        h.count = values_per_channel(sz);
+        agree(h, sz);
+
+        const auto f = bn_type::specialize(X.as_const()).form();
+        const index_t stride = kernels::reduce_stride(C);
+        const kernels::bn_backward_coeffs cf{bn_.coeffs(), bn_.invstd_.data(), bn_.gamma_.data(),
+                                             bn_.grad_mean_.data(), bn_.k_.data()};
+        double* work = bn_.work_.data();
+        if (X.shape().numel() > 0) {
+            kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
+                kernels::backward_sums(f, kernels::batch_stats_policy::fast, c0, c1, X.data(), dY.data(), cf.fwd,
+                                       work, epi);
+            });
+            for (index_t c = 0; c < C; ++c) send_[c] = work[c], send_[C + c] = work[stride + c];
+        } else {
+            std::fill(send_.begin(), send_.begin() + 2 * C, 0.0);
+        }
+        comm_.all_gather(send_.data(), recv_.data(), sizeof(double) * 2 * static_cast<std::size_t>(C));
+        const float nf = static_cast<float>(global_count_);
+        for (index_t c = 0; c < C; ++c) {
+            double sum = 0, dotp = 0; // rank order: the same bits on every process
+            for (int r = 0; r < comm_.size(); ++r) {
+                sum += recv_[static_cast<std::size_t>(r * 2 * C + c)];
+                dotp += recv_[static_cast<std::size_t>(r * 2 * C + C + c)];
+            }
+            const float invstd = bn_.invstd_[c];
+            if (bn_.affine_) { // this process's contribution
+                bn_.bias_grad_[c] += static_cast<float>(send_[c]);
+                bn_.weight_grad_[c] += static_cast<float>(send_[C + c] * static_cast<double>(invstd));
+            }
+            bn_.grad_mean_[c] = static_cast<float>(sum / static_cast<double>(global_count_));
+            bn_.k_[c] = nn::rules::rounded(nn::rules::rounded(static_cast<float>(dotp) * invstd) * invstd) / nf;
+        }
+        if (X.shape().numel() > 0)
+            kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
+                kernels::backward_elementwise<true>(f, c0, c1, X.data(), dY.data(), dX.data(), cf, epi);
+            });
+    }
+
+    using bn_type = BatchNorm3d<StaticC>;
+
+    /// The forward's collective half, after the agreement: this process's moments (in
+    /// bn_.moments(): mean and M2, whatever `local` is) -> all-gather -> Chan merge in rank
+    /// order -> the finalization with the global count n -> the record backward needs.
+    void commit_forward(index_t C, std::int64_t n, bool local, const std::array<index_t, 5>& sz, const void* x,
+                        const void* y, std::string_view layout, std::string_view epilogue) noexcept
+    {
+        const kernels::moments_out m = bn_.moments();
+        if (!local) std::fill(m.mean, m.mean + C, 0.0), std::fill(m.m2, m.m2 + C, 0.0);
+        std::copy(m.mean, m.mean + C, send_.begin());
+        std::copy(m.m2, m.m2 + C, send_.begin() + C);
+        comm_.all_gather(send_.data(), recv_.data(), sizeof(double) * 2 * static_cast<std::size_t>(C));
+        merge_moments(C, m); // m.mean, m.m2: the global batch's mean and ATen's var_sum
+        for (index_t c = 0; c < C; ++c) bn_.gamma_[c] = bn_.gamma_of(c);
+        typename bn_type::train_finalizer fin{&bn_, n, bn_.track_, 0.f};
+        if (bn_.track_) {
+            ++bn_.nbt_;
+            fin.momentum = static_cast<float>(bn_.momentum_ ? *bn_.momentum_ : 1.0 / static_cast<double>(bn_.nbt_));
+        }
+        if (n > 0) fin(0, C);
+        bn_.remember(x, y, sz, layout, true, epilogue);
+        synced_ = true;
+        global_count_ = n;
+    }
+
+    /// The fused block's copy: see BatchNorm3d::rebind_input.
+    void rebind_input(const void* from, const void* to) noexcept { bn_.rebind_input(from, to); }
+
+    SyncBatchNorm3d(const bn_type& bn, communicator_ref comm) : bn_(bn), comm_(comm) {}
+
+    /// What every process tells the others before anything is committed (fixed size).
+    struct header {
+        std::int64_t ok = 1;
+        std::int64_t channels = 0;
+        std::int64_t count = 0; // values per channel of this process's part
+        char message[232] = {};
+    };
+    static_assert(sizeof(header) == 256);
+
+    template <class Check>
+    header try_local(Check&& check) noexcept
+    {
+        header h;
+        try {
+            check();
+        } catch (const std::exception& e) {
+            h.ok = 0;
+            std::memcpy(h.message, e.what(), std::min(std::strlen(e.what()), sizeof(h.message) - 1));
+        }
+        return h;
+    }
+
+    /// N*D*H*W, or -1 when it overflows (an error on every process).
+    static std::int64_t values_per_channel(const std::array<index_t, 5>& sz) noexcept
+    {
+        index_t v = 1;
+        for (int d : {0, 2, 3, 4})
+            if (__builtin_mul_overflow(v, sz[d], &v)) return -1;
+        return v;
+    }
+
+    void prepare_buffers(index_t C)
+    {
+        const auto P = static_cast<std::size_t>(comm_.size());
+        if (2 * static_cast<std::size_t>(C) * sizeof(double) > static_cast<std::size_t>(INT_MAX))
+            throw error("SyncBatchNorm3d: " + std::to_string(C) + " channels are more than one all-gather carries");
+        send_.resize(2 * static_cast<std::size_t>(C));
+        recv_.resize(P * 2 * static_cast<std::size_t>(C));
+        counts_.resize(P);
+    }
+
+    /// The agreement round: every process learns every other's outcome, channel count and
+    /// count, and all take the same decision.  Returns the global count per channel.
+    std::int64_t agree(header h, const std::array<index_t, 5>& sz)
+    {
+        h.channels = sz[1];
+        const int P = comm_.size(), me = comm_.rank();
+        std::vector<header> all(static_cast<std::size_t>(P));
+        comm_.all_gather(&h, all.data(), sizeof(header));
+        if (!h.ok) throw error(h.message);
+        for (int r = 0; r < P; ++r)
+            if (!all[static_cast<std::size_t>(r)].ok)
+                throw error("SyncBatchNorm3d: process " + std::to_string(r) + " of " + std::to_string(P) +
+                            " failed: " + all[static_cast<std::size_t>(r)].message);
+        std::int64_t n = 0;
+        bool overflow = false;
+        for (int r = 0; r < P; ++r) {
+            const header& o = all[static_cast<std::size_t>(r)];
+            if (o.channels != h.channels)
+                throw error("SyncBatchNorm3d: processes disagree on the channel count: process " + std::to_string(me) +
+                            " has " + std::to_string(h.channels) + ", process " + std::to_string(r) + " has " +
+                            std::to_string(o.channels));
+            overflow |= o.count < 0 || __builtin_add_overflow(n, o.count, &n);
+            counts_[static_cast<std::size_t>(r)] = o.count;
+        }
+        if (overflow) throw error("SyncBatchNorm3d: the global batch's values per channel overflow 64 bits");
+        if (n == 1)
+            throw error("Expected more than 1 value per channel when training, got input size " +
+                        detail::sizes_str(sz));
+        return n;
+    }
+
+    /// Chan's merge of the gathered (mean, M2) in rank order; leaves the global mean in m.mean
+    /// and ATen's var_sum (deviations from the float mean) in m.m2.
+    void merge_moments(index_t C, const kernels::moments_out& m) noexcept
+    {
+        const int P = comm_.size();
+        for (index_t c = 0; c < C; ++c) {
+            double n = 0, mean = 0, m2 = 0;
+            for (int r = 0; r < P; ++r) {
+                const std::size_t at = static_cast<std::size_t>(r) * 2 * static_cast<std::size_t>(C);
+                kernels::chan_merge_scalar(n, mean, m2, static_cast<double>(counts_[static_cast<std::size_t>(r)]),
+                                           recv_[at + static_cast<std::size_t>(c)],
+                                           recv_[at + static_cast<std::size_t>(C + c)]);
+            }
+            m.mean[c] = mean;
+            m.m2[c] = kernels::var_sum_about_float_mean(n, mean, m2);
+        }
+    }
+
+    bn_type bn_;
+    communicator_ref comm_;
+    bool synced_ = false;            // the last forward was a training (collective) one
+    std::int64_t global_count_ = 0;  // its global values per channel
+    std::vector<double> send_, recv_;
+    std::vector<std::int64_t> counts_;
+};
+
+} // namespace volfuse
