@@ -352,3 +352,26 @@ TEST_CASE("ConvBnReLU3d with a SyncBatchNorm3d part: a bad input on one rank fai
     CHECK(out[1] != "no error");
     CHECK(out[1] != "state changed");
 }
+
+TEST_CASE("SyncBatchNorm3d on one rank gives BatchNorm3d's bits (the phases compose to the same result)", "[sync]")
+{
+    // BatchNorm3d pipelines the phases across channels (NCDHW) or fuses them per group;
+    // SyncBatchNorm3d runs them one after another around its all-gather: the same bits.
+    for (const bool relu : {false, true}) {
+        const sizes5 s{3, 6, 5, 7, 9};
+        std::mt19937 g(21);
+        const auto x = randn(numel(s), g, 50.0, 3.0), dy = randn(numel(s), g);
+        using traces = std::array<std::vector<std::vector<float>>, 2>;
+        const auto got = on_ranks<traces>(1, [&](fake_communicator& comm) {
+            vf::SyncBatchNorm3d<> a(6, comm), b(6, comm);
+            return traces{trace<vf::ncdhw_t>(a, x, dy, s, relu), trace<vf::ndhwc_t>(b, x, dy, s, relu)};
+        });
+        vf::BatchNorm3d<> a(6), b(6);
+        const traces want{trace<vf::ncdhw_t>(a, x, dy, s, relu), trace<vf::ndhwc_t>(b, x, dy, s, relu)};
+        for (std::size_t l = 0; l < 2; ++l)
+            for (std::size_t i = 0; i < want[l].size(); ++i) {
+                INFO("relu " << relu << (l ? " ndhwc" : " ncdhw") << " output " << i);
+                CHECK(same_bits(got[0][l][i], want[l][i]));
+            }
+    }
+}

@@ -105,7 +105,7 @@ void moments(const Form& f, index_t c0, index_t c1, const float* x, double* work
         f, c0, c1, srcs<1>{x}, srcs<1>{m.shift},
         [](const fvecs<1>& v, const fvecs<1>& p) {
             const fvec d = v[0] - p[0];
-            return fvecs<2>{v[0], d * d};
+            return fvecs<2>{v[0], simd::rounded(d * d)};
         },
         work, stride);
     const double n = static_cast<double>(f.count());
@@ -141,6 +141,61 @@ void aten_statistics(const Form& f, index_t c0, index_t c1, const float* x, doub
     for (index_t c = c0; c < c1; ++c) m.m2[c] = work[c];
 }
 
+/// Channel-major forms, policy fast: channel cn's moments (a stream from DRAM) accumulated in the
+/// same loop that normalizes channel c (its slice still in cache), so that the two passes
+/// overlap instead of alternating.  cn's moments get exactly moments()'s bits: the same walk
+/// (two slots, the same tails and masks), the same accumulators.
+template <class Form, class Epi>
+void moments_and_normalize(const Form& f, index_t cn, index_t c, const float* x, float* y, const moments_out& m,
+                           const bn_coeffs& k, bool stream, Epi epi) noexcept
+{
+    static_assert(!Form::channel_minor && !Form::blocked);
+    const index_t C = value_of(f.channels), I = value_of(f.inner), O = value_of(f.outer);
+    m.shift[cn] = x[first_offset(f, cn)];
+    const fvec s(m.shift[cn]), hi(k.mean[c]), lo(k.mean_lo[c]), al(k.alpha[c]), be(k.beta[c]);
+    std::array<term_accumulators<2, fast_moments<Form>>, 2> acc{};
+    auto visit = [&](index_t next, index_t here, index_t lanes, auto slot) {
+        const bool full = lanes == width;
+        const fvec v = full ? simd::load(x + next) : simd::load_partial(x + next, lanes);
+        const fvec d = v - s;
+        fvec t0 = v, t1 = simd::rounded(d * d); // as moments(): never contracted into the sum
+        if (!full) {
+            const auto mask = simd::first_lanes(lanes);
+            t0 = xsimd::select(mask, t0, fvec(0.f));
+            t1 = xsimd::select(mask, t1, fvec(0.f));
+        }
+        acc[decltype(slot)::value].add(0, t0);
+        acc[decltype(slot)::value].add(1, t1);
+        const fvec u = full ? simd::load(x + here) : simd::load_partial(x + here, lanes);
+        const fvec r = epi(simd::fma(centered(u, hi, lo), al, be));
+        float* o = y + here;
+        if (!full) simd::store_partial(o, r, lanes);
+        else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
+        else simd::store(o, r);
+    };
+    for (index_t o = 0; o < O; ++o) {
+        const index_t bn = (o * C + cn) * I, bc = (o * C + c) * I;
+        index_t i = 0;
+        for (; i + 2 * width <= I; i += 2 * width) {
+            visit(bn + i, bc + i, width, slot<0>{});
+            visit(bn + i + width, bc + i + width, width, slot<1>{});
+        }
+        if (i + width <= I) {
+            visit(bn + i, bc + i, width, slot<0>{});
+            i += width;
+        }
+        if (i < I) visit(bn + i, bc + i, I - i, slot<1>{});
+    }
+    if (stream) simd::stream_fence();
+    const double n = static_cast<double>(f.count());
+    const double s1 = simd::dacc::total(acc[0].widened(0), acc[1].widened(0)),
+                 s2 = simd::dacc::total(acc[0].widened(1), acc[1].widened(1));
+    const double mean = s1 / n, dm = mean - static_cast<double>(m.shift[cn]);
+    const double m2 = s2 - n * dm * dm;
+    m.mean[cn] = mean;
+    m.m2[cn] = m2 < 0 ? 0 : m2;
+}
+
 /// The training forward of one process: per channel group, statistics (phase 1) ->
 /// `finalize(c0, c1)` (phase 3: the module's rules over m.mean / ATen var_sum in m.m2; a
 /// local batch needs no merge) -> normalize (phase 4).  A channel's slice is still in cache
@@ -151,6 +206,28 @@ void batch_norm_train(const Form& f, batch_stats_policy policy, const float* x, 
                       const bn_coeffs_out& k, double* work, Finalize&& finalize, Epi epi) noexcept
 {
     const double n = static_cast<double>(f.count());
+    if constexpr (!Form::channel_minor && !Form::blocked) {
+        if (policy == batch_stats_policy::fast) {
+            // Pipelined across channels (moments_and_normalize), each thread over a contiguous
+            // range of channels; every channel's bits are those of the unpipelined phases.
+            const index_t C = value_of(f.channels);
+            const index_t T = std::min<index_t>(C, f.count() * C >= parallel::min_parallel_elements
+                                                       ? static_cast<index_t>(get_num_threads()) : 1);
+            const bool stream = streams(srcs<1>{x}, y, f.count() * C * static_cast<index_t>(sizeof(float)));
+            parallel::parallel_for(T, f.count() * C, [&](index_t t) {
+                const index_t c0 = C * t / T, c1 = C * (t + 1) / T;
+                if (c0 == c1) return;
+                moments(f, c0, c0 + 1, x, work, m);
+                for (index_t c = c0; c < c1; ++c) {
+                    m.m2[c] = var_sum_about_float_mean(n, m.mean[c], m.m2[c]);
+                    finalize(c, c + 1);
+                    if (c + 1 < c1) moments_and_normalize(f, c + 1, c, x, y, m, k, stream, epi);
+                    else normalize(f, c, c + 1, x, y, k, epi);
+                }
+            });
+            return;
+        }
+    }
     for_channel_groups(f, [&](index_t c0, index_t c1) {
         if (policy == batch_stats_policy::aten) {
             aten_statistics(f, c0, c1, x, work, m);
@@ -186,7 +263,7 @@ void backward_reduce(const Form& f, index_t c0, index_t c1, const float* x, cons
         [epi](const fvecs<2>& v, const fvecs<4>& p) {
             const fvec xm = centered(v[0], p[0], p[1]);
             const fvec g = epi.grad(simd::fma(xm, p[2], p[3]), v[1]);
-            return fvecs<2>{g, xm * g};
+            return fvecs<2>{g, simd::rounded(xm * g)}; // never contracted into the sum
         },
         work, reduce_stride(value_of(f.channels)));
 }
@@ -219,6 +296,64 @@ void backward_elementwise(const Form& f, index_t c0, index_t c1, const float* x,
         });
 }
 
+/// Channel-major forms, policy fast: channel cn's backward sums (streamed from DRAM) accumulated in
+/// the same loop that writes channel c's dx (its slices still in cache), as moments_and_normalize
+/// does for the forward.  cn's sums get exactly backward_sums()'s bits; written to
+/// work[cn] and work[stride + cn].
+template <bool BatchStats, class Form, class Epi>
+void reduce_and_elementwise(const Form& f, index_t cn, index_t c, const float* x, const float* dy, float* dx,
+                            const bn_backward_coeffs& cf, double* work, bool stream, Epi epi) noexcept
+{
+    static_assert(!Form::channel_minor && !Form::blocked);
+    const index_t C = value_of(f.channels), I = value_of(f.inner), O = value_of(f.outer);
+    const bn_coeffs& k = cf.fwd;
+    const fvec nhi(k.mean[cn]), nlo(k.mean_lo[cn]), nal(k.alpha[cn]), nbe(k.beta[cn]);
+    const fvec hi(k.mean[c]), lo(k.mean_lo[c]), al(k.alpha[c]), be(k.beta[c]), gm(cf.grad_mean[c]), kk(cf.k[c]),
+        is(cf.invstd[c]), ga(cf.gamma[c]);
+    std::array<term_accumulators<2, accumulation<0, stats_run>>, 2> acc{};
+    auto visit = [&](index_t next, index_t here, index_t lanes, auto slot) {
+        const bool full = lanes == width;
+        auto load = [&](const float* p) { return full ? simd::load(p) : simd::load_partial(p, lanes); };
+        {
+            const fvec xm = centered(load(x + next), nhi, nlo);
+            fvec g = epi.grad(simd::fma(xm, nal, nbe), load(dy + next));
+            fvec gx = simd::rounded(xm * g); // as backward_reduce
+            if (!full) {
+                const auto mask = simd::first_lanes(lanes);
+                g = xsimd::select(mask, g, fvec(0.f));
+                gx = xsimd::select(mask, gx, fvec(0.f));
+            }
+            acc[decltype(slot)::value].add(0, g);
+            acc[decltype(slot)::value].add(1, gx);
+        }
+        const fvec xm = centered(load(x + here), hi, lo);
+        fvec t = epi.grad(simd::fma(xm, al, be), load(dy + here));
+        if constexpr (BatchStats) t = simd::fnma(xm, kk, t - gm);
+        const fvec r = (t * is) * ga;
+        float* o = dx + here;
+        if (!full) simd::store_partial(o, r, lanes);
+        else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
+        else simd::store(o, r);
+    };
+    for (index_t o = 0; o < O; ++o) {
+        const index_t bn = (o * C + cn) * I, bc = (o * C + c) * I;
+        index_t i = 0;
+        for (; i + 2 * width <= I; i += 2 * width) {
+            visit(bn + i, bc + i, width, slot<0>{});
+            visit(bn + i + width, bc + i + width, width, slot<1>{});
+        }
+        if (i + width <= I) {
+            visit(bn + i, bc + i, width, slot<0>{});
+            i += width;
+        }
+        if (i < I) visit(bn + i, bc + i, I - i, slot<1>{});
+    }
+    if (stream) simd::stream_fence();
+    const index_t stride = reduce_stride(C);
+    work[cn] = simd::dacc::total(acc[0].widened(0), acc[1].widened(0));
+    work[stride + cn] = simd::dacc::total(acc[0].widened(1), acc[1].widened(1));
+}
+
 /// The backward of one process: per channel group, reduce -> `finalize(c, sum, dotp)`
 /// (parameter grads, grad_mean and k) -> elementwise, the group's slices still in cache.
 /// work: reduce_workspace(f, 2) doubles.
@@ -227,6 +362,26 @@ void batch_norm_backward(const Form& f, batch_stats_policy policy, const float* 
                          const bn_backward_coeffs& cf, double* work, Finalize&& finalize, Epi epi) noexcept
 {
     const index_t stride = reduce_stride(value_of(f.channels));
+    if constexpr (!Form::channel_minor && !Form::blocked) {
+        if (policy == batch_stats_policy::fast) {
+            // Pipelined across channels (reduce_and_elementwise), as batch_norm_train.
+            const index_t C = value_of(f.channels);
+            const index_t T = std::min<index_t>(C, f.count() * C >= parallel::min_parallel_elements
+                                                       ? static_cast<index_t>(get_num_threads()) : 1);
+            const bool stream = streams(srcs<2>{x, dy}, dx, f.count() * C * static_cast<index_t>(sizeof(float)));
+            parallel::parallel_for(T, f.count() * C, [&](index_t t) {
+                const index_t c0 = C * t / T, c1 = C * (t + 1) / T;
+                if (c0 == c1) return;
+                backward_sums(f, policy, c0, c0 + 1, x, dy, cf.fwd, work, epi);
+                for (index_t c = c0; c < c1; ++c) {
+                    finalize(c, work[c], work[stride + c]);
+                    if (c + 1 < c1) reduce_and_elementwise<BatchStats>(f, c + 1, c, x, dy, dx, cf, work, stream, epi);
+                    else backward_elementwise<BatchStats>(f, c, c + 1, x, dy, dx, cf, epi);
+                }
+            });
+            return;
+        }
+    }
     for_channel_groups(f, [&](index_t c0, index_t c1) {
         backward_sums(f, policy, c0, c1, x, dy, cf.fwd, work, epi);
         for (index_t c = c0; c < c1; ++c) finalize(c, work[c], work[stride + c]);

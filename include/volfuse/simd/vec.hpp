@@ -175,6 +175,21 @@ inline float halving_sum(fvec v) noexcept
 #endif
 }
 
+/// v, rounded here: the compiler cannot see through the empty asm, so a product passed through
+/// it is never contracted into a later add (GCC contracts a*b + c into an FMA in C++ by default,
+/// and whether it does depends on inlining: the same sum would get different bits in
+/// different instantiations).  Free: no instruction is emitted.
+inline fvec rounded(fvec v) noexcept
+{
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    typename fvec::register_type r = v;
+    __asm__("" : "+v"(r));
+    return fvec(r);
+#else
+    return v;
+#endif
+}
+
 /// Double-precision accumulator of float vectors: each lane widened exactly, summed in double.
 struct dacc {
     dvec lo = dvec::broadcast(0.0), hi = dvec::broadcast(0.0);
