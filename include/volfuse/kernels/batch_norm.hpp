@@ -141,6 +141,41 @@ void aten_statistics(const Form& f, index_t c0, index_t c1, const float* x, doub
     for (index_t c = c0; c < c1; ++c) m.m2[c] = work[c];
 }
 
+/// The channel-major walk (channel_loops.hpp: two slots, then the tails) over channels cn and c
+/// at once: visit(offset in cn, offset in c, lanes, slot).  Pipelined phases run on it, so
+/// channel cn's sums take the same path as in the unpipelined reduction.
+template <class Form, class Visit>
+void walk_two_channels(const Form& f, index_t cn, index_t c, Visit&& visit) noexcept
+{
+    const index_t C = value_of(f.channels), I = value_of(f.inner), O = value_of(f.outer);
+    for (index_t o = 0; o < O; ++o) {
+        const index_t bn = (o * C + cn) * I, bc = (o * C + c) * I;
+        index_t i = 0;
+        for (; i + 2 * width <= I; i += 2 * width) {
+            visit(bn + i, bc + i, width, slot<0>{});
+            visit(bn + i + width, bc + i + width, width, slot<1>{});
+        }
+        if (i + width <= I) {
+            visit(bn + i, bc + i, width, slot<0>{});
+            i += width;
+        }
+        if (i < I) visit(bn + i, bc + i, I - i, slot<1>{});
+    }
+}
+
+/// Channel-major forms: body(c0, c1) on contiguous channel ranges, one per thread (a pipeline
+/// runs along each range; bits do not depend on the split).
+template <class Form, class Body>
+void for_channel_ranges(const Form& f, Body&& body)
+{
+    const index_t C = value_of(f.channels);
+    const index_t T = std::min<index_t>(
+        C, f.count() * C >= parallel::min_parallel_elements ? static_cast<index_t>(get_num_threads()) : 1);
+    parallel::parallel_for(T, f.count() * C, [&](index_t t) {
+        if (C * t / T < C * (t + 1) / T) body(C * t / T, C * (t + 1) / T);
+    });
+}
+
 /// Channel-major forms, policy fast: channel cn's moments (a stream from DRAM) accumulated in the
 /// same loop that normalizes channel c (its slice still in cache), so that the two passes
 /// overlap instead of alternating.  cn's moments get exactly moments()'s bits: the same walk
@@ -150,7 +185,6 @@ void moments_and_normalize(const Form& f, index_t cn, index_t c, const float* x,
                            const bn_coeffs& k, bool stream, Epi epi) noexcept
 {
     static_assert(!Form::channel_minor && !Form::blocked);
-    const index_t C = value_of(f.channels), I = value_of(f.inner), O = value_of(f.outer);
     m.shift[cn] = x[first_offset(f, cn)];
     const fvec s(m.shift[cn]), hi(k.mean[c]), lo(k.mean_lo[c]), al(k.alpha[c]), be(k.beta[c]);
     std::array<term_accumulators<2, fast_moments<Form>>, 2> acc{};
@@ -173,19 +207,7 @@ void moments_and_normalize(const Form& f, index_t cn, index_t c, const float* x,
         else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
         else simd::store(o, r);
     };
-    for (index_t o = 0; o < O; ++o) {
-        const index_t bn = (o * C + cn) * I, bc = (o * C + c) * I;
-        index_t i = 0;
-        for (; i + 2 * width <= I; i += 2 * width) {
-            visit(bn + i, bc + i, width, slot<0>{});
-            visit(bn + i + width, bc + i + width, width, slot<1>{});
-        }
-        if (i + width <= I) {
-            visit(bn + i, bc + i, width, slot<0>{});
-            i += width;
-        }
-        if (i < I) visit(bn + i, bc + i, I - i, slot<1>{});
-    }
+    walk_two_channels(f, cn, c, visit);
     if (stream) simd::stream_fence();
     const double n = static_cast<double>(f.count());
     const double s1 = simd::dacc::total(acc[0].widened(0), acc[1].widened(0)),
@@ -210,13 +232,9 @@ void batch_norm_train(const Form& f, batch_stats_policy policy, const float* x, 
         if (policy == batch_stats_policy::fast) {
             // Pipelined across channels (moments_and_normalize), each thread over a contiguous
             // range of channels; every channel's bits are those of the unpipelined phases.
-            const index_t C = value_of(f.channels);
-            const index_t T = std::min<index_t>(C, f.count() * C >= parallel::min_parallel_elements
-                                                       ? static_cast<index_t>(get_num_threads()) : 1);
-            const bool stream = streams(srcs<1>{x}, y, f.count() * C * static_cast<index_t>(sizeof(float)));
-            parallel::parallel_for(T, f.count() * C, [&](index_t t) {
-                const index_t c0 = C * t / T, c1 = C * (t + 1) / T;
-                if (c0 == c1) return;
+            const bool stream =
+                streams(srcs<1>{x}, y, f.count() * value_of(f.channels) * static_cast<index_t>(sizeof(float)));
+            for_channel_ranges(f, [&](index_t c0, index_t c1) {
                 moments(f, c0, c0 + 1, x, work, m);
                 for (index_t c = c0; c < c1; ++c) {
                     m.m2[c] = var_sum_about_float_mean(n, m.mean[c], m.m2[c]);
@@ -305,7 +323,6 @@ void reduce_and_elementwise(const Form& f, index_t cn, index_t c, const float* x
                             const bn_backward_coeffs& cf, double* work, bool stream, Epi epi) noexcept
 {
     static_assert(!Form::channel_minor && !Form::blocked);
-    const index_t C = value_of(f.channels), I = value_of(f.inner), O = value_of(f.outer);
     const bn_coeffs& k = cf.fwd;
     const fvec nhi(k.mean[cn]), nlo(k.mean_lo[cn]), nal(k.alpha[cn]), nbe(k.beta[cn]);
     const fvec hi(k.mean[c]), lo(k.mean_lo[c]), al(k.alpha[c]), be(k.beta[c]), gm(cf.grad_mean[c]), kk(cf.k[c]),
@@ -335,21 +352,9 @@ void reduce_and_elementwise(const Form& f, index_t cn, index_t c, const float* x
         else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
         else simd::store(o, r);
     };
-    for (index_t o = 0; o < O; ++o) {
-        const index_t bn = (o * C + cn) * I, bc = (o * C + c) * I;
-        index_t i = 0;
-        for (; i + 2 * width <= I; i += 2 * width) {
-            visit(bn + i, bc + i, width, slot<0>{});
-            visit(bn + i + width, bc + i + width, width, slot<1>{});
-        }
-        if (i + width <= I) {
-            visit(bn + i, bc + i, width, slot<0>{});
-            i += width;
-        }
-        if (i < I) visit(bn + i, bc + i, I - i, slot<1>{});
-    }
+    walk_two_channels(f, cn, c, visit);
     if (stream) simd::stream_fence();
-    const index_t stride = reduce_stride(C);
+    const index_t stride = reduce_stride(value_of(f.channels));
     work[cn] = simd::dacc::total(acc[0].widened(0), acc[1].widened(0));
     work[stride + cn] = simd::dacc::total(acc[0].widened(1), acc[1].widened(1));
 }
@@ -365,13 +370,9 @@ void batch_norm_backward(const Form& f, batch_stats_policy policy, const float* 
     if constexpr (!Form::channel_minor && !Form::blocked) {
         if (policy == batch_stats_policy::fast) {
             // Pipelined across channels (reduce_and_elementwise), as batch_norm_train.
-            const index_t C = value_of(f.channels);
-            const index_t T = std::min<index_t>(C, f.count() * C >= parallel::min_parallel_elements
-                                                       ? static_cast<index_t>(get_num_threads()) : 1);
-            const bool stream = streams(srcs<2>{x, dy}, dx, f.count() * C * static_cast<index_t>(sizeof(float)));
-            parallel::parallel_for(T, f.count() * C, [&](index_t t) {
-                const index_t c0 = C * t / T, c1 = C * (t + 1) / T;
-                if (c0 == c1) return;
+            const bool stream =
+                streams(srcs<2>{x, dy}, dx, f.count() * value_of(f.channels) * static_cast<index_t>(sizeof(float)));
+            for_channel_ranges(f, [&](index_t c0, index_t c1) {
                 backward_sums(f, policy, c0, c0 + 1, x, dy, cf.fwd, work, epi);
                 for (index_t c = c0; c < c1; ++c) {
                     finalize(c, work[c], work[stride + c]);
