@@ -22,6 +22,8 @@ struct sync_scenario {
     std::optional<double> momentum;
     bool ndhwc;
     unsigned seed;
+    double mean = 3.0, stddev = 2.0; // the data's; hard data: mean = 1e4 std
+
 
     index_t global_n() const
     {
@@ -46,7 +48,8 @@ struct sync_scenario {
         }
         s += "] C " + std::to_string(C) + " DHW " + std::to_string(D) + "x" + std::to_string(H) + "x" + std::to_string(W) +
              (relu ? " relu" : "") + (affine ? " affine" : "") + (track ? " track" : "") +
-             (momentum ? " momentum " + std::to_string(*momentum) : " momentum None") + (ndhwc ? " ndhwc" : " ncdhw");
+             (momentum ? " momentum " + std::to_string(*momentum) : " momentum None") + (ndhwc ? " ndhwc" : " ncdhw") +
+             " data mean " + std::to_string(mean) + " std " + std::to_string(stddev);
         return s;
     }
 };
@@ -81,7 +84,7 @@ sync_observed run_sync_scenario_in(const sync_scenario& sc, Comm& comm)
     std::mt19937 g(sc.seed);
     sync_observed o;
     const sizes5 gs = sc.global_sizes(), ls = sc.local_sizes(r);
-    o.x_global = randn(numel(gs), g, 3.0, 2.0);
+    o.x_global = randn(numel(gs), g, sc.mean, sc.stddev);
     std::vector<std::vector<float>> dys;
     vf::SyncBatchNorm3d<> sbn(sc.C, comm, 1e-5, sc.momentum, sc.affine, sc.track);
     vf::BatchNorm3d<> bn(sc.C, 1e-5, sc.momentum, sc.affine, sc.track);
@@ -212,5 +215,9 @@ inline std::vector<sync_scenario> sync_scenarios(int P)
                 const index_t C = relu ? 17 : 5;
                 out.push_back({sp, C, 3, 4, ndhwc ? 5 : 7, relu, affine, track, m, ndhwc, seed++});
             }
+    // Hard data: a mean 1e4 times the standard deviation (E[x^2] - E[x]^2 would lose everything),
+    // split unevenly with an empty rank.
+    for (const bool ndhwc : {false, true})
+        out.push_back({with_zero, 4, 4, 3, 6, !ndhwc, true, true, 0.1, ndhwc, seed++, 2e4, 2.0});
     return out;
 }
