@@ -202,10 +202,7 @@ void moments_and_normalize(const Form& f, index_t cn, index_t c, const float* x,
         acc[decltype(slot)::value].add(1, t1);
         const fvec u = full ? simd::load(x + here) : simd::load_partial(x + here, lanes);
         const fvec r = epi(simd::fma(centered(u, hi, lo), al, be));
-        float* o = y + here;
-        if (!full) simd::store_partial(o, r, lanes);
-        else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
-        else simd::store(o, r);
+        store_result(y + here, r, lanes, stream);
     };
     walk_two_channels(f, cn, c, visit);
     if (stream) simd::stream_fence();
@@ -347,10 +344,7 @@ void reduce_and_elementwise(const Form& f, index_t cn, index_t c, const float* x
         fvec t = epi.grad(simd::fma(xm, al, be), load(dy + here));
         if constexpr (BatchStats) t = simd::fnma(xm, kk, t - gm);
         const fvec r = (t * is) * ga;
-        float* o = dx + here;
-        if (!full) simd::store_partial(o, r, lanes);
-        else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
-        else simd::store(o, r);
+        store_result(dx + here, r, lanes, stream);
     };
     walk_two_channels(f, cn, c, visit);
     if (stream) simd::stream_fence();

@@ -328,6 +328,15 @@ bool streams(const srcs<S>& in, const float* out, index_t bytes) noexcept
     return bytes >= stream_min_bytes;
 }
 
+/// Stores one result vector of a transform: partial in a tail, non-temporal when the transform
+/// streams (streams()) and o is aligned, plain otherwise.
+inline void store_result(float* o, fvec r, index_t lanes, bool stream) noexcept
+{
+    if (lanes != width) simd::store_partial(o, r, lanes);
+    else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
+    else simd::store(o, r);
+}
+
 /// out = fn(in..., prm...) elementwise over channels [c0, c1), in parallel over channels
 /// (channel-major) or pixel blocks (channel-minor).  An output may be the same memory
 /// as an input (each element is read before it is written).  Large out-of-place outputs
@@ -343,10 +352,7 @@ void transform_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in
             f, ca, cb, o0, o1, [&](index_t a, index_t) { params.begin(a); },
             [&](const vec_pos& p, auto) {
                 const fvec r = fn(load_sources(in, p), params.at(p));
-                float* o = out + p.offset;
-                if (p.lanes != width) simd::store_partial(o, r, p.lanes);
-                else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
-                else simd::store(o, r);
+                store_result(out + p.offset, r, p.lanes, stream);
             },
             [](index_t, index_t) {});
         if (stream) simd::stream_fence();
