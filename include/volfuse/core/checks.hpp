@@ -53,13 +53,14 @@ struct operand {
     index_t storage; // elements of memory
     std::array<index_t, 5> sizes;
     std::string_view name;
+    std::size_t elem_bytes = sizeof(float);
 
     bool overlaps(const operand& o) const noexcept
     {
         if (storage == 0 || o.storage == 0) return false;
         const auto a = reinterpret_cast<std::uintptr_t>(data), b = reinterpret_cast<std::uintptr_t>(o.data);
-        const auto na = static_cast<std::uintptr_t>(storage) * sizeof(float),
-                   nb = static_cast<std::uintptr_t>(o.storage) * sizeof(float);
+        const auto na = static_cast<std::uintptr_t>(storage) * elem_bytes,
+                   nb = static_cast<std::uintptr_t>(o.storage) * o.elem_bytes;
         return a < b + nb && b < a + na;
     }
 };
@@ -69,16 +70,17 @@ template <class V>
 operand operand_of(const V& v, std::string_view name)
 {
     const auto sz = v.sizes();
-    const index_t n = checked_numel(sz);
+    constexpr std::size_t elem = sizeof(typename V::value_type);
+    const index_t n = checked_numel(sz, elem);
     index_t storage = n;
     if constexpr (V::layout_type::name == std::string_view("nCdhw16c")) {
         // N * ceil(C/16)*16 * D*H*W elements, again without an unchecked product.
         constexpr index_t B = V::layout_type::block;
         const std::array<index_t, 5> padded{sz[0], (sz[1] + B - 1) / B * B, sz[2], sz[3], sz[4]};
-        storage = checked_numel(padded);
+        storage = checked_numel(padded, elem);
     }
     if (n > 0 && v.data() == nullptr) throw error(std::string(name) + " data pointer is null");
-    return {v.data(), n, storage, sz, name};
+    return {v.data(), n, storage, sz, name, elem};
 }
 
 /// Output `out` must not share memory with `other`, except being exactly it (same data and

@@ -139,7 +139,7 @@ struct composer {
             const double count = static_cast<double>(n / std::max<index_t>(C, 1));
             for (index_t c = 0; c < C; ++c) {
                 step->moments.mean[c] = moments[P + c];
-                step->moments.m2[c] = kernels::var_sum_about_float_mean(count, moments[P + c], moments[2 * P + c]);
+                step->moments.m2[c] = kernels::var_sum_about_rounded_mean<float>(count, moments[P + c], moments[2 * P + c]);
             }
             step->finalize(0, C);
             using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
@@ -224,8 +224,9 @@ struct composer {
             using L = typename VY::layout_type;
             using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
             if constexpr (conv_epilogue<Op> && BN::static_channels == dynamic &&
+                          std::is_same_v<typename BN::value_type, float> &&
                           std::is_same_v<std::remove_cv_t<Form>, registry::dynamic_form<L>>) {
-                // runtime-shaped C: the generated kernels for this channel count, if registered
+                // runtime-shaped C (float32): the generated kernels for this channel count, if registered
                 if (const auto* k = bn.template registered_kernels<L>(is_relu<Op>)) {
                     if (step->batch_stats)
                         k->train(step->form, step->policy, X.data(), Y.data(), step->moments, step->coeffs,

@@ -12,26 +12,32 @@
 
 namespace volfuse::inline VOLFUSE_ISA_NS::expr {
 
+/// A vector of the element types the kernels run on.
 template <class T>
-concept operand_like = !std::is_same_v<std::remove_cvref_t<T>, simd::fvec>;
+concept simd_vec = std::is_same_v<std::remove_cvref_t<T>, simd::fvec> || std::is_same_v<std::remove_cvref_t<T>, simd::dvec>;
+template <class T>
+concept operand_like = !simd_vec<T>;
 
 struct identity_t {
     static constexpr std::string_view name = "identity";
-    simd::fvec operator()(simd::fvec v) const noexcept { return v; }
+    template <simd_vec V>
+    V operator()(V v) const noexcept { return v; }
     /// Applied to a view or an expression: builds a node (expr/nodes.hpp).
     template <class A>
         requires operand_like<A>
     constexpr auto operator()(const A& a) const;
     /// Gradient w.r.t. the pre-activation `pre`, given the gradient `g` of the output.
-    simd::fvec grad(simd::fvec /*pre*/, simd::fvec g) const noexcept { return g; }
+    template <simd_vec V>
+    V grad(V /*pre*/, V g) const noexcept { return g; }
 };
 
 struct relu_t {
     static constexpr std::string_view name = "relu";
     /// PyTorch's relu is `x < 0 ? 0 : x`: keeps -0.0 and NaN (std::max would not).
-    simd::fvec operator()(simd::fvec v) const noexcept
+    template <simd_vec V>
+    V operator()(V v) const noexcept
     {
-        return xsimd::select(v < simd::fvec(0.f), simd::fvec(0.f), v);
+        return xsimd::select(v < V(0), V(0), v);
     }
     /// Applied to a view or an expression: builds a node (expr/nodes.hpp).
     template <class A>
@@ -39,16 +45,20 @@ struct relu_t {
     constexpr auto operator()(const A& a) const;
     /// threshold_backward(g, out, 0): zero where out <= 0.  out <= 0 exactly when
     /// pre <= 0 (including -0.0); NaN outputs pass their gradient, as in PyTorch.
-    simd::fvec grad(simd::fvec pre, simd::fvec g) const noexcept
+    template <simd_vec V>
+    V grad(V pre, V g) const noexcept
     {
-        return xsimd::select(pre <= simd::fvec(0.f), simd::fvec(0.f), g);
+        return xsimd::select(pre <= V(0), V(0), g);
     }
 };
 
+/// An epilogue: forward and gradient on vectors of every element type.
 template <class E>
-concept epilogue = requires(const E& e, simd::fvec v) {
+concept epilogue = requires(const E& e, simd::fvec v, simd::dvec d) {
     { e(v) } -> std::same_as<simd::fvec>;
     { e.grad(v, v) } -> std::same_as<simd::fvec>;
+    { e(d) } -> std::same_as<simd::dvec>;
+    { e.grad(d, d) } -> std::same_as<simd::dvec>;
     E::name;
 };
 

@@ -1,19 +1,22 @@
 // The loop nest every batch-norm kernel runs on, over a channel_form (outer,
 // channels, inner), written once (`walk`), and the two kinds of kernel body:
-//   reduce_channels:    per-channel sums of K float terms, accumulated in double;
+//   reduce_channels:    per-channel sums of K terms, accumulated in double;
 //   transform_channels: an elementwise map with per-channel parameters.
 // One template for static and dynamic extents and for all three layouts:
 // channel-major forms (inner > 1, NCDHW) vectorize along the contiguous inner run
 // with per-channel parameters broadcast; channel-minor forms (inner == 1, NDHWC) and
 // blocked forms (nCdhw16c) vectorize across channels with parameters loaded as vectors.  Tails use partial
 // loads/stores and lane masks, so every element goes through the same vector
-// arithmetic (bits do not depend on where an element sits).
+// arithmetic (bits do not depend on where an element sits).  Element type T (float or
+// double) is a template parameter of every kernel, deduced from the pointers: one template
+// per kernel, vectors of simd::lanes<T>.
 #pragma once
 
 #include "../core/config.hpp"
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <utility>
 
 #include "../parallel/threads.hpp"
@@ -25,10 +28,13 @@ namespace volfuse::inline VOLFUSE_ISA_NS::kernels {
 using simd::fvec;
 using simd::width;
 
+/// N vectors of T; N source pointers of T.
+template <std::size_t N, class T = float>
+using vecs = std::array<simd::vec<T>, N>;
 template <std::size_t N>
-using fvecs = std::array<fvec, N>;
-template <std::size_t N>
-using srcs = std::array<const float*, N>;
+using fvecs = vecs<N, float>;
+template <std::size_t N, class T = float>
+using srcs = std::array<const T*, N>;
 
 /// Pixels per block of a channel-minor reduction.  Blocks are fixed by the shape,
 /// never by the thread count, and their partial sums are added in block order: the
@@ -79,14 +85,14 @@ template <int U>
 using slot = std::integral_constant<int, U>;
 
 /// How many channel vectors a channel-minor walk unrolls at compile time (static C only):
-/// enough for C = 64 in AVX-512 (4 vectors) or AVX2 (8), few enough that per-channel
+/// enough for C = 64 floats in AVX-512 (4 vectors) or AVX2 (8), few enough that per-channel
 /// double accumulators stay in registers.
 inline constexpr index_t max_unrolled_channel_vectors = 8;
 
-template <class Form>
+template <class Form, class T = float>
 inline constexpr bool unrolled_channels =
     Form::channel_minor && static_value_v<decltype(Form::channels)> != dynamic &&
-    (static_value_v<decltype(Form::channels)> + width - 1) / width <= max_unrolled_channel_vectors;
+    (static_value_v<decltype(Form::channels)> + simd::lanes<T> - 1) / simd::lanes<T> <= max_unrolled_channel_vectors;
 
 /// The loop nest over channels [c0, c1) and outer indices [o0, o1) of a channel form, written once:
 ///   channel-major: for c { begin(c, c+1); for o { the inner run two vectors at a time
@@ -96,17 +102,18 @@ inline constexpr bool unrolled_channels =
 ///   channel-minor: begin(0, C); for o { vectors across all C channels }; end(0, C).  With
 ///                  static C the channel loop is unrolled at compile time and visit gets the
 ///                  vector's index as slot<j>; otherwise slot is the run-time index.
-/// Static extents make every trip count a compile-time constant.
-template <class Form, class Begin, class Visit, class End>
+/// Static extents make every trip count a compile-time constant.  Vectors of simd::lanes<T>.
+template <class T, class Form, class Begin, class Visit, class End>
 void walk(const Form& f, index_t c0, index_t c1, index_t o0, index_t o1, Begin&& begin, Visit&& visit,
           End&& end) noexcept
 {
+    constexpr index_t width = simd::lanes<T>;
     const index_t C = value_of(f.channels), I = value_of(f.inner);
     if constexpr (Form::channel_minor) {
         // A pixel holds every channel: channel-minor walks always cover [0, C).
         (void)c0, (void)c1;
         begin(index_t{0}, C);
-        if constexpr (unrolled_channels<Form>) {
+        if constexpr (unrolled_channels<Form, T>) {
             constexpr index_t CS = static_value_v<decltype(Form::channels)>;
             constexpr index_t nv = (CS + width - 1) / width;
             for (index_t o = o0; o < o1; ++o) {
@@ -161,35 +168,35 @@ void walk(const Form& f, index_t c0, index_t c1, index_t o0, index_t o1, Begin&&
 }
 
 /// Loads S source vectors at a position (partial loads in tails: never past the end).
-template <std::size_t S>
-fvecs<S> load_sources(const srcs<S>& in, const vec_pos& p) noexcept
+template <std::size_t S, class T>
+vecs<S, T> load_sources(const srcs<S, T>& in, const vec_pos& p) noexcept
 {
-    fvecs<S> v;
+    vecs<S, T> v;
     for (std::size_t s = 0; s < S; ++s)
-        v[s] = p.lanes == width ? simd::load(in[s] + p.offset) : simd::load_partial(in[s] + p.offset, p.lanes);
+        v[s] = p.lanes == simd::lanes<T> ? simd::load(in[s] + p.offset) : simd::load_partial(in[s] + p.offset, p.lanes);
     return v;
 }
 
 /// Per-channel parameters as vectors: broadcast once per channel for channel-major
 /// forms (`begin`), loaded per position across channels for channel-minor and blocked forms.
-template <class Form, std::size_t P>
+template <class Form, std::size_t P, class T = float>
 struct channel_params {
-    const srcs<P>& prm;
-    fvecs<P> cached{};
+    const srcs<P, T>& prm;
+    vecs<P, T> cached{};
 
     static constexpr bool across = Form::channel_minor || Form::blocked; // lanes are channels
 
     void begin(index_t c) noexcept
     {
         if constexpr (!across)
-            for (std::size_t q = 0; q < P; ++q) cached[q] = fvec(prm[q][c]);
+            for (std::size_t q = 0; q < P; ++q) cached[q] = simd::vec<T>(prm[q][c]);
     }
-    fvecs<P> at(const vec_pos& p) const noexcept
+    vecs<P, T> at(const vec_pos& p) const noexcept
     {
         if constexpr (across) {
-            fvecs<P> v;
+            vecs<P, T> v;
             for (std::size_t q = 0; q < P; ++q)
-                v[q] = p.lanes == width ? simd::load(prm[q] + p.c) : simd::load_partial(prm[q] + p.c, p.lanes);
+                v[q] = p.lanes == simd::lanes<T> ? simd::load(prm[q] + p.c) : simd::load_partial(prm[q] + p.c, p.lanes);
             return v;
         } else {
             return cached;
@@ -197,10 +204,11 @@ struct channel_params {
     }
 };
 
-/// How reduce_channels accumulates its K terms: the first `Doubles` widened into double one by
-/// one (simd::dacc: what a sum that must stay exact to double precision needs, e.g. the one a
+/// How reduce_channels accumulates its K float terms: the first `Doubles` widened into double one
+/// by one (simd::dacc: what a sum that must stay exact to double precision needs, e.g. the one a
 /// mean comes from), the others in float runs of `Run` per lane, each run then added in double
-/// (simd::blocked_acc: one float add per term in the hot loop).
+/// (simd::blocked_acc: one float add per term in the hot loop).  Double terms are all added in
+/// double one by one, whatever A says.
 template <std::size_t Doubles, int Run = 32>
 struct accumulation {
     static constexpr std::size_t doubles = Doubles;
@@ -208,34 +216,41 @@ struct accumulation {
 };
 using all_double = accumulation<std::size_t(-1)>;
 
-/// One slot's accumulators of K terms under accumulation A (k is a compile-time constant
+/// One slot's accumulators of K terms of T under accumulation A (k is a compile-time constant
 /// after unrolling, so each add is one branch-free accumulator update).
-template <std::size_t K, class A>
+template <std::size_t K, class A, class T = float>
 struct term_accumulators {
-    static constexpr std::size_t D = std::min(K, A::doubles);
-    std::array<simd::dacc, D> d{};
+    static constexpr std::size_t D = std::is_same_v<T, float> ? std::min(K, A::doubles) : K;
+    std::array<simd::wide_acc<T>, D> d{};
     std::array<simd::blocked_acc<A::run>, K - D> f{};
-    void add(std::size_t k, fvec v) noexcept
+    void add(std::size_t k, simd::vec<T> v) noexcept
     {
-        if (k < D) d[k].add(v);
+        if constexpr (D == K) d[k].add(v);
+        else if (k < D) d[k].add(v);
         else f[k - D].add(v);
     }
-    simd::dacc widened(std::size_t k) const noexcept { return k < D ? d[k] : f[k - D].widened(); }
+    simd::wide_acc<T> widened(std::size_t k) const noexcept
+    {
+        if constexpr (D == K) return d[k];
+        else return k < D ? d[k] : f[k - D].widened();
+    }
 };
 
 /// out[k * stride + c] = sum over the channel's elements of term(x..., p...)[k], c in [c0, c1),
-/// each float term summed in double as accumulation A says.  `out` is reduce_workspace(f, K) doubles.
-/// `term(const fvecs<S>& in, const fvecs<P>& prm) -> fvecs<K>`.
+/// each term summed in double as accumulation A says.  `out` is reduce_workspace(f, K) doubles.
+/// `term(const vecs<S, T>& in, const vecs<P, T>& prm) -> vecs<K, T>`.
 /// Accumulators: channel-major, two chains per term in registers; blocked, and
 /// channel-minor with static C, one per channel in registers; channel-minor with
 /// dynamic C, in memory.
 /// Channel-minor forms reduce fixed pixel blocks in parallel into partials after
 /// `out`, then add the partials in block order.
-template <std::size_t K, std::size_t S, std::size_t P, class A = all_double, class Form, class Term>
-void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, const srcs<P>& prm, Term&& term,
+template <std::size_t K, std::size_t S, std::size_t P, class A = all_double, class T, class Form, class Term>
+void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S, T>& in, const srcs<P, T>& prm, Term&& term,
                      double* out, index_t stride) noexcept
 {
-    constexpr bool in_memory = Form::channel_minor && !unrolled_channels<Form>;
+    using V = simd::vec<T>;
+    constexpr index_t width = simd::lanes<T>;
+    constexpr bool in_memory = Form::channel_minor && !unrolled_channels<Form, T>;
     constexpr std::size_t slots = [] {
         if constexpr (Form::blocked) return static_cast<std::size_t>(Form::block / width);
         else if constexpr (!Form::channel_minor) return std::size_t{2};
@@ -246,9 +261,9 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
     const index_t O = value_of(f.outer);
     // One walk over outer [o0, o1) into `dst` (stride as out); channel-major: per channel.
     auto reduce_range = [&](index_t ca, index_t cb, index_t o0, index_t o1, double* dst) {
-        channel_params<Form, P> params{prm};
-        std::array<term_accumulators<K, A>, slots> acc{};
-        walk(
+        channel_params<Form, P, T> params{prm};
+        std::array<term_accumulators<K, A, T>, slots> acc{};
+        walk<T>(
             f, ca, cb, o0, o1,
             [&](index_t a, index_t b) {
                 params.begin(a);
@@ -258,17 +273,14 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
                         std::fill(dst + k * stride + a, dst + k * stride + a + (b - a + width - 1) / width * width, 0.0);
             },
             [&](const vec_pos& p, auto u) {
-                fvecs<K> t = term(load_sources(in, p), params.at(p));
+                vecs<K, T> t = term(load_sources(in, p), params.at(p));
                 if (p.lanes != width) {
-                    const auto m = simd::first_lanes(p.lanes);
-                    for (auto& tk : t) tk = xsimd::select(m, tk, fvec(0.f));
+                    const auto m = simd::first_lanes<T>(p.lanes);
+                    for (auto& tk : t) tk = xsimd::select(m, tk, V(T(0)));
                 }
                 for (std::size_t k = 0; k < K; ++k) {
                     if constexpr (in_memory) {
-                        double* a = dst + k * stride + p.c;
-                        const simd::dpair w = simd::widen(t[k]);
-                        (simd::dvec::load_unaligned(a) + w.lo).store_unaligned(a);
-                        (simd::dvec::load_unaligned(a + simd::dvec::size) + w.hi).store_unaligned(a + simd::dvec::size);
+                        simd::wide_acc<T>::add_to(dst + k * stride + p.c, t[k]);
                     } else {
                         acc[decltype(u)::value].add(k, t[k]);
                     }
@@ -277,15 +289,11 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
             [&](index_t a, index_t) {
                 if constexpr (!per_lane) {
                     for (std::size_t k = 0; k < K; ++k)
-                        dst[k * stride + a] = simd::dacc::total(acc[0].widened(k), acc[1].widened(k));
+                        dst[k * stride + a] = simd::wide_acc<T>::total(acc[0].widened(k), acc[1].widened(k));
                 } else if constexpr (!in_memory) {
                     for (std::size_t j = 0; j < slots; ++j)
-                        for (std::size_t k = 0; k < K; ++k) {
-                            double* d = dst + k * stride + a + static_cast<index_t>(j) * width;
-                            const simd::dacc w = acc[j].widened(k);
-                            w.lo.store_unaligned(d);
-                            w.hi.store_unaligned(d + simd::dvec::size);
-                        }
+                        for (std::size_t k = 0; k < K; ++k)
+                            acc[j].widened(k).store(dst + k * stride + a + static_cast<index_t>(j) * width);
                 }
             });
     };
@@ -320,19 +328,20 @@ void reduce_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, c
 inline constexpr index_t stream_min_bytes = VOLFUSE_STREAM_MIN_BYTES;
 
 /// Whether a transform writing `bytes` to `out` from inputs `in` streams its stores.
-template <std::size_t S>
-bool streams(const srcs<S>& in, const float* out, index_t bytes) noexcept
+template <std::size_t S, class T>
+bool streams(const srcs<S, T>& in, const T* out, index_t bytes) noexcept
 {
-    for (const float* p : in)
+    for (const T* p : in)
         if (p == out) return false; // in place: the line is in cache already, nothing to save
     return bytes >= stream_min_bytes;
 }
 
 /// Stores one result vector of a transform: partial in a tail, non-temporal when the transform
 /// streams (streams()) and o is aligned, plain otherwise.
-inline void store_result(float* o, fvec r, index_t lanes, bool stream) noexcept
+template <class T>
+inline void store_result(T* o, simd::vec<T> r, index_t lanes, bool stream) noexcept
 {
-    if (lanes != width) simd::store_partial(o, r, lanes);
+    if (lanes != simd::lanes<T>) simd::store_partial(o, r, lanes);
     else if (stream && simd::stream_aligned(o)) simd::store_stream(o, r);
     else simd::store(o, r);
 }
@@ -341,17 +350,17 @@ inline void store_result(float* o, fvec r, index_t lanes, bool stream) noexcept
 /// (channel-major) or pixel blocks (channel-minor).  An output may be the same memory
 /// as an input (each element is read before it is written).  Large out-of-place outputs
 /// are stored non-temporally (streams()).
-template <std::size_t S, std::size_t P, class Form, class Fn>
-void transform_channels(const Form& f, index_t c0, index_t c1, const srcs<S>& in, const srcs<P>& prm, float* out,
+template <std::size_t S, std::size_t P, class Form, class T, class Fn>
+void transform_channels(const Form& f, index_t c0, index_t c1, const srcs<S, T>& in, const srcs<P, T>& prm, T* out,
                         Fn&& fn) noexcept
 {
-    const bool stream = streams(in, out, f.count() * value_of(f.channels) * static_cast<index_t>(sizeof(float)));
+    const bool stream = streams(in, out, f.count() * value_of(f.channels) * static_cast<index_t>(sizeof(T)));
     auto transform_range = [&](index_t ca, index_t cb, index_t o0, index_t o1) {
-        channel_params<Form, P> params{prm};
-        walk(
+        channel_params<Form, P, T> params{prm};
+        walk<T>(
             f, ca, cb, o0, o1, [&](index_t a, index_t) { params.begin(a); },
             [&](const vec_pos& p, auto) {
-                const fvec r = fn(load_sources(in, p), params.at(p));
+                const simd::vec<T> r = fn(load_sources(in, p), params.at(p));
                 store_result(out + p.offset, r, p.lanes, stream);
             },
             [](index_t, index_t) {});

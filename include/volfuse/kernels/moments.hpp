@@ -31,10 +31,11 @@ inline void chan_merge_scalar(double& na, double& ma, double& m2a, double nb, do
     chan_merge(na, ma, m2a, nb, mb, m2b);
 }
 
-/// ATen's var_sum: squared deviations from float(mean), M2 + n (mean - float(mean))^2.
-inline double var_sum_about_float_mean(double n, double mean, double m2) noexcept
+/// ATen's var_sum: squared deviations from T(mean), M2 + n (mean - T(mean))^2 (M2 for double).
+template <class T>
+inline double var_sum_about_rounded_mean(double n, double mean, double m2) noexcept
 {
-    const double d = mean - static_cast<double>(static_cast<float>(mean));
+    const double d = mean - static_cast<double>(static_cast<T>(mean));
     return m2 + n * d * d;
 }
 

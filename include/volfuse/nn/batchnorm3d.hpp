@@ -28,17 +28,22 @@ namespace volfuse::inline VOLFUSE_ISA_NS {
 
 using kernels::batch_stats_policy;
 
-template <index_t StaticC>
+template <index_t StaticC, class T>
 class SyncBatchNorm3d;
 
 /// Batch normalization over (N, D, H, W) per channel of a 5-D tensor.
 /// @tparam StaticC  channel count fixed at compile time (kernels specialized
 ///                  for it), or `dynamic` (the default) for a run-time count.
-template <index_t StaticC = dynamic>
+/// @tparam T        element type of tensors, parameters and buffers: float (the default) or
+///                  double (PyTorch's module.double(); the same kernel templates).
+template <index_t StaticC = dynamic, class T = float>
 class BatchNorm3d {
     static_assert(StaticC == dynamic || StaticC >= 0, "BatchNorm3d<C>: C must be >= 0 or vf::dynamic");
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
+                  "BatchNorm3d<C, T>: T is float or double");
 
 public:
+    using value_type = T;
     static constexpr index_t static_channels = StaticC;
     static constexpr bool is_sync = false; // SyncBatchNorm3d's is true (the evaluator composes it differently)
 
@@ -57,8 +62,8 @@ public:
         if (affine_) {
             weight_.resize(C_);
             bias_.resize(C_);
-            weight_grad_.assign(C_, 0.f);
-            bias_grad_.assign(C_, 0.f);
+            weight_grad_.assign(C_, T(0));
+            bias_grad_.assign(C_, T(0));
         }
         if (track_) {
             running_mean_.resize(C_);
@@ -93,30 +98,30 @@ public:
     }
 
     // --- parameters and buffers (size C; empty when not affine / not tracking) ---
-    std::span<float> weight() noexcept { return weight_; }
-    std::span<float> bias() noexcept { return bias_; }
-    std::span<float> running_mean() noexcept { return running_mean_; }
-    std::span<float> running_var() noexcept { return running_var_; }
-    std::span<const float> weight() const noexcept { return weight_; }
-    std::span<const float> bias() const noexcept { return bias_; }
-    std::span<const float> running_mean() const noexcept { return running_mean_; }
-    std::span<const float> running_var() const noexcept { return running_var_; }
+    std::span<T> weight() noexcept { return weight_; }
+    std::span<T> bias() noexcept { return bias_; }
+    std::span<T> running_mean() noexcept { return running_mean_; }
+    std::span<T> running_var() noexcept { return running_var_; }
+    std::span<const T> weight() const noexcept { return weight_; }
+    std::span<const T> bias() const noexcept { return bias_; }
+    std::span<const T> running_mean() const noexcept { return running_mean_; }
+    std::span<const T> running_var() const noexcept { return running_var_; }
     std::int64_t num_batches_tracked() const noexcept { return nbt_; }
     /// For loading a checkpoint (PyTorch's num_batches_tracked buffer).
     void set_num_batches_tracked(std::int64_t v) noexcept { nbt_ = v; }
 
-    std::span<const float> weight_grad() const noexcept { return weight_grad_; }
-    std::span<const float> bias_grad() const noexcept { return bias_grad_; }
+    std::span<const T> weight_grad() const noexcept { return weight_grad_; }
+    std::span<const T> bias_grad() const noexcept { return bias_grad_; }
     /// weight and bias (none without affine), for an optimizer (nn/training.hpp).
-    std::vector<parameter> parameters()
+    std::vector<basic_parameter<T>> parameters()
     {
         if (!affine_) return {};
         return {{"weight", weight_, weight_grad_}, {"bias", bias_, bias_grad_}};
     }
     void zero_grad() noexcept
     {
-        std::fill(weight_grad_.begin(), weight_grad_.end(), 0.f);
-        std::fill(bias_grad_.begin(), bias_grad_.end(), 0.f);
+        std::fill(weight_grad_.begin(), weight_grad_.end(), T(0));
+        std::fill(bias_grad_.begin(), bias_grad_.end(), T(0));
     }
 
     /// How training statistics are summed: batch_stats_policy::fast (the default: one read of
@@ -128,15 +133,15 @@ public:
 
     void reset_running_stats() noexcept
     {
-        std::fill(running_mean_.begin(), running_mean_.end(), 0.f);
-        std::fill(running_var_.begin(), running_var_.end(), 1.f);
+        std::fill(running_mean_.begin(), running_mean_.end(), T(0));
+        std::fill(running_var_.begin(), running_var_.end(), T(1));
         nbt_ = 0;
     }
     void reset_parameters() noexcept
     {
         reset_running_stats();
-        std::fill(weight_.begin(), weight_.end(), 1.f);
-        std::fill(bias_.begin(), bias_.end(), 0.f);
+        std::fill(weight_.begin(), weight_.end(), T(1));
+        std::fill(bias_.begin(), bias_.end(), T(0));
     }
 
     // --- compute -------------------------------------------------------------
@@ -185,7 +190,7 @@ public:
     template <class L>
     registry::choice kernel_choice(L, bool relu = false) const
     {
-        if constexpr (StaticC != dynamic) return choice_;
+        if constexpr (StaticC != dynamic || !std::is_same_v<T, float>) return choice_;
         else if (const registry::entry* e = adopted_.entry;
                  e && adopted_.generation == registry::generation() && kernels_of<L>(*e).normalize)
             return block_choice(*e);
@@ -197,7 +202,7 @@ private:
     friend struct detail::composer;
     template <conv_spec, index_t, class>
     friend class ConvBnReLU3d;
-    template <index_t>
+    template <index_t, class>
     friend class SyncBatchNorm3d; // composes the same phases around its all-gathers
 
     /// Every check backward(X, dY, dX, epi) makes, nothing written.
@@ -237,14 +242,14 @@ private:
         BatchNorm3d* m;
         index_t n;      // values per channel (the global count for SyncBatchNorm3d)
         bool update;    // training with running statistics
-        float momentum; // this step's factor (momentum, or 1/num_batches_tracked)
-        /// mean in double; var_sum as ATen's: squared deviations from float(mean), in double.
+        T momentum;     // this step's factor (momentum, or 1/num_batches_tracked)
+        /// mean in double; var_sum as ATen's: squared deviations from T(mean), in double.
         void channel(index_t c, double mean, double var_sum) const noexcept
         {
-            const float mean_f = static_cast<float>(mean), vs = static_cast<float>(var_sum);
+            const T mean_f = static_cast<T>(mean), vs = static_cast<T>(var_sum);
             m->mean_[c] = mean_f;
-            m->mean_lo_[c] = static_cast<float>(mean - mean_f);
-            const float invstd = nn::rules::train_invstd(vs, n, m->eps_);
+            m->mean_lo_[c] = static_cast<T>(mean - mean_f);
+            const T invstd = nn::rules::train_invstd(vs, n, m->eps_);
             m->invstd_[c] = invstd;
             m->alpha_[c] = nn::rules::scale(invstd, m->gamma_[c]);
             m->beta_[c] = m->bias_of(c);
@@ -267,8 +272,8 @@ private:
         Form form;
         bool batch_stats;           // batch statistics (kernels::batch_norm_train) or running ones (normalize)
         kernels::batch_stats_policy policy;
-        kernels::moments_out moments;  // the statistics phase's output (C each)
-        kernels::bn_coeffs_out coeffs; // filled by the finalization, here for running statistics
+        kernels::moments_out<T> moments;  // the statistics phase's output (C each)
+        kernels::bn_coeffs_out<T> coeffs; // filled by the finalization, here for running statistics
         double* work;
         train_finalizer finalize;
     };
@@ -299,15 +304,15 @@ private:
         const typename step::form_type f = specialize(X.as_const()).form();
         double* work = workspace(f); // the one step that may allocate: before any state changes
         for (index_t c = 0; c < C; ++c) gamma_[c] = gamma_of(c);
-        train_finalizer fin{this, f.count(), training_ && track_, 0.f};
+        train_finalizer fin{this, f.count(), training_ && track_, T(0)};
         if (batch_stats && fin.update) {
             ++nbt_;
-            fin.momentum = static_cast<float>(momentum_ ? *momentum_ : 1.0 / static_cast<double>(nbt_));
+            fin.momentum = static_cast<T>(momentum_ ? *momentum_ : 1.0 / static_cast<double>(nbt_));
         }
         if (!batch_stats)
             for (index_t c = 0; c < C; ++c) {
                 mean_[c] = running_mean_[c];
-                mean_lo_[c] = 0.f;
+                mean_lo_[c] = T(0);
                 alpha_[c] = nn::rules::scale(nn::rules::eval_invstd(running_var_[c], eps_), gamma_[c]);
                 beta_[c] = bias_of(c);
                 invstd_[c] = nn::rules::eval_backward_invstd(running_var_[c], eps_);
@@ -329,7 +334,9 @@ private:
     template <class L>
     const registry::bn_kernels<L>* registered_kernels(bool relu)
     {
-        if constexpr (StaticC != dynamic || !(std::is_same_v<L, ncdhw_t> || std::is_same_v<L, ndhwc_t>)) {
+        // gen/ emits float32 kernels: double always runs the compile-time templates.
+        if constexpr (StaticC != dynamic || !std::is_same_v<T, float> ||
+                      !(std::is_same_v<L, ncdhw_t> || std::is_same_v<L, ndhwc_t>)) {
             (void)relu;
             return nullptr;
         } else {
@@ -406,9 +413,9 @@ private:
         static_assert(is_view_v<VA> && is_view_v<VB>, "BatchNorm3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
         static_assert(std::is_same_v<typename VA::layout_type, typename VB::layout_type>,
                       "BatchNorm3d: all tensors of one call must have the same layout");
-        static_assert(std::is_same_v<std::remove_const_t<typename VA::value_type>, float> &&
-                          std::is_same_v<std::remove_const_t<typename VB::value_type>, float>,
-                      "BatchNorm3d: float32 tensors only");
+        static_assert(std::is_same_v<std::remove_const_t<typename VA::value_type>, T> &&
+                          std::is_same_v<std::remove_const_t<typename VB::value_type>, T>,
+                      "BatchNorm3d<C, T>: tensors must have the module's element type T");
         if constexpr (StaticC != dynamic) {
             constexpr index_t vc = VA::shape_type::static_sizes[1];
             static_assert(vc == dynamic || vc == StaticC, "BatchNorm3d<C>: the view's static C differs from C");
@@ -476,11 +483,11 @@ private:
         saved_ = {true, x == y && !empty, batch_stats, x, sz, layout, epilogue, policy_};
     }
 
-    kernels::bn_coeffs_out coeffs() noexcept { return {mean_.data(), mean_lo_.data(), alpha_.data(), beta_.data()}; }
-    kernels::moments_out moments() noexcept { return {shift_.data(), stat_mean_.data(), stat_m2_.data()}; }
+    kernels::bn_coeffs_out<T> coeffs() noexcept { return {mean_.data(), mean_lo_.data(), alpha_.data(), beta_.data()}; }
+    kernels::moments_out<T> moments() noexcept { return {shift_.data(), stat_mean_.data(), stat_m2_.data()}; }
 
-    float gamma_of(index_t c) const noexcept { return affine_ ? weight_[c] : 1.f; }
-    float bias_of(index_t c) const noexcept { return affine_ ? bias_[c] : 0.f; }
+    T gamma_of(index_t c) const noexcept { return affine_ ? weight_[c] : T(1); }
+    T bias_of(index_t c) const noexcept { return affine_ ? bias_[c] : T(0); }
 
     /// Kernel workspace for a form (grows, never shrinks: no allocation once warm).
     template <class Form>
@@ -492,28 +499,27 @@ private:
     }
 
     template <class V, class Epi>
-    void run_backward(const V& X, const float* dy, float* dx, Epi epi)
+    void run_backward(const V& X, const T* dy, T* dx, Epi epi)
     {
         const auto f = X.form();
         double* work = workspace(f);
         const index_t n = f.count();
-        const kernels::bn_backward_coeffs cf{coeffs(), invstd_.data(), gamma_.data(), grad_mean_.data(), k_.data()};
-        auto accumulate = [&](index_t c, double sum, double dotp, float invstd) {
+        const kernels::bn_backward_coeffs<T> cf{coeffs(), invstd_.data(), gamma_.data(), grad_mean_.data(), k_.data()};
+        auto accumulate = [&](index_t c, double sum, double dotp, T invstd) {
             if (!affine_) return;
-            bias_grad_[c] += static_cast<float>(sum);
-            weight_grad_[c] += static_cast<float>(dotp * static_cast<double>(invstd));
+            bias_grad_[c] += static_cast<T>(sum);
+            weight_grad_[c] += static_cast<T>(dotp * static_cast<double>(invstd));
         };
         auto batch_finalize = [&](index_t c, double sum, double dotp) {
-            const float invstd = invstd_[c];
+            const T invstd = invstd_[c];
             accumulate(c, sum, dotp, invstd);
-            grad_mean_[c] = static_cast<float>(sum / static_cast<double>(n));
-            k_[c] = nn::rules::rounded(nn::rules::rounded(static_cast<float>(dotp) * invstd) * invstd) /
-                    static_cast<float>(n);
+            grad_mean_[c] = static_cast<T>(sum / static_cast<double>(n));
+            k_[c] = nn::rules::rounded(nn::rules::rounded(static_cast<T>(dotp) * invstd) * invstd) / static_cast<T>(n);
         };
         auto running_finalize = [&](index_t c, double sum, double dotp) { accumulate(c, sum, dotp, invstd_[c]); };
         using L = typename V::layout_type;
         if constexpr ((std::is_same_v<Epi, expr::relu_t> || std::is_same_v<Epi, expr::identity_t>) &&
-                      StaticC == dynamic && std::is_same_v<std::remove_cv_t<decltype(f)>, registry::dynamic_form<L>>) {
+                      StaticC == dynamic && std::is_same_v<T, float> && std::is_same_v<std::remove_cv_t<decltype(f)>, registry::dynamic_form<L>>) {
             if (const auto* k = registered_kernels<L>(std::is_same_v<Epi, expr::relu_t>)) {
                 if (saved_.batch_stats)
                     k->backward(f, true, saved_.policy, X.data(), dy, dx, cf, work,
@@ -537,15 +543,15 @@ private:
     bool training_ = true;
     std::int64_t nbt_ = 0;
 
-    std::vector<float> weight_, bias_, running_mean_, running_var_, weight_grad_, bias_grad_;
+    std::vector<T> weight_, bias_, running_mean_, running_var_, weight_grad_, bias_grad_;
     // Saved by forward for backward (per channel): statistics, coefficients, weight.
-    std::vector<float> mean_, mean_lo_, alpha_, beta_, invstd_, gamma_;
+    std::vector<T> mean_, mean_lo_, alpha_, beta_, invstd_, gamma_;
     // The statistics phase's output (per channel): shift scratch, mean, M2 / var_sum.
-    std::vector<float> shift_;
+    std::vector<T> shift_;
     std::vector<double> stat_mean_, stat_m2_;
     kernels::batch_stats_policy policy_ = kernels::batch_stats_policy::fast;
     // Backward scratch.
-    std::vector<float> grad_mean_, k_;
+    std::vector<T> grad_mean_, k_;
     std::vector<double> work_;
     saved_t saved_;
     template <class L>
@@ -555,8 +561,10 @@ private:
     }
     registry::choice choice_{nullptr, StaticC != dynamic,
                              StaticC != dynamic ? "specialized: compile-time channel count"
-                                                : "no call yet: kernel_choice(vf::ncdhw) or kernel_choice(vf::ndhwc) "
-                                                  "says what a call would run"};
+                             : !std::is_same_v<T, float>
+                                 ? "runtime-shaped: the kernel templates for this element type (gen/ emits float32 kernels)"
+                                 : "no call yet: kernel_choice(vf::ncdhw) or kernel_choice(vf::ndhwc) "
+                                   "says what a call would run"};
     std::uint64_t resolved_generation_ = 0; // choice_ is valid for this registry generation, layout, epilogue
     std::string_view resolved_layout_;
     bool resolved_relu_ = false;

@@ -28,9 +28,11 @@ namespace volfuse::inline VOLFUSE_ISA_NS {
 
 /// Batch normalization with statistics over the processes of a communicator.
 /// @tparam StaticC  channel count fixed at compile time, or `dynamic` (the default).
-template <index_t StaticC = dynamic>
+/// @tparam T        element type: float (the default) or double.
+template <index_t StaticC = dynamic, class T = float>
 class SyncBatchNorm3d {
 public:
+    using value_type = T;
     static constexpr index_t static_channels = StaticC;
     static constexpr bool is_sync = true;
 
@@ -44,7 +46,7 @@ public:
 
     /// torch.nn.SyncBatchNorm.convert_sync_batchnorm for one module: parameters, buffers,
     /// num_batches_tracked, mode and statistics policy copied from `bn`.
-    static SyncBatchNorm3d from(const BatchNorm3d<StaticC>& bn, communicator_ref comm)
+    static SyncBatchNorm3d from(const BatchNorm3d<StaticC, T>& bn, communicator_ref comm)
     {
         return SyncBatchNorm3d(bn, comm);
     }
@@ -61,19 +63,19 @@ public:
     /// `SyncBatchNorm(64, eps=1e-05, momentum=0.1, affine=True, track_running_stats=True)`.
     std::string repr() const { return "SyncBatchNorm" + bn_.repr().substr(std::string("BatchNorm3d").size()); }
 
-    std::span<float> weight() noexcept { return bn_.weight(); }
-    std::span<float> bias() noexcept { return bn_.bias(); }
-    std::span<float> running_mean() noexcept { return bn_.running_mean(); }
-    std::span<float> running_var() noexcept { return bn_.running_var(); }
-    std::span<const float> weight() const noexcept { return bn_.weight(); }
-    std::span<const float> bias() const noexcept { return bn_.bias(); }
-    std::span<const float> running_mean() const noexcept { return bn_.running_mean(); }
-    std::span<const float> running_var() const noexcept { return bn_.running_var(); }
+    std::span<T> weight() noexcept { return bn_.weight(); }
+    std::span<T> bias() noexcept { return bn_.bias(); }
+    std::span<T> running_mean() noexcept { return bn_.running_mean(); }
+    std::span<T> running_var() noexcept { return bn_.running_var(); }
+    std::span<const T> weight() const noexcept { return bn_.weight(); }
+    std::span<const T> bias() const noexcept { return bn_.bias(); }
+    std::span<const T> running_mean() const noexcept { return bn_.running_mean(); }
+    std::span<const T> running_var() const noexcept { return bn_.running_var(); }
     std::int64_t num_batches_tracked() const noexcept { return bn_.num_batches_tracked(); }
     void set_num_batches_tracked(std::int64_t v) noexcept { bn_.set_num_batches_tracked(v); }
-    std::span<const float> weight_grad() const noexcept { return bn_.weight_grad(); }
-    std::span<const float> bias_grad() const noexcept { return bn_.bias_grad(); }
-    std::vector<parameter> parameters() { return bn_.parameters(); }
+    std::span<const T> weight_grad() const noexcept { return bn_.weight_grad(); }
+    std::span<const T> bias_grad() const noexcept { return bn_.bias_grad(); }
+    std::vector<basic_parameter<T>> parameters() { return bn_.parameters(); }
     void zero_grad() noexcept { bn_.zero_grad(); }
     void reset_running_stats() noexcept { bn_.reset_running_stats(); }
     void reset_parameters() noexcept { bn_.reset_parameters(); }
@@ -120,7 +122,7 @@ public:
 
         // Committed from here on: kernels and all-gathers do not fail.
         const auto f = bn_type::specialize(X.as_const()).form();
-        const kernels::moments_out m = bn_.moments();
+        const kernels::moments_out<T> m = bn_.moments();
         if (X.shape().numel() > 0)
             kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
                 kernels::moments(f, c0, c1, X.data(), bn_.work_.data(), m);
@@ -167,7 +169,7 @@ private:
 
         const auto f = bn_type::specialize(X.as_const()).form();
         const index_t stride = kernels::reduce_stride(C);
-        const kernels::bn_backward_coeffs cf{bn_.coeffs(), bn_.invstd_.data(), bn_.gamma_.data(),
+        const kernels::bn_backward_coeffs<T> cf{bn_.coeffs(), bn_.invstd_.data(), bn_.gamma_.data(),
                                              bn_.grad_mean_.data(), bn_.k_.data()};
         double* work = bn_.work_.data();
         if (X.shape().numel() > 0) {
@@ -180,20 +182,20 @@ private:
             std::fill(send_.begin(), send_.begin() + 2 * C, 0.0);
         }
         comm_.all_gather(send_.data(), recv_.data(), sizeof(double) * 2 * static_cast<std::size_t>(C));
-        const float nf = static_cast<float>(global_count_);
+        const T nf = static_cast<T>(global_count_);
         for (index_t c = 0; c < C; ++c) {
             double sum = 0, dotp = 0; // rank order: the same bits on every process
             for (int r = 0; r < comm_.size(); ++r) {
                 sum += recv_[static_cast<std::size_t>(r * 2 * C + c)];
                 dotp += recv_[static_cast<std::size_t>(r * 2 * C + C + c)];
             }
-            const float invstd = bn_.invstd_[c];
+            const T invstd = bn_.invstd_[c];
             if (bn_.affine_) { // this process's contribution
-                bn_.bias_grad_[c] += static_cast<float>(send_[c]);
-                bn_.weight_grad_[c] += static_cast<float>(send_[C + c] * static_cast<double>(invstd));
+                bn_.bias_grad_[c] += static_cast<T>(send_[c]);
+                bn_.weight_grad_[c] += static_cast<T>(send_[C + c] * static_cast<double>(invstd));
             }
-            bn_.grad_mean_[c] = static_cast<float>(sum / static_cast<double>(global_count_));
-            bn_.k_[c] = nn::rules::rounded(nn::rules::rounded(static_cast<float>(dotp) * invstd) * invstd) / nf;
+            bn_.grad_mean_[c] = static_cast<T>(sum / static_cast<double>(global_count_));
+            bn_.k_[c] = nn::rules::rounded(nn::rules::rounded(static_cast<T>(dotp) * invstd) * invstd) / nf;
         }
         if (X.shape().numel() > 0)
             kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
@@ -201,7 +203,7 @@ private:
             });
     }
 
-    using bn_type = BatchNorm3d<StaticC>;
+    using bn_type = BatchNorm3d<StaticC, T>;
 
     /// The forward's collective half, after the agreement: this process's moments (in
     /// bn_.moments(): mean and M2, whatever `local` is) -> all-gather -> Chan merge in rank
@@ -209,17 +211,17 @@ private:
     void commit_forward(index_t C, std::int64_t n, bool local, const std::array<index_t, 5>& sz, const void* x,
                         const void* y, std::string_view layout, std::string_view epilogue) noexcept
     {
-        const kernels::moments_out m = bn_.moments();
+        const kernels::moments_out<T> m = bn_.moments();
         if (!local) std::fill(m.mean, m.mean + C, 0.0), std::fill(m.m2, m.m2 + C, 0.0);
         std::copy(m.mean, m.mean + C, send_.begin());
         std::copy(m.m2, m.m2 + C, send_.begin() + C);
         comm_.all_gather(send_.data(), recv_.data(), sizeof(double) * 2 * static_cast<std::size_t>(C));
         merge_moments(C, m); // m.mean, m.m2: the global batch's mean and ATen's var_sum
         for (index_t c = 0; c < C; ++c) bn_.gamma_[c] = bn_.gamma_of(c);
-        typename bn_type::train_finalizer fin{&bn_, n, bn_.track_, 0.f};
+        typename bn_type::train_finalizer fin{&bn_, n, bn_.track_, T(0)};
         if (bn_.track_) {
             ++bn_.nbt_;
-            fin.momentum = static_cast<float>(bn_.momentum_ ? *bn_.momentum_ : 1.0 / static_cast<double>(bn_.nbt_));
+            fin.momentum = static_cast<T>(bn_.momentum_ ? *bn_.momentum_ : 1.0 / static_cast<double>(bn_.nbt_));
         }
         if (n > 0) fin(0, C);
         bn_.remember(x, y, sz, layout, true, epilogue);
@@ -305,8 +307,8 @@ private:
     }
 
     /// Chan's merge of the gathered (mean, M2) in rank order; leaves the global mean in m.mean
-    /// and ATen's var_sum (deviations from the float mean) in m.m2.
-    void merge_moments(index_t C, const kernels::moments_out& m) noexcept
+    /// and ATen's var_sum (deviations from the mean rounded to T) in m.m2.
+    void merge_moments(index_t C, const kernels::moments_out<T>& m) noexcept
     {
         const int P = comm_.size();
         for (index_t c = 0; c < C; ++c) {
@@ -318,7 +320,7 @@ private:
                                            recv_[at + static_cast<std::size_t>(C + c)]);
             }
             m.mean[c] = mean;
-            m.m2[c] = kernels::var_sum_about_float_mean(n, mean, m2);
+            m.m2[c] = kernels::var_sum_about_rounded_mean<T>(n, mean, m2);
         }
     }
 

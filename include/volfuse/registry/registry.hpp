@@ -157,10 +157,10 @@ using dynamic_form = decltype(L::form(std::declval<const shape5<index_t, index_t
 template <class L>
 struct bn_kernels {
     void (*train)(const dynamic_form<L>&, kernels::batch_stats_policy, const float* x, float* y,
-                  const kernels::moments_out&, const kernels::bn_coeffs_out&, double* work, train_finalize, bool relu);
-    void (*normalize)(const dynamic_form<L>&, const float* x, float* y, const kernels::bn_coeffs&, bool relu);
+                  const kernels::moments_out<>&, const kernels::bn_coeffs_out<>&, double* work, train_finalize, bool relu);
+    void (*normalize)(const dynamic_form<L>&, const float* x, float* y, const kernels::bn_coeffs<>&, bool relu);
     void (*backward)(const dynamic_form<L>&, bool batch_stats, kernels::batch_stats_policy, const float* x,
-                     const float* dy, float* dx, const kernels::bn_backward_coeffs&, double* work, backward_finalize,
+                     const float* dy, float* dx, const kernels::bn_backward_coeffs<>&, double* work, backward_finalize,
                      bool relu);
 };
 
@@ -174,17 +174,17 @@ bn_kernels<L> bn_kernels_for() noexcept
     };
     return {
         [](const dynamic_form<L>& f, kernels::batch_stats_policy p, const float* x, float* y,
-           const kernels::moments_out& m, const kernels::bn_coeffs_out& k, double* work, train_finalize fin, bool relu) {
+           const kernels::moments_out<>& m, const kernels::bn_coeffs_out<>& k, double* work, train_finalize fin, bool relu) {
             if (relu) kernels::batch_norm_train(form_of(f), p, x, y, m, k, work, fin, expr::relu_t{});
             else kernels::batch_norm_train(form_of(f), p, x, y, m, k, work, fin, expr::identity_t{});
         },
-        [](const dynamic_form<L>& f, const float* x, float* y, const kernels::bn_coeffs& k, bool relu) {
+        [](const dynamic_form<L>& f, const float* x, float* y, const kernels::bn_coeffs<>& k, bool relu) {
             const auto g = form_of(f);
             if (relu) kernels::normalize(g, 0, value_of(g.channels), x, y, k, expr::relu_t{});
             else kernels::normalize(g, 0, value_of(g.channels), x, y, k, expr::identity_t{});
         },
         [](const dynamic_form<L>& f, bool batch_stats, kernels::batch_stats_policy p, const float* x, const float* dy,
-           float* dx, const kernels::bn_backward_coeffs& cf, double* work, backward_finalize fin, bool relu) {
+           float* dx, const kernels::bn_backward_coeffs<>& cf, double* work, backward_finalize fin, bool relu) {
             const auto g = form_of(f);
             if (batch_stats && relu) kernels::batch_norm_backward<true>(g, p, x, dy, dx, cf, work, fin, expr::relu_t{});
             else if (batch_stats) kernels::batch_norm_backward<true>(g, p, x, dy, dx, cf, work, fin, expr::identity_t{});

@@ -1,11 +1,15 @@
 // SIMD primitives on xsimd 8.1 for the architecture the TU is compiled for, plus
 // the pieces 8.1 lacks: float->double widening, partial (tail) loads and stores,
 // and an FMA that is a real fused multiply-add whenever the hardware has one.
+// Every primitive the kernels use exists per element type (vec<T>, T = float or double):
+// a kernel template is written once over T.  The float-only names (fvec, width, dacc) are
+// what the conv kernels, which are float32 only, still spell.
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <xsimd/xsimd.hpp>
 
@@ -14,12 +18,20 @@
 namespace volfuse::inline VOLFUSE_ISA_NS::simd {
 
 using arch = xsimd::default_arch;
-using fvec = xsimd::batch<float, arch>;
-using dvec = xsimd::batch<double, arch>;
-using fmask = typename fvec::batch_bool_type;
+/// The vector of element type T (float or double) on this TU's architecture.
+template <class T>
+using vec = xsimd::batch<T, arch>;
+template <class T>
+using mask = typename vec<T>::batch_bool_type;
+using fvec = vec<float>;
+using dvec = vec<double>;
+using fmask = mask<float>;
 
-/// Floats per vector (4 SSE2, 8 AVX2, 16 AVX-512).
-inline constexpr index_t width = static_cast<index_t>(fvec::size);
+/// Elements of T per vector (floats: 4 SSE2, 8 AVX2, 16 AVX-512; doubles half as many).
+template <class T>
+inline constexpr index_t lanes = static_cast<index_t>(vec<T>::size);
+/// Floats per vector.
+inline constexpr index_t width = lanes<float>;
 static_assert(fvec::size == 2 * dvec::size, "a float vector widens to exactly two double vectors");
 
 /// Two double vectors holding the low and high halves of a float vector.
@@ -62,6 +74,14 @@ inline fvec fma(fvec a, fvec b, fvec c) noexcept
     return xsimd::fma(a, b, c);
 #endif
 }
+inline dvec fma(dvec a, dvec b, dvec c) noexcept
+{
+#if XSIMD_WITH_AVX512F
+    return dvec(_mm512_fmadd_pd(a, b, c));
+#else
+    return xsimd::fma(a, b, c);
+#endif
+}
 /// fma(a, b, c) in the lanes where `on`, c in the others: AVX-512's masked fma (skipping
 /// lanes costs no extra instruction), a select of the fma elsewhere.  Bits as fma's.
 inline fvec fma_where(fmask on, fvec a, fvec b, fvec c) noexcept
@@ -88,14 +108,25 @@ inline fvec fnma(fvec a, fvec b, fvec c) noexcept
     return xsimd::fnma(a, b, c);
 #endif
 }
+inline dvec fnma(dvec a, dvec b, dvec c) noexcept
+{
+#if XSIMD_WITH_AVX512F
+    return dvec(_mm512_fnmadd_pd(a, b, c));
+#else
+    return xsimd::fnma(a, b, c);
+#endif
+}
 
-inline fvec load(const float* p) noexcept { return fvec::load_unaligned(p); }
-inline void store(float* p, fvec v) noexcept { v.store_unaligned(p); }
+template <class T>
+inline vec<T> load(const T* p) noexcept { return vec<T>::load_unaligned(p); }
+template <class T>
+inline void store(T* p, vec<T> v) noexcept { v.store_unaligned(p); }
 
 /// True when p is aligned for store_stream.
-inline bool stream_aligned(const float* p) noexcept
+template <class T>
+inline bool stream_aligned(const T* p) noexcept
 {
-    return reinterpret_cast<std::uintptr_t>(p) % (sizeof(float) * fvec::size) == 0;
+    return reinterpret_cast<std::uintptr_t>(p) % (sizeof(T) * vec<T>::size) == 0;
 }
 /// A non-temporal store of a whole vector at a vector-aligned address: the line goes
 /// to memory without being read first (no read-for-ownership) and without evicting
@@ -113,6 +144,18 @@ inline void store_stream(float* p, fvec v) noexcept
     v.store_unaligned(p);
 #endif
 }
+inline void store_stream(double* p, dvec v) noexcept
+{
+#if XSIMD_WITH_AVX512F
+    _mm512_stream_pd(p, v);
+#elif XSIMD_WITH_AVX
+    _mm256_stream_pd(p, v);
+#elif XSIMD_WITH_SSE2
+    _mm_stream_pd(p, v);
+#else
+    v.store_unaligned(p);
+#endif
+}
 /// Orders this thread's non-temporal stores before its later stores.
 inline void stream_fence() noexcept
 {
@@ -121,29 +164,32 @@ inline void stream_fence() noexcept
 #endif
 }
 
-/// Loads the first n (< width) floats at p; other lanes are `fill`.  Never reads past p + n.
-inline fvec load_partial(const float* p, index_t n, float fill = 0.f) noexcept
+/// Loads the first n (< lanes<T>) elements at p; other lanes are `fill`.  Never reads past p + n.
+template <class T>
+inline vec<T> load_partial(const T* p, index_t n, T fill = T(0)) noexcept
 {
-    alignas(64) std::array<float, fvec::size> buf;
+    alignas(64) std::array<T, vec<T>::size> buf;
     buf.fill(fill);
-    std::memcpy(buf.data(), p, static_cast<std::size_t>(n) * sizeof(float));
-    return fvec::load_aligned(buf.data());
+    std::memcpy(buf.data(), p, static_cast<std::size_t>(n) * sizeof(T));
+    return vec<T>::load_aligned(buf.data());
 }
 
-/// Stores the first n (< width) lanes of v at p.  Never writes past p + n.
-inline void store_partial(float* p, fvec v, index_t n) noexcept
+/// Stores the first n (< lanes<T>) lanes of v at p.  Never writes past p + n.
+template <class T>
+inline void store_partial(T* p, vec<T> v, index_t n) noexcept
 {
-    alignas(64) std::array<float, fvec::size> buf;
+    alignas(64) std::array<T, vec<T>::size> buf;
     v.store_aligned(buf.data());
-    std::memcpy(p, buf.data(), static_cast<std::size_t>(n) * sizeof(float));
+    std::memcpy(p, buf.data(), static_cast<std::size_t>(n) * sizeof(T));
 }
 
 /// Lanes [0, n) set.
-inline fmask first_lanes(index_t n) noexcept
+template <class T = float>
+inline mask<T> first_lanes(index_t n) noexcept
 {
-    alignas(64) std::array<float, fvec::size> idx;
-    for (std::size_t i = 0; i < fvec::size; ++i) idx[i] = static_cast<float>(i);
-    return fvec::load_aligned(idx.data()) < fvec(static_cast<float>(n));
+    alignas(64) std::array<T, vec<T>::size> idx;
+    for (std::size_t i = 0; i < vec<T>::size; ++i) idx[i] = static_cast<T>(i);
+    return vec<T>::load_aligned(idx.data()) < vec<T>(static_cast<T>(n));
 }
 
 /// v's lanes summed as a halving tree: lane i += lane i + h for h = width / 2, ..., 1, then lane
@@ -179,12 +225,13 @@ inline float halving_sum(fvec v) noexcept
 /// it is never contracted into a later add (GCC contracts a*b + c into an FMA in C++ by default,
 /// and whether it does depends on inlining: the same sum would get different bits in
 /// different instantiations).  Free: no instruction is emitted.
-inline fvec rounded(fvec v) noexcept
+template <class T>
+inline vec<T> rounded(vec<T> v) noexcept
 {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    typename fvec::register_type r = v;
+    typename vec<T>::register_type r = v;
     __asm__("" : "+v"(r));
-    return fvec(r);
+    return vec<T>(r);
 #else
     return v;
 #endif
@@ -198,6 +245,19 @@ struct dacc {
         const dpair p = widen(v);
         lo += p.lo;
         hi += p.hi;
+    }
+    /// mem[l] += lane l of v, l in [0, width): an accumulator kept in memory.
+    static void add_to(double* mem, fvec v) noexcept
+    {
+        const dpair w = widen(v);
+        (dvec::load_unaligned(mem) + w.lo).store_unaligned(mem);
+        (dvec::load_unaligned(mem + dvec::size) + w.hi).store_unaligned(mem + dvec::size);
+    }
+    /// The width lane sums to mem[0, width).
+    void store(double* mem) const noexcept
+    {
+        lo.store_unaligned(mem);
+        hi.store_unaligned(mem + dvec::size);
     }
     /// Two accumulators (independent chains) combined in a fixed order: lanes of
     /// (a.lo + b.lo) + (a.hi + b.hi), then the lanes left to right.
@@ -215,6 +275,20 @@ struct dacc {
         return s;
     }
 };
+
+/// The accumulator of double vectors, with dacc's interface (nothing to widen).
+struct dacc_double {
+    dvec v = dvec::broadcast(0.0);
+    void add(dvec x) noexcept { v += x; }
+    static void add_to(double* mem, dvec x) noexcept { (dvec::load_unaligned(mem) + x).store_unaligned(mem); }
+    void store(double* mem) const noexcept { v.store_unaligned(mem); }
+    static double total(const dacc_double& a, const dacc_double& b) noexcept { return dacc::lanes_sum(a.v + b.v); }
+    const dacc_double& widened() const noexcept { return *this; }
+};
+
+/// The double accumulator of vec<T>'s lanes.
+template <class T>
+using wide_acc = std::conditional_t<std::is_same_v<T, float>, dacc, dacc_double>;
 
 /// A float accumulator handed to a double one every `Run` additions: the hot loop adds in
 /// float (one instruction per term, no widening), and no float sum ever spans more than Run
