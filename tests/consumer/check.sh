@@ -6,10 +6,11 @@
 set -euo pipefail
 src=$(cd "$1" && pwd); scratch=$2
 rm -rf "$scratch"; mkdir -p "$scratch"
+# -Dtorch=disabled: the torch package's install is tests/test_torch_install.py's.
 # -Doptimization=0: only volfuse_gen is compiled here (the headers are installed as they are),
 # and it generates without tuning; unoptimized it compiles several times faster.
 meson setup "$scratch/lib" "$src" --prefix="$scratch/prefix" -Dtests=disabled -Dbenchmarks=disabled \
-  -Doptimization=0 >/dev/null
+  -Doptimization=0 -Dtorch=disabled >/dev/null
 meson install -C "$scratch/lib" --quiet
 pc=$(dirname "$(find "$scratch/prefix" -name volfuse.pc)")
 [ "$(PKG_CONFIG_PATH="$pc" pkg-config --variable=volfuse_gen volfuse)" = "$scratch/prefix/bin/volfuse_gen" ]

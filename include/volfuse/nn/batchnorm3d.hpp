@@ -31,6 +31,10 @@ using kernels::batch_stats_policy;
 template <index_t StaticC, class T>
 class SyncBatchNorm3d;
 
+namespace detail {
+struct saved_forward;
+}
+
 /// Batch normalization over (N, D, H, W) per channel of a 5-D tensor.
 /// @tparam StaticC  channel count fixed at compile time (kernels specialized
 ///                  for it), or `dynamic` (the default) for a run-time count.
@@ -204,6 +208,7 @@ private:
     friend class ConvBnReLU3d;
     template <index_t, class>
     friend class SyncBatchNorm3d; // composes the same phases around its all-gathers
+    friend struct detail::saved_forward; // moves what backward needs in and out (the PyTorch ops)
 
     /// Every check backward(X, dY, dX, epi) makes, nothing written.
     template <class VX, class VDY, class VDX, class Epi>
@@ -585,5 +590,40 @@ private:
     };
     adopted_entry adopted_;
 };
+
+namespace detail {
+/// What BatchNorm3d's backward needs from its forward, moved out of a module and into another
+/// by a caller that keeps it between the calls (the PyTorch ops keep it in a tensor, as cuDNN
+/// keeps its reserve space): `rows` arrays of C values, mean (hi), mean_lo, alpha, beta,
+/// invstd, gamma.
+struct saved_forward {
+    static constexpr index_t rows = 6;
+    /// The last forward's arrays into out (rows * C values).
+    template <class BN>
+    static void save(const BN& bn, std::span<typename BN::value_type> out, index_t C) noexcept
+    {
+        const decltype(bn.mean_)* from[rows] = {&bn.mean_, &bn.mean_lo_, &bn.alpha_, &bn.beta_, &bn.invstd_, &bn.gamma_};
+        for (index_t r = 0; r < rows; ++r)
+            std::copy_n(from[r]->data(), C, out.data() + r * C);
+    }
+    /// Makes `bn`'s next backward(X, ...) that of a forward on X which left `in` (from save()),
+    /// normalized with batch statistics or not, through the epilogue named `epilogue` (a
+    /// static string: Epi::name).  in must hold rows * C values, C = X's channels.
+    template <class BN, class VX>
+    static void restore(BN& bn, const VX& X, std::span<const typename BN::value_type> in, bool batch_stats,
+                        std::string_view epilogue)
+    {
+        const index_t C = X.sizes()[1];
+        if (static_cast<index_t>(in.size()) != rows * C)
+            throw error("saved forward state has " + std::to_string(in.size()) + " values, expected " +
+                        std::to_string(rows * C) + " for " + std::to_string(C) + " channels");
+        bn.reserve(C);
+        decltype(bn.mean_)* to[rows] = {&bn.mean_, &bn.mean_lo_, &bn.alpha_, &bn.beta_, &bn.invstd_, &bn.gamma_};
+        for (index_t r = 0; r < rows; ++r) std::copy_n(in.data() + r * C, C, to[r]->data());
+        bn.saved_ = {true, false, batch_stats, X.data(), X.sizes(), VX::layout_name(), epilogue, bn.policy_};
+    }
+};
+} // namespace detail
+
 
 } // namespace volfuse

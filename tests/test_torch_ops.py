@@ -1,0 +1,146 @@
+"""torch.ops.volfuse.batch_norm / batch_norm_backward and volfuse.BatchNorm3d against PyTorch:
+gradcheck and gradgradcheck in float64 for both layouts volfuse views (contiguous and
+channels_last_3d), with and without the fused ReLU, in training and eval; the module equal to
+torch.nn.BatchNorm3d step by step (float32 and float64); bad input raises and changes nothing."""
+import io
+import unittest
+
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import volfuse
+
+ops = torch.ops.volfuse
+
+
+def bn_fn(training, relu, running, layout):
+    """(x, weight, bias) -> output, through the op; running: (mean, var) buffers or None."""
+    def f(x, w, b):
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        rm, rv = (running[0].clone(), running[1].clone()) if running else (None, None)
+        return ops.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5, relu)[0]
+    return f
+
+
+class OpGradients(unittest.TestCase):
+    def test_gradcheck_and_gradgradcheck(self):
+        torch.manual_seed(0)
+        for layout in ("contiguous", "channels_last"):
+            for relu in (False, True):
+                for training in (True, False):
+                    for affine in (True, False):
+                        with self.subTest(layout=layout, relu=relu, training=training, affine=affine):
+                            C = 3
+                            x = torch.randn(2, C, 3, 2, 3, dtype=torch.double, requires_grad=True)
+                            w = (torch.rand(C, dtype=torch.double) + 0.5).requires_grad_() if affine else None
+                            b = torch.randn(C, dtype=torch.double).requires_grad_() if affine else None
+                            running = (torch.randn(C, dtype=torch.double) * 0.1,
+                                       torch.rand(C, dtype=torch.double) + 0.5)
+                            f = bn_fn(training, relu, None if training and not affine else running, layout)
+                            args = (x, w, b)
+                            self.assertTrue(gradcheck(f, args, check_batched_grad=False))
+                            self.assertTrue(gradgradcheck(f, args, check_batched_grad=False))
+
+    def test_torchscript_calls_the_same_op(self):
+        @torch.jit.script
+        def scripted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.ops.volfuse.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, True)[0]
+        x = torch.randn(2, 4, 3, 3, 3)
+        w, b = torch.rand(4) + 0.5, torch.randn(4)
+        ref = torch.relu(torch.nn.functional.batch_norm(x, None, None, w, b, True))
+        torch.testing.assert_close(scripted(x, w, b), ref, rtol=1e-5, atol=1e-5)
+
+
+def clone_pair(C, dtype, **kw):
+    ref = torch.nn.BatchNorm3d(C, **kw).to(dtype)
+    with torch.no_grad():
+        if ref.affine:
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-1, 1)
+    vol = volfuse.BatchNorm3d(C, **kw).to(dtype)
+    vol.load_state_dict(ref.state_dict())
+    return ref, vol
+
+
+class ModuleEqualsTorch(unittest.TestCase):
+    def test_steps_match_torch(self):
+        torch.manual_seed(1)
+        for dtype, rtol, atol in ((torch.float32, 1e-4, 1e-5), (torch.float64, 1e-10, 1e-12)):
+            for kw in ({}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}):
+                for layout in (torch.contiguous_format, torch.channels_last_3d):
+                    with self.subTest(dtype=dtype, kw=kw, layout=layout):
+                        ref, vol = clone_pair(5, dtype, **kw)
+                        opt_r = torch.optim.SGD(ref.parameters(), lr=0.1) if ref.affine else None
+                        opt_v = torch.optim.SGD(vol.parameters(), lr=0.1) if vol.affine else None
+                        for step in range(4):
+                            if step == 3:
+                                ref.eval(), vol.eval()
+                            x = (torch.randn(3, 5, 4, 3, 5, dtype=dtype) * 2 + 1).to(memory_format=layout)
+                            xr, xv = x.clone().requires_grad_(), x.clone().requires_grad_()
+                            yr, yv = ref(xr), vol(xv)
+                            g = torch.randn_like(yr)
+                            yr.backward(g), yv.backward(g)
+                            torch.testing.assert_close(yv, yr, rtol=rtol, atol=atol)
+                            torch.testing.assert_close(xv.grad, xr.grad, rtol=rtol, atol=atol * 10)
+                            for a, b in zip(vol.state_dict().values(), ref.state_dict().values()):
+                                torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+                            if opt_r:
+                                for p, q in zip(vol.parameters(), ref.parameters()):
+                                    torch.testing.assert_close(p.grad, q.grad, rtol=rtol, atol=atol * 100)
+                                opt_r.step(), opt_v.step()
+                                opt_r.zero_grad(), opt_v.zero_grad()
+
+    def test_is_a_torch_batchnorm(self):
+        ref, vol = clone_pair(4, torch.float32, momentum=0.3, eps=1e-3)
+        self.assertIsInstance(vol, torch.nn.BatchNorm3d)
+        self.assertEqual(repr(vol), repr(ref))
+        self.assertEqual(list(vol.state_dict().keys()), list(ref.state_dict().keys()))
+        buf = io.BytesIO()
+        torch.save(vol, buf)
+        buf.seek(0)
+        again = torch.load(buf)
+        self.assertIs(type(again), volfuse.BatchNorm3d)
+        x = torch.randn(2, 4, 3, 3, 3)
+        torch.testing.assert_close(again.eval()(x), vol.eval()(x))
+
+
+def snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+class BadInput(unittest.TestCase):
+    def assert_unchanged(self, m, before):
+        for k, v in m.state_dict().items():
+            self.assertTrue(torch.equal(v, before[k]), k)
+
+    def test_errors_change_nothing(self):
+        m = volfuse.BatchNorm3d(4)
+        m(torch.randn(2, 4, 3, 3, 3))
+        before = snapshot(m)
+        with self.assertRaisesRegex(ValueError, "expected 5D input"):
+            m(torch.randn(2, 4, 3, 3))
+        with self.assertRaisesRegex(RuntimeError, "running_mean should contain 3 elements not 4"):
+            m(torch.randn(2, 3, 3, 3, 3))
+        with self.assertRaisesRegex(ValueError, "Expected more than 1 value per channel when training"):
+            m(torch.randn(1, 4, 1, 1, 1))
+        with self.assertRaisesRegex(RuntimeError, "expected weight to have dtype Float"):
+            ops.batch_norm(torch.randn(2, 4, 3, 3, 3), m.weight.double(), None, None, None, True, 0.1, 1e-5)
+        with self.assertRaisesRegex(RuntimeError, "input has dtype Int"):
+            ops.batch_norm(torch.ones(2, 4, 3, 3, 3, dtype=torch.int32), None, None, m.running_mean,
+                           m.running_var, True, 0.1, 1e-5)
+        with self.assertRaises((RuntimeError, NotImplementedError)):  # no volfuse kernel off the CPU
+            ops.batch_norm(torch.randn(2, 4, 3, 3, 3, device="meta"), None, None, None, None, True, 0.1, 1e-5)
+        self.assert_unchanged(m, before)
+
+    def test_strides_volfuse_cannot_view_are_copied(self):
+        ref, vol = clone_pair(3, torch.float64)
+        x = torch.randn(2, 3, 4, 6, 5, dtype=torch.float64).transpose(2, 4)  # neither layout
+        self.assertFalse(x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d))
+        torch.testing.assert_close(vol(x), ref(x), rtol=1e-12, atol=1e-12)
+        e = torch.randn(1, 3, 1, 1, 1, dtype=torch.float64).expand(2, 3, 4, 4, 4)  # stride 0
+        torch.testing.assert_close(vol(e), ref(e), rtol=1e-12, atol=1e-12)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
