@@ -34,8 +34,8 @@ void for_each_index(const sizes5& s, F&& f)
                     for (index_t w = 0; w < s[4]; ++w) f(n, c, d, h, w, logical_index(s, n, c, d, h, w));
 }
 
-template <class L>
-auto view_of(float* p, const sizes5& s)
+template <class L, class T>
+auto view_of(T* p, const sizes5& s)
 {
     return vf::make_view<L>(p, s[0], s[1], s[2], s[3], s[4]);
 }
@@ -44,19 +44,19 @@ auto view_of(float* p, const sizes5& s)
 constexpr float padding_sentinel = -12345.f;
 
 /// Logical NCDHW data -> memory in layout L (padding lanes = padding_sentinel), and back.
-template <class L>
-std::vector<float> to_layout(const std::vector<float>& logical, const sizes5& s)
+template <class L, class T>
+std::vector<T> to_layout(const std::vector<T>& logical, const sizes5& s)
 {
-    std::vector<float> out(static_cast<std::size_t>(vf::storage_size<L>(view_of<L>(static_cast<float*>(nullptr), s).shape())),
-                           padding_sentinel);
+    std::vector<T> out(static_cast<std::size_t>(vf::storage_size<L>(view_of<L>(static_cast<T*>(nullptr), s).shape())),
+                       static_cast<T>(padding_sentinel));
     auto v = view_of<L>(out.data(), s);
     for_each_index(s, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t i) { v(n, c, d, h, w) = logical[i]; });
     return out;
 }
-template <class L>
-std::vector<float> from_layout(std::vector<float>& mem, const sizes5& s)
+template <class L, class T>
+std::vector<T> from_layout(std::vector<T>& mem, const sizes5& s)
 {
-    std::vector<float> out(static_cast<std::size_t>(numel(s)));
+    std::vector<T> out(static_cast<std::size_t>(numel(s)));
     auto v = view_of<L>(mem.data(), s);
     for_each_index(s, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t i) { out[i] = v(n, c, d, h, w); });
     return out;

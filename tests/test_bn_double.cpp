@@ -11,55 +11,15 @@
 #include <random>
 #include <vector>
 
-#include <volfuse/volfuse.hpp>
+#include "support.hpp"
 
-namespace vf = volfuse;
-using vf::index_t;
-using sizes5 = std::array<index_t, 5>;
 using ld = long double;
 
 namespace {
 
 constexpr double eps_d = std::numeric_limits<double>::epsilon();
 
-index_t numel(const sizes5& s) { return s[0] * s[1] * s[2] * s[3] * s[4]; }
-index_t logical(const sizes5& s, index_t n, index_t c, index_t d, index_t h, index_t w)
-{
-    return (((n * s[1] + c) * s[2] + d) * s[3] + h) * s[4] + w;
-}
-template <class F>
-void each(const sizes5& s, F&& f)
-{
-    for (index_t n = 0; n < s[0]; ++n)
-        for (index_t c = 0; c < s[1]; ++c)
-            for (index_t d = 0; d < s[2]; ++d)
-                for (index_t h = 0; h < s[3]; ++h)
-                    for (index_t w = 0; w < s[4]; ++w) f(n, c, d, h, w, logical(s, n, c, d, h, w));
-}
-
-template <class L>
-auto view_of(double* p, const sizes5& s)
-{
-    return vf::make_view<L>(p, s[0], s[1], s[2], s[3], s[4]);
-}
-template <class L>
-std::vector<double> to_layout(const std::vector<double>& x, const sizes5& s)
-{
-    std::vector<double> m(static_cast<std::size_t>(vf::storage_size<L>(view_of<L>(nullptr, s).shape())), -777.0);
-    auto v = view_of<L>(m.data(), s);
-    each(s, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t i) { v(n, c, d, h, w) = x[i]; });
-    return m;
-}
-template <class L>
-std::vector<double> from_layout(std::vector<double>& m, const sizes5& s)
-{
-    std::vector<double> x(static_cast<std::size_t>(numel(s)));
-    auto v = view_of<L>(m.data(), s);
-    each(s, [&](index_t n, index_t c, index_t d, index_t h, index_t w, index_t i) { x[i] = v(n, c, d, h, w); });
-    return x;
-}
-
-std::vector<double> randn(index_t n, std::mt19937& g, double mean = 0, double sd = 1)
+std::vector<double> randn_d(index_t n, std::mt19937& g, double mean = 0, double sd = 1)
 {
     std::normal_distribution<double> nd(mean, sd);
     std::vector<double> v(static_cast<std::size_t>(n));
@@ -78,12 +38,12 @@ struct ref {
     {
         const index_t C = s[1], n = numel(s) / C;
         mean.assign(C, 0), var.assign(C, 0), invstd.assign(C, 0), mean_abs.assign(C, 0);
-        each(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) { mean_abs[c] += std::abs(x[i]); });
+        for_each_index(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) { mean_abs[c] += std::abs(x[i]); });
         for (auto& m : mean_abs) m /= n;
         if (batch) {
-            each(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) { mean[c] += x[i]; });
+            for_each_index(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) { mean[c] += x[i]; });
             for (auto& m : mean) m /= n;
-            each(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
+            for_each_index(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
                 var[c] += (x[i] - mean[c]) * (x[i] - mean[c]);
             });
             for (auto& v : var) v /= n;
@@ -92,7 +52,7 @@ struct ref {
         }
         for (index_t c = 0; c < C; ++c) invstd[c] = 1 / std::sqrt(var[c] + static_cast<ld>(eps));
         pre.assign(x.size(), 0), y.assign(x.size(), 0);
-        each(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
+        for_each_index(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
             const ld g = gamma.empty() ? 1 : gamma[c], b = beta.empty() ? 0 : beta[c];
             pre[i] = (x[i] - mean[c]) * invstd[c] * g + b;
             y[i] = relu && pre[i] <= 0 ? 0 : pre[i];
@@ -104,12 +64,12 @@ struct ref {
         const index_t C = s[1], n = numel(s) / C;
         dx.assign(x.size(), 0), gw.assign(C, 0), gb.assign(C, 0);
         std::vector<ld> g(x.size());
-        each(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
+        for_each_index(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
             g[i] = relu && pre[i] <= 0 ? 0 : dy[i];
             gb[c] += g[i];
             gw[c] += g[i] * (x[i] - mean[c]) * invstd[c];
         });
-        each(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
+        for_each_index(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
             const ld gm = gamma.empty() ? 1 : gamma[c], xhat = (x[i] - mean[c]) * invstd[c];
             dx[i] = batch ? gm * invstd[c] / n * (n * g[i] - gb[c] - xhat * gw[c]) : g[i] * invstd[c] * gm;
         });
@@ -130,7 +90,7 @@ template <class L, class BN>
 void check_case(BN& bn, const sizes5& s, const config& k, std::mt19937& g, double data_mean)
 {
     const index_t C = s[1], n = numel(s) / C;
-    const auto x = randn(numel(s), g, data_mean, 2.0), dy = randn(numel(s), g);
+    const auto x = randn_d(numel(s), g, data_mean, 2.0), dy = randn_d(numel(s), g);
     if (k.affine)
         for (index_t c = 0; c < C; ++c) bn.weight()[c] = 0.5 + 0.1 * c, bn.bias()[c] = 0.2 * c - 1.0;
     if (k.track)
@@ -247,7 +207,7 @@ TEST_CASE("BatchNorm3d<double>: gradients equal central finite differences (grad
     const sizes5 s{2, 3, 2, 3, 2};
     const index_t N = numel(s), C = s[1];
     std::mt19937 g(11);
-    const auto x0 = randn(N, g), wt = randn(N, g);
+    const auto x0 = randn_d(N, g), wt = randn_d(N, g);
     for (bool relu : {false, true})
         for (bool train : {true, false}) {
             INFO("relu " << relu << " train " << train);
@@ -308,7 +268,7 @@ TEST_CASE("BatchNorm3d<double>: in place, argument checks count 8-byte elements,
 {
     const sizes5 s{2, 4, 3, 3, 3};
     std::mt19937 g(5);
-    auto x = randn(numel(s), g);
+    auto x = randn_d(numel(s), g);
     const auto x0 = x;
     vf::BatchNorm3d<vf::dynamic, double> a(4), b(4);
     std::vector<double> y(x.size());
@@ -343,7 +303,7 @@ TEST_CASE("BatchNorm3d<double> and BatchNorm3d<float> agree to float precision",
 {
     const sizes5 s{2, 5, 4, 4, 4};
     std::mt19937 g(9);
-    const auto xd = randn(numel(s), g, 0.5, 1.5);
+    const auto xd = randn_d(numel(s), g, 0.5, 1.5);
     std::vector<float> xf(xd.begin(), xd.end()), yf(xd.size());
     std::vector<double> xr(xf.begin(), xf.end()), yd(xd.size());
     vf::BatchNorm3d<> bf(5);

@@ -2,6 +2,7 @@
 
     import volfuse
     bn = volfuse.BatchNorm3d(64)          # a torch.nn.BatchNorm3d, computed by volfuse
+    model = volfuse.convert(model)        # every torch.nn.BatchNorm3d of a model, in place
 
 The operators live in the native library next to this file (_volfuse_ops.so, built from
 gen/torch/ops.cpp) and are registered as torch.ops.volfuse.*; docs/torch.md says what is
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["BatchNorm3d", "ops_library"]
+__all__ = ["BatchNorm3d", "convert", "ops_library"]
 
 #: The native library this package loaded its operators from.
 ops_library = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_volfuse_ops.so")
@@ -67,3 +68,35 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
         if count:
             self.num_batches_tracked.add_(1)
         return out
+
+    @classmethod
+    def from_module(cls, bn):
+        """A volfuse.BatchNorm3d sharing bn's parameters and buffers (the same tensors, so an
+        optimizer built on the original keeps working), with its mode and configuration."""
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        with torch.no_grad():
+            if bn.affine:
+                new.weight, new.bias = bn.weight, bn.bias
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+        new.train(bn.training)
+        if hasattr(bn, "qconfig"):
+            new.qconfig = bn.qconfig
+        return new
+
+
+def convert(module):
+    """Replaces every torch.nn.BatchNorm3d in `module` (itself included, at any depth, in
+    nn.Sequential or as attributes) by a volfuse.BatchNorm3d sharing its parameters, buffers
+    and mode; returns the module (the same object unless `module` itself was a BatchNorm3d).
+    Subclasses of torch.nn.BatchNorm3d with a forward of their own are left alone.
+
+    Not yet: Conv3d -> BatchNorm3d -> ReLU patterns become volfuse's fused block
+    (docs/torch.md lists what is done)."""
+    if type(module) is torch.nn.BatchNorm3d:
+        return BatchNorm3d.from_module(module)
+    for name, child in module.named_children():
+        new = convert(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module

@@ -66,22 +66,32 @@ inline dpair widen(fvec v) noexcept
 /// a*b + c, rounded once where the ISA has FMA (8.1's avx512f kernel leaves that to
 /// the compiler's contraction, so call the intrinsic), twice on plain SSE2.
 /// The same expression in forward and backward therefore gives the same bits.
-inline fvec fma(fvec a, fvec b, fvec c) noexcept
+template <class T>
+inline vec<T> fused_multiply_add(vec<T> a, vec<T> b, vec<T> c) noexcept
 {
 #if XSIMD_WITH_AVX512F
-    return fvec(_mm512_fmadd_ps(a, b, c));
+    if constexpr (std::is_same_v<T, float>) return vec<T>(_mm512_fmadd_ps(a, b, c));
+    else return vec<T>(_mm512_fmadd_pd(a, b, c));
 #else
     return xsimd::fma(a, b, c);
 #endif
 }
-inline dvec fma(dvec a, dvec b, dvec c) noexcept
+/// c - a*b, rounded once where the ISA has FMA.
+template <class T>
+inline vec<T> fused_negated_multiply_add(vec<T> a, vec<T> b, vec<T> c) noexcept
 {
 #if XSIMD_WITH_AVX512F
-    return dvec(_mm512_fmadd_pd(a, b, c));
+    if constexpr (std::is_same_v<T, float>) return vec<T>(_mm512_fnmadd_ps(a, b, c));
+    else return vec<T>(_mm512_fnmadd_pd(a, b, c));
 #else
-    return xsimd::fma(a, b, c);
+    return xsimd::fnma(a, b, c);
 #endif
 }
+// Overloads, not a template: callers may pass anything that converts to a vector.
+inline fvec fma(fvec a, fvec b, fvec c) noexcept { return fused_multiply_add<float>(a, b, c); }
+inline dvec fma(dvec a, dvec b, dvec c) noexcept { return fused_multiply_add<double>(a, b, c); }
+inline fvec fnma(fvec a, fvec b, fvec c) noexcept { return fused_negated_multiply_add<float>(a, b, c); }
+inline dvec fnma(dvec a, dvec b, dvec c) noexcept { return fused_negated_multiply_add<double>(a, b, c); }
 /// fma(a, b, c) in the lanes where `on`, c in the others: AVX-512's masked fma (skipping
 /// lanes costs no extra instruction), a select of the fma elsewhere.  Bits as fma's.
 inline fvec fma_where(fmask on, fvec a, fvec b, fvec c) noexcept
@@ -97,23 +107,6 @@ inline fvec fma_where(fmask on, fvec a, fvec b, fvec c) noexcept
     return fvec(_mm512_mask3_fmadd_ps(a, b, c, static_cast<__mmask16>(on)));
 #else
     return xsimd::select(on, fma(a, b, c), c);
-#endif
-}
-/// c - a*b, rounded once where the ISA has FMA.
-inline fvec fnma(fvec a, fvec b, fvec c) noexcept
-{
-#if XSIMD_WITH_AVX512F
-    return fvec(_mm512_fnmadd_ps(a, b, c));
-#else
-    return xsimd::fnma(a, b, c);
-#endif
-}
-inline dvec fnma(dvec a, dvec b, dvec c) noexcept
-{
-#if XSIMD_WITH_AVX512F
-    return dvec(_mm512_fnmadd_pd(a, b, c));
-#else
-    return xsimd::fnma(a, b, c);
 #endif
 }
 
@@ -132,27 +125,21 @@ inline bool stream_aligned(const T* p) noexcept
 /// to memory without being read first (no read-for-ownership) and without evicting
 /// cached data.  For outputs nobody re-reads soon: an out-of-place pass then moves
 /// 8 bytes per element instead of 12.  Needs stream_fence() before others read.
-inline void store_stream(float* p, fvec v) noexcept
+template <class T>
+inline void store_stream(T* p, vec<T> v) noexcept
 {
+    constexpr bool f = std::is_same_v<T, float>;
 #if XSIMD_WITH_AVX512F
-    _mm512_stream_ps(p, v);
+    if constexpr (f) _mm512_stream_ps(p, v);
+    else _mm512_stream_pd(p, v);
 #elif XSIMD_WITH_AVX
-    _mm256_stream_ps(p, v);
+    if constexpr (f) _mm256_stream_ps(p, v);
+    else _mm256_stream_pd(p, v);
 #elif XSIMD_WITH_SSE2
-    _mm_stream_ps(p, v);
+    if constexpr (f) _mm_stream_ps(p, v);
+    else _mm_stream_pd(p, v);
 #else
-    v.store_unaligned(p);
-#endif
-}
-inline void store_stream(double* p, dvec v) noexcept
-{
-#if XSIMD_WITH_AVX512F
-    _mm512_stream_pd(p, v);
-#elif XSIMD_WITH_AVX
-    _mm256_stream_pd(p, v);
-#elif XSIMD_WITH_SSE2
-    _mm_stream_pd(p, v);
-#else
+    (void)f;
     v.store_unaligned(p);
 #endif
 }
