@@ -2,7 +2,9 @@
 // the global batch for 1-4 ranks, uneven splits and a rank with no samples; statistics identical
 // on every rank; errors agreed by all ranks with no state changed anywhere; eval mode silent.
 // tests/test_sync_bn_mpi.cpp runs the same scenarios as processes under mpirun.
+#include <algorithm>
 #include <exception>
+#include <tuple>
 #include <mutex>
 
 #include "sync_support.hpp"
@@ -373,5 +375,124 @@ TEST_CASE("SyncBatchNorm3d on one rank gives BatchNorm3d's bits (the phases comp
                 INFO("relu " << relu << (l ? " ndhwc" : " ncdhw") << " output " << i);
                 CHECK(same_bits(got[0][l][i], want[l][i]));
             }
+    }
+}
+
+TEST_CASE("SyncBatchNorm3d's split phases give forward()/backward()'s bits; their checks change nothing",
+          "[sync][split]")
+{
+    // The PyTorch package drives the all-gathers from Python: forward_message -> gather ->
+    // forward_merged, backward_message -> gather -> backward_merged.  Same phases as the
+    // communicator path, so the same bits (3 ranks, one with no samples).
+    const std::vector<index_t> split{2, 0, 3};
+    const index_t C = 5, D = 3, H = 4, W = 5;
+    for (const bool relu : {false, true}) {
+        std::mt19937 g(33);
+        std::vector<std::vector<float>> xs, dys;
+        for (index_t n : split) {
+            xs.push_back(randn(n * C * D * H * W, g, 2.0, 3.0));
+            dys.push_back(randn(n * C * D * H * W, g));
+        }
+        struct result {
+            std::vector<float> y, dx, rm, rv, wg, bg;
+        };
+        auto sizes = [&](int r) { return sizes5{split[static_cast<std::size_t>(r)], C, D, H, W}; };
+        auto run_steps = [&](auto& m, int r, auto&& fwd, auto&& bwd) {
+            result o;
+            auto x = xs[static_cast<std::size_t>(r)];
+            o.y.assign(x.size(), 0.f);
+            o.dx.assign(x.size(), 0.f);
+            const auto s = sizes(r);
+            fwd(m, view_of<vf::ndhwc_t>(x.data(), s).as_const(), view_of<vf::ndhwc_t>(o.y.data(), s));
+            bwd(m, view_of<vf::ndhwc_t>(x.data(), s).as_const(),
+                view_of<vf::ndhwc_t>(dys[static_cast<std::size_t>(r)].data(), s).as_const(),
+                view_of<vf::ndhwc_t>(o.dx.data(), s));
+            o.rm = vec(m.running_mean()), o.rv = vec(m.running_var());
+            o.wg = vec(m.weight_grad()), o.bg = vec(m.bias_grad());
+            return o;
+        };
+        const auto want = on_ranks<result>(3, [&](fake_communicator& comm) {
+            vf::SyncBatchNorm3d<> m(C, comm);
+            return run_steps(
+                m, comm.rank(),
+                [&](auto& mod, auto X, auto Y) { relu ? mod.forward(X, Y, vf::relu) : mod.forward(X, Y); },
+                [&](auto& mod, auto X, auto DY, auto DX) {
+                    relu ? mod.backward(X, DY, DX, vf::relu) : mod.backward(X, DY, DX);
+                });
+        });
+        // Split: every rank's halves in turn, the "gathers" done here by concatenation.
+        struct nobody {
+            int size() const { return 1; }
+            int rank() const { return 0; }
+            void all_gather(const void*, void*, std::size_t) { std::abort(); } // the split API never calls it
+        } none;
+        std::vector<vf::SyncBatchNorm3d<>> mods;
+        for (int r = 0; r < 3; ++r) mods.emplace_back(C, none);
+        std::vector<std::vector<float>> x(xs), y(3), dx(3);
+        std::vector<double> fwd_all, bwd_all;
+        for (int r = 0; r < 3; ++r) {
+            const auto m = mods[static_cast<std::size_t>(r)].forward_message(
+                view_of<vf::ndhwc_t>(x[static_cast<std::size_t>(r)].data(), sizes(r)).as_const());
+            REQUIRE(m.size() == static_cast<std::size_t>(2 * C + 1));
+            fwd_all.insert(fwd_all.end(), m.begin(), m.end());
+        }
+        for (int r = 0; r < 3; ++r) {
+            auto& xr = x[static_cast<std::size_t>(r)];
+            auto& yr = y[static_cast<std::size_t>(r)];
+            yr.assign(xr.size(), 0.f);
+            const auto X = view_of<vf::ndhwc_t>(xr.data(), sizes(r)).as_const();
+            const auto Y = view_of<vf::ndhwc_t>(yr.data(), sizes(r));
+            auto& m = mods[static_cast<std::size_t>(r)];
+            relu ? m.forward_merged(X, Y, fwd_all, vf::relu) : m.forward_merged(X, Y, fwd_all);
+        }
+        auto bviews = [&](int r) {
+            auto& xr = x[static_cast<std::size_t>(r)];
+            dx[static_cast<std::size_t>(r)].resize(xr.size());
+            return std::tuple{view_of<vf::ndhwc_t>(xr.data(), sizes(r)).as_const(),
+                              view_of<vf::ndhwc_t>(dys[static_cast<std::size_t>(r)].data(), sizes(r)).as_const(),
+                              view_of<vf::ndhwc_t>(dx[static_cast<std::size_t>(r)].data(), sizes(r))};
+        };
+        for (int r = 0; r < 3; ++r) {
+            auto [X, DY, DX] = bviews(r);
+            auto& m = mods[static_cast<std::size_t>(r)];
+            const auto msg = relu ? m.backward_message(X, DY, DX, vf::relu) : m.backward_message(X, DY, DX);
+            bwd_all.insert(bwd_all.end(), msg.begin(), msg.end());
+        }
+        for (int r = 0; r < 3; ++r) {
+            auto [X, DY, DX] = bviews(r);
+            auto& m = mods[static_cast<std::size_t>(r)];
+            relu ? m.backward_merged(X, DY, DX, bwd_all, r, vf::relu) : m.backward_merged(X, DY, DX, bwd_all, r);
+        }
+        for (int r = 0; r < 3; ++r) {
+            INFO("relu " << relu << " rank " << r);
+            const auto& w = want[static_cast<std::size_t>(r)];
+            const auto& m = mods[static_cast<std::size_t>(r)];
+            CHECK(same_bits(y[static_cast<std::size_t>(r)], w.y));
+            CHECK(same_bits(dx[static_cast<std::size_t>(r)], w.dx));
+            CHECK(same_bits(vec(m.running_mean()), w.rm));
+            CHECK(same_bits(vec(m.running_var()), w.rv));
+            CHECK(same_bits(vec(m.weight_grad()), w.wg));
+            CHECK(same_bits(vec(m.bias_grad()), w.bg));
+        }
+        // Bad gathers and calls out of order throw and change nothing.
+        vf::SyncBatchNorm3d<> m(C, none);
+        auto& xr = x[0];
+        std::vector<float> yr(xr.size(), 7.f);
+        const auto X = view_of<vf::ndhwc_t>(xr.data(), sizes(0)).as_const();
+        const auto Y = view_of<vf::ndhwc_t>(yr.data(), sizes(0));
+        const auto before = vec(m.running_mean());
+        std::vector<double> torn(fwd_all.begin(), fwd_all.end() - 1), bad_count(fwd_all);
+        bad_count[0] = -1;
+        std::vector<double> one{1.0};
+        one.resize(static_cast<std::size_t>(2 * C + 1), 0.0);
+        CHECK_THROWS_WITH(m.forward_merged(X, Y, torn), Catch::Contains("not a positive multiple of the message size 11"));
+        CHECK_THROWS_WITH(m.forward_merged(X, Y, bad_count), Catch::Contains("process 0's message has no valid count"));
+        CHECK_THROWS_WITH(m.forward_merged(X, Y, one), Catch::Contains("Expected more than 1 value per channel"));
+        CHECK_THROWS_WITH(m.backward_message(X, X, Y), Catch::Contains("was not a training forward over the group"));
+        m.eval();
+        CHECK_THROWS_WITH(m.forward_message(X), Catch::Contains("eval mode"));
+        CHECK(same_bits(vec(m.running_mean()), before));
+        CHECK(m.num_batches_tracked() == 0);
+        CHECK(std::all_of(yr.begin(), yr.end(), [](float v) { return v == 7.f; }));
     }
 }

@@ -79,6 +79,7 @@ void check_forward_args(const Tensor& x, const optional<Tensor>& w, const option
     per_channel(b, "bias");
     if (bool(rm && rm->defined()) != bool(rv && rv->defined()))
         fail(std::string(op_prefix) + "running_mean and running_var must both be given or both be None");
+    if (!(w && w->defined()) && b && b->defined()) fail(std::string(op_prefix) + "bias without weight is not supported");
 }
 
 /// A volfuse view (layout L) of a 5-D tensor's memory, the tensor being in that layout.
@@ -112,6 +113,28 @@ void load(std::span<T> to, const Tensor& from)
     std::copy_n(c.data_ptr<T>(), to.size(), to.data());
 }
 
+/// A module's parameters and running statistics from the op's tensors (those given).
+template <class BN>
+void load_state(BN& bn, const optional<Tensor>& w, const optional<Tensor>& b, const optional<Tensor>& rm,
+                const optional<Tensor>& rv)
+{
+    if (w && w->defined()) {
+        load(bn.weight(), *w);
+        if (b && b->defined()) load(bn.bias(), *b);
+        else std::fill(bn.bias().begin(), bn.bias().end(), 0); // F.batch_norm(weight=w, bias=None)
+    }
+    if (rm && rm->defined()) load(bn.running_mean(), *rm), load(bn.running_var(), *rv);
+}
+
+/// Writes a module's new running statistics back into the caller's buffers (after success).
+template <class BN>
+void store_running(BN& bn, const optional<Tensor>& rm, const optional<Tensor>& rv, const at::TensorOptions& o)
+{
+    const auto C = static_cast<int64_t>(bn.running_mean().size());
+    rm->copy_(at::from_blob(bn.running_mean().data(), {C}, o));
+    rv->copy_(at::from_blob(bn.running_var().data(), {C}, o));
+}
+
 template <class T>
 std::tuple<Tensor, Tensor> batch_norm_cpu_t(const Tensor& input, const optional<Tensor>& w, const optional<Tensor>& b,
                                             const optional<Tensor>& rm, const optional<Tensor>& rv, bool training,
@@ -122,13 +145,7 @@ std::tuple<Tensor, Tensor> batch_norm_cpu_t(const Tensor& input, const optional<
     const Tensor x = input.contiguous(format_of(l)); // a copy only for strides volfuse cannot view
     const int64_t C = x.size(1);
     vf::BatchNorm3d<vf::dynamic, T> bn(C, eps, momentum, affine, track);
-    if (affine) {
-        load(bn.weight(), *w);
-        if (b && b->defined()) load(bn.bias(), *b);
-    } else if (b && b->defined()) {
-        fail(std::string(op_prefix) + "bias without weight is not supported");
-    }
-    if (track) load(bn.running_mean(), *rm), load(bn.running_var(), *rv);
+    load_state(bn, w, b, rm, rv);
     bn.train(training);
     Tensor y = at::empty_like(x, x.options(), format_of(l));
     Tensor reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
@@ -143,10 +160,7 @@ std::tuple<Tensor, Tensor> batch_norm_cpu_t(const Tensor& input, const optional<
         fail(e.what());
     }
     // Committed: the module ran; its new running statistics go back into the buffers.
-    if (track && training) {
-        rm->copy_(at::from_blob(bn.running_mean().data(), {C}, x.options()));
-        rv->copy_(at::from_blob(bn.running_var().data(), {C}, x.options()));
-    }
+    if (track && training) store_running(bn, rm, rv, x.options());
     if (x.numel() > 0) vf::detail::saved_forward::save(bn, span_of<T>(reserve), C);
     return {y, reserve};
 }
@@ -159,6 +173,20 @@ std::tuple<Tensor, Tensor> batch_norm_cpu(const Tensor& input, const optional<Te
     if (input.scalar_type() == at::kDouble)
         return batch_norm_cpu_t<double>(input, w, b, rm, rv, training, momentum, eps, relu);
     return batch_norm_cpu_t<float>(input, w, b, rm, rv, training, momentum, eps, relu);
+}
+
+/// The backward ops' arguments: grad_output like input, the forward's reserve.
+void check_backward_args(const Tensor& grad_out, const Tensor& input, const optional<Tensor>& w, const Tensor& reserve,
+                         const char* op)
+{
+    check_forward_args(input, w, {}, {}, {});
+    if (!grad_out.sizes().equals(input.sizes()) || grad_out.scalar_type() != input.scalar_type() ||
+        !grad_out.device().is_cpu())
+        fail(std::string(op) + ": grad_output must be a CPU tensor of the input's dtype and shape");
+    const int64_t C = input.size(1);
+    if (reserve.scalar_type() != input.scalar_type() || reserve.numel() != vf::detail::saved_forward::rows * C)
+        fail(std::string(op) + ": reserve is not the forward's (expected " + std::to_string(vf::detail::saved_forward::rows) +
+             " x " + std::to_string(C) + " " + dtype_name(input) + ")");
 }
 
 template <class T>
@@ -200,17 +228,172 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu(const Tensor& grad_ou
                                                            bool batch_stats, bool relu, double eps,
                                                            std::array<bool, 3> mask)
 {
-    check_forward_args(input, w, {}, {}, {});
-    if (!grad_out.sizes().equals(input.sizes()) || grad_out.scalar_type() != input.scalar_type() ||
-        !grad_out.device().is_cpu())
-        fail("volfuse::batch_norm_backward: grad_output must be a CPU tensor of the input's dtype and shape");
-    const int64_t C = input.size(1);
-    if (reserve.scalar_type() != input.scalar_type() || reserve.numel() != vf::detail::saved_forward::rows * C)
-        fail("volfuse::batch_norm_backward: reserve is not the forward's (expected " +
-             std::to_string(vf::detail::saved_forward::rows) + " x " + std::to_string(C) + " " + dtype_name(input) + ")");
+    check_backward_args(grad_out, input, w, reserve, "volfuse::batch_norm_backward");
     if (input.scalar_type() == at::kDouble)
         return batch_norm_backward_cpu_t<double>(grad_out, input, w, reserve, batch_stats, relu, eps, mask);
     return batch_norm_backward_cpu_t<float>(grad_out, input, w, reserve, batch_stats, relu, eps, mask);
+}
+
+// --- SyncBatchNorm's local phases ------------------------------------------------------
+// volfuse.SyncBatchNorm (Python) runs the all-gathers over a torch.distributed process group
+// (a 1.13 operator cannot take one) between these ops, which are vf::SyncBatchNorm3d's split
+// phases on this process's part of the batch:
+//   sync_batch_norm_message -> all-gather -> sync_batch_norm
+//   sync_batch_norm_backward_message -> all-gather -> sync_batch_norm_backward
+// The messages are float64 tensors (counts, moments, sums) whatever the input's dtype.
+
+constexpr std::string_view sync_prefix = "volfuse::sync_batch_norm: ";
+
+Tensor message_tensor(const std::vector<double>& m)
+{
+    return at::from_blob(const_cast<double*>(m.data()), {static_cast<int64_t>(m.size())}, at::kDouble).clone();
+}
+
+/// The gathered messages as doubles: a CPU float64 tensor.
+std::span<const double> gathered_span(const Tensor& g)
+{
+    if (!g.device().is_cpu() || g.scalar_type() != at::kDouble || !g.is_contiguous())
+        fail(std::string(sync_prefix) + "gathered must be a contiguous CPU Double tensor, got " + dtype_name(g) + " on " +
+             g.device().str());
+    return {g.data_ptr<double>(), static_cast<std::size_t>(g.numel())};
+}
+
+template <class T>
+Tensor sync_message_t(const Tensor& input, double eps)
+{
+    const layout l = layout_of(input);
+    const Tensor x = input.contiguous(format_of(l));
+    vf::solo_communicator solo;
+    vf::SyncBatchNorm3d<vf::dynamic, T> bn(x.size(1), solo, eps, 0.1, false, false);
+    std::vector<double> m;
+    try {
+        by_layout(l, [&](auto L) { m = bn.forward_message(view_of<T, decltype(L)>(x).as_const()); });
+    } catch (const vf::error& e) {
+        fail(e.what());
+    }
+    return message_tensor(m);
+}
+
+Tensor sync_message_cpu(const Tensor& input, const optional<Tensor>& w, const optional<Tensor>& b,
+                        const optional<Tensor>& rm, const optional<Tensor>& rv, double eps)
+{
+    check_forward_args(input, w, b, rm, rv); // all of the forward's arguments: errors before the gathers
+    if (input.scalar_type() == at::kDouble) return sync_message_t<double>(input, eps);
+    return sync_message_t<float>(input, eps);
+}
+
+template <class T>
+std::tuple<Tensor, Tensor> sync_forward_t(const Tensor& input, const optional<Tensor>& w, const optional<Tensor>& b,
+                                          const optional<Tensor>& rm, const optional<Tensor>& rv,
+                                          std::span<const double> gathered, double momentum, double eps, bool relu)
+{
+    const layout l = layout_of(input);
+    const Tensor x = input.contiguous(format_of(l));
+    const int64_t C = x.size(1);
+    vf::solo_communicator solo;
+    vf::SyncBatchNorm3d<vf::dynamic, T> bn(C, solo, eps, momentum, w && w->defined(), rm && rm->defined());
+    load_state(bn, w, b, rm, rv);
+    Tensor y = at::empty_like(x, x.options(), format_of(l));
+    Tensor reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
+    try {
+        by_layout(l, [&](auto L) {
+            const auto X = view_of<T, decltype(L)>(x).as_const();
+            const auto Y = view_of<T, decltype(L)>(y);
+            if (relu) bn.forward_merged(X, Y, gathered, vf::relu);
+            else bn.forward_merged(X, Y, gathered);
+        });
+    } catch (const vf::error& e) {
+        fail(e.what());
+    }
+    if (rm && rm->defined()) store_running(bn, rm, rv, x.options());
+    vf::detail::saved_forward::save_sync(bn, span_of<T>(reserve), C);
+    return {y, reserve};
+}
+
+std::tuple<Tensor, Tensor> sync_forward_cpu(const Tensor& input, const optional<Tensor>& w, const optional<Tensor>& b,
+                                            const optional<Tensor>& rm, const optional<Tensor>& rv,
+                                            const Tensor& gathered, double momentum, double eps, bool relu)
+{
+    check_forward_args(input, w, b, rm, rv);
+    const auto g = gathered_span(gathered);
+    if (input.scalar_type() == at::kDouble)
+        return sync_forward_t<double>(input, w, b, rm, rv, g, momentum, eps, relu);
+    return sync_forward_t<float>(input, w, b, rm, rv, g, momentum, eps, relu);
+}
+
+/// The backward's tensors in the input's layout, and a module ready for backward_message /
+/// backward_merged (the forward's state restored from the reserve).
+template <class T, class Fn>
+void with_sync_backward(const Tensor& grad_out, const Tensor& input, const optional<Tensor>& w, const Tensor& reserve,
+                        int64_t global_count, bool relu, double eps, Fn&& fn)
+{
+    const layout l = layout_of(input);
+    const Tensor x = input.contiguous(format_of(l));
+    const Tensor dy = grad_out.contiguous(format_of(l));
+    const Tensor saved = reserve.contiguous();
+    vf::solo_communicator solo;
+    vf::SyncBatchNorm3d<vf::dynamic, T> bn(x.size(1), solo, eps, 0.1, w && w->defined(), false);
+    try {
+        by_layout(l, [&](auto L) {
+            const auto X = view_of<T, decltype(L)>(x).as_const();
+            vf::detail::saved_forward::restore_sync(bn, X, std::span<const T>(span_of<T>(saved)), global_count,
+                                                    relu ? vf::expr::relu_t::name : vf::expr::identity_t::name);
+            fn(bn, X, view_of<T, decltype(L)>(dy).as_const(), l, x);
+        });
+    } catch (const vf::error& e) {
+        fail(e.what());
+    }
+}
+
+Tensor sync_backward_message_cpu(const Tensor& grad_out, const Tensor& input, const optional<Tensor>& w,
+                                 const Tensor& reserve, int64_t global_count, bool relu, double eps)
+{
+    check_backward_args(grad_out, input, w, reserve, "volfuse::sync_batch_norm_backward_message");
+    Tensor msg;
+    auto run = [&]<class T>(T) {
+        with_sync_backward<T>(grad_out, input, w, reserve, global_count, relu, eps,
+                              [&](auto& bn, const auto& X, const auto& DY, layout, const Tensor&) {
+                                  // backward_message writes no dX: the checks only need one (dY's memory).
+                                  using V = std::remove_cvref_t<decltype(X)>;
+                                  const auto DX = vf::make_view<typename V::layout_type>(
+                                      const_cast<T*>(DY.data()), std::span<const vf::index_t>(X.sizes()));
+                                  msg = message_tensor(relu ? bn.backward_message(X, DY, DX, vf::relu)
+                                                               : bn.backward_message(X, DY, DX));
+                              });
+    };
+    if (input.scalar_type() == at::kDouble) run(double{});
+    else run(float{});
+    return msg;
+}
+
+std::tuple<Tensor, Tensor, Tensor> sync_backward_cpu(const Tensor& grad_out, const Tensor& input,
+                                                     const optional<Tensor>& w, const Tensor& reserve,
+                                                     int64_t global_count, const Tensor& gathered, int64_t rank,
+                                                     bool relu, double eps, std::array<bool, 3> mask)
+{
+    check_backward_args(grad_out, input, w, reserve, "volfuse::sync_batch_norm_backward");
+    const auto g = gathered_span(gathered);
+    Tensor dx, gw, gb;
+    auto run = [&]<class T>(T) {
+        with_sync_backward<T>(grad_out, input, w, reserve, global_count, relu, eps,
+                              [&](auto& bn, const auto& X, const auto& DY, layout l, const Tensor& x) {
+                                  using V = std::remove_cvref_t<decltype(X)>;
+                                  dx = at::empty_like(x, x.options(), format_of(l));
+                                  const auto DX = view_of<T, typename V::layout_type>(dx);
+                                  if (relu) bn.backward_merged(X, DY, DX, g, static_cast<int>(rank), vf::relu);
+                                  else bn.backward_merged(X, DY, DX, g, static_cast<int>(rank));
+                                  const int64_t C = x.size(1);
+                                  if (w && w->defined() && mask[1])
+                                      gw = at::from_blob(const_cast<T*>(bn.weight_grad().data()), {C}, x.options()).clone();
+                                  if (w && w->defined() && mask[2])
+                                      gb = at::from_blob(const_cast<T*>(bn.bias_grad().data()), {C}, x.options()).clone();
+                              });
+    };
+    if (rank < 0 || rank > INT_MAX) fail("volfuse::sync_batch_norm_backward: rank " + std::to_string(rank) + " is out of range");
+    if (input.scalar_type() == at::kDouble) run(double{});
+    else run(float{});
+    if (!mask[0]) dx = Tensor();
+    return {dx, gw, gb};
 }
 
 // --- autograd ----------------------------------------------------------------------------
@@ -382,12 +565,24 @@ TORCH_LIBRARY(volfuse, m)
           "bool training, float momentum, float eps, bool relu=False) -> (Tensor, Tensor)");
     m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor reserve, bool batch_stats, "
           "bool relu, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+    m.def("sync_batch_norm_message(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+          "Tensor? running_var, float eps) -> Tensor");
+    m.def("sync_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+          "Tensor(b!)? running_var, Tensor gathered, float momentum, float eps, bool relu=False) -> (Tensor, Tensor)");
+    m.def("sync_batch_norm_backward_message(Tensor grad_output, Tensor input, Tensor? weight, Tensor reserve, "
+          "int global_count, bool relu, float eps) -> Tensor");
+    m.def("sync_batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor reserve, "
+          "int global_count, Tensor gathered, int rank, bool relu, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(volfuse, CPU, m)
 {
     m.impl("batch_norm", &batch_norm_cpu);
     m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+    m.impl("sync_batch_norm_message", &sync_message_cpu);
+    m.impl("sync_batch_norm", &sync_forward_cpu);
+    m.impl("sync_batch_norm_backward_message", &sync_backward_message_cpu);
+    m.impl("sync_batch_norm_backward", &sync_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(volfuse, Autograd, m)

@@ -8,6 +8,7 @@
 
 #include <concepts>
 #include <cstddef>
+#include <cstring>
 
 namespace volfuse::inline VOLFUSE_ISA_NS {
 
@@ -45,5 +46,15 @@ private:
     int (*rank_)(void*);
     void (*gather_)(void*, const void*, void*, std::size_t);
 };
+
+/// The group of this process alone: all_gather copies its block.  What a SyncBatchNorm3d
+/// whose split phases are driven from outside holds (forward_message, ...: its transport is
+/// the caller's), and a single-process run's group.
+struct solo_communicator {
+    int size() const noexcept { return 1; }
+    int rank() const noexcept { return 0; }
+    void all_gather(const void* send, void* recv, std::size_t bytes) const noexcept { std::memcpy(recv, send, bytes); }
+};
+static_assert(communicator<solo_communicator>);
 
 } // namespace volfuse

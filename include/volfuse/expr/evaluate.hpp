@@ -200,7 +200,7 @@ struct composer {
             bn.reserve(C);
         });
         h.count = SBN::values_per_channel(osz);
-        const std::int64_t global = sbn.agree(h, osz);
+        sbn.agree(h, osz);
         // Committed from here on.
         const kernels::moments_out m = bn.moments();
         if (n > 0) {
@@ -208,7 +208,8 @@ struct composer {
             const index_t P = kernels::conv::round_up(C, simd::width);
             for (index_t c = 0; c < C; ++c) m.mean[c] = moments[P + c], m.m2[c] = moments[2 * P + c];
         }
-        sbn.commit_forward(C, global, n > 0, osz, z, y, ndhwc_t::name, Epi::name);
+        sbn.exchange(sbn.message_of_moments(C, h.count, n > 0));
+        sbn.commit_forward(C, osz, z, y, ndhwc_t::name, Epi::name);
         if (n > 0) {
             const auto f = SBN::bn_type::specialize(ndhwc_view(static_cast<const float*>(z), osz)).form();
             kernels::normalize(f, 0, C, z, y, bn.coeffs(), op);

@@ -622,6 +622,22 @@ struct saved_forward {
         for (index_t r = 0; r < rows; ++r) std::copy_n(in.data() + r * C, C, to[r]->data());
         bn.saved_ = {true, false, batch_stats, X.data(), X.sizes(), VX::layout_name(), epilogue, bn.policy_};
     }
+    /// The same for a SyncBatchNorm3d's synchronized training forward over `global_count`
+    /// values per channel (its backward_message/backward_merged run next).
+    template <class SBN>
+    static void save_sync(const SBN& s, std::span<typename SBN::value_type> out, index_t C) noexcept
+    {
+        save(s.bn_, out, C);
+    }
+    template <class SBN, class VX>
+    static void restore_sync(SBN& s, const VX& X, std::span<const typename SBN::value_type> in,
+                             std::int64_t global_count, std::string_view epilogue)
+    {
+        if (global_count < 0) throw error("saved forward state: negative global count " + std::to_string(global_count));
+        restore(s.bn_, X, in, true, epilogue);
+        s.synced_ = true;
+        s.global_count_ = global_count;
+    }
 };
 } // namespace detail
 

@@ -15,6 +15,7 @@
 #include "../core/config.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -106,29 +107,18 @@ public:
             bn_.forward(X, Y, epi);
             return;
         }
-        bn_type::template check_views<VX, VY>();
-        static_assert(!std::is_const_v<typename VY::value_type>, "SyncBatchNorm3d::forward: Y must be writable");
         const auto sz = X.sizes();
         const index_t C = sz[1];
-        header h = try_local([&] {
-            bn_.check_io(detail::operand_of(X, "input"), {detail::operand_of(Y, "output")});
-            bn_.check_channels(C);
-            prepare_buffers(C);
-            bn_.reserve(C);
-            if (X.shape().numel() > 0) bn_.workspace(bn_type::specialize(X.as_const()).form());
-        });
+        header h = try_local([&] { check_forward(X, Y); });
         h.count = values_per_channel(sz);
-        const std::int64_t n = agree(h, sz); // throws on every process if any failed
+        agree(h, sz); // throws on every process if any failed
 
         // Committed from here on: kernels and all-gathers do not fail.
-        const auto f = bn_type::specialize(X.as_const()).form();
-        const kernels::moments_out<T> m = bn_.moments();
+        local_moments(X);
+        exchange(message_of_moments(C, h.count, X.shape().numel() > 0));
+        commit_forward(C, sz, X.data(), Y.data(), VX::layout_name(), Epi::name);
         if (X.shape().numel() > 0)
-            kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
-                kernels::moments(f, c0, c1, X.data(), bn_.work_.data(), m);
-            });
-        commit_forward(C, n, X.shape().numel() > 0, sz, X.data(), Y.data(), VX::layout_name(), Epi::name);
-        if (X.shape().numel() > 0) kernels::normalize(f, 0, C, X.data(), Y.data(), bn_.coeffs(), epi);
+            kernels::normalize(bn_type::specialize(X.as_const()).form(), 0, C, X.data(), Y.data(), bn_.coeffs(), epi);
     }
 
     /// Backward of the last forward: collective after a training forward (every process
@@ -141,10 +131,98 @@ public:
         backward_agreed(X, dY, dX, epi, {});
     }
 
+    // --- split phases ---------------------------------------------------------------
+    // forward() and backward() with the all-gathers left to the caller, for a transport the
+    // module cannot call (the PyTorch package's process groups are reached from Python):
+    //   m = forward_message(X);  gather every process's m in rank order;  forward_merged(X, Y, all)
+    //   m = backward_message(X, dY, dX);  gather;  backward_merged(X, dY, dX, all, rank)
+    // The caller agrees on errors itself: if a *_message threw on any process, no process may
+    // call the matching *_merged (the others would wait for it in the next gather).
+
+    /// A training forward's local half: every check forward(X, ...) makes of X, then this
+    /// process's message [values per channel, mean[0..C), M2[0..C)] (2C + 1 doubles).
+    template <class VX>
+    std::vector<double> forward_message(const VX& X)
+    {
+        if (!bn_.training()) throw error("SyncBatchNorm3d::forward_message: the module is in eval mode, which communicates nothing (call forward)");
+        bn_type::template check_views<VX, VX>();
+        const auto sz = X.sizes();
+        bn_.check_io(detail::operand_of(X, "input"), {});
+        bn_.check_channels(sz[1]);
+        prepare_buffers(sz[1]);
+        bn_.reserve(sz[1]);
+        const std::int64_t count = values_per_channel(sz);
+        if (count < 0) throw error("SyncBatchNorm3d: the global batch's values per channel overflow 64 bits");
+        if (X.shape().numel() > 0) bn_.workspace(bn_type::specialize(X.as_const()).form());
+        local_moments(X);
+        const std::span<const double> m = message_of_moments(sz[1], count, X.shape().numel() > 0);
+        return {m.begin(), m.end()};
+    }
+
+    /// The training forward's global half: Y = epi(SyncBatchNorm(X)) from `gathered`, every
+    /// process's forward_message in rank order (processes * (2C + 1) doubles), X this
+    /// process's part.  Validates all of it before anything is written.
+    template <class VX, class VY, expr::epilogue Epi = expr::identity_t>
+    void forward_merged(const VX& X, const VY& Y, std::span<const double> gathered, Epi epi = {})
+    {
+        if (!bn_.training()) throw error("SyncBatchNorm3d::forward_merged: the module is in eval mode, which communicates nothing (call forward)");
+        check_forward(X, Y);
+        const auto sz = X.sizes();
+        const index_t C = sz[1];
+        check_gathered(gathered, 2 * C + 1, "forward_merged");
+        const std::size_t P = gathered.size() / static_cast<std::size_t>(2 * C + 1);
+        std::int64_t n = 0;
+        for (std::size_t r = 0; r < P; ++r) {
+            const double v = gathered[r * static_cast<std::size_t>(2 * C + 1)];
+            if (!(v >= 0 && v <= 0x1p53 && v == std::floor(v)))
+                throw error("SyncBatchNorm3d::forward_merged: process " + std::to_string(r) +
+                            "'s message has no valid count (not a forward_message?)");
+            n += static_cast<std::int64_t>(v);
+            if (n > (std::int64_t{1} << 53))
+                throw error("SyncBatchNorm3d: the global batch's values per channel overflow 2^53");
+        }
+        if (n == 1)
+            throw error("Expected more than 1 value per channel when training, got input size " + detail::sizes_str(sz));
+        recv_.assign(gathered.begin(), gathered.end());
+        commit_forward(C, sz, X.data(), Y.data(), VX::layout_name(), Epi::name, static_cast<int>(P));
+        if (X.shape().numel() > 0)
+            kernels::normalize(bn_type::specialize(X.as_const()).form(), 0, C, X.data(), Y.data(), bn_.coeffs(), epi);
+    }
+
+    /// The backward's local half, after a training forward (or forward_merged): every check
+    /// backward makes, then this process's message [sum dY', sum dY' (X - mean)] (2C doubles,
+    /// dY' = dY through the epilogue's derivative).
+    template <class VX, class VDY, class VDX, expr::epilogue Epi = expr::identity_t>
+    std::vector<double> backward_message(const VX& X, const VDY& dY, const VDX& dX, Epi epi = {})
+    {
+        check_synced_backward(X, dY, dX, epi, "backward_message");
+        local_sums(X, dY, epi);
+        return {send_.begin(), send_.begin() + 2 * X.sizes()[1]};
+    }
+
+    /// The backward's global half: dX (this process's slice) from `gathered`, every process's
+    /// backward_message in rank order; `rank` is this process's place in it (its own sums are
+    /// what weight_grad() and bias_grad() accumulate).
+    template <class VX, class VDY, class VDX, expr::epilogue Epi = expr::identity_t>
+    void backward_merged(const VX& X, const VDY& dY, const VDX& dX, std::span<const double> gathered, int rank,
+                         Epi epi = {})
+    {
+        check_synced_backward(X, dY, dX, epi, "backward_merged");
+        const index_t C = X.sizes()[1];
+        check_gathered(gathered, 2 * C, "backward_merged");
+        const auto P = static_cast<int>(gathered.size() / static_cast<std::size_t>(2 * C));
+        if (rank < 0 || rank >= P)
+            throw error("SyncBatchNorm3d::backward_merged: rank " + std::to_string(rank) + " is not one of the " +
+                        std::to_string(P) + " processes gathered");
+        recv_.assign(gathered.begin(), gathered.end());
+        apply_sums(X, dY, dX, P, rank, epi);
+    }
+
 private:
     template <conv_spec, index_t, class>
     friend class ConvBnReLU3d;
     friend struct detail::composer;
+    friend struct detail::saved_forward; // moves what backward needs in and out (the PyTorch ops)
 
     /// backward, with an error the caller met before (its own checks: the fused block's) taken
     /// into the agreement as this process's outcome, so that all processes throw.
@@ -167,56 +245,136 @@ private:
         h.count = values_per_channel(sz);
         agree(h, sz);
 
+        local_sums(X, dY, epi);
+        exchange({send_.data(), 2 * static_cast<std::size_t>(C)});
+        apply_sums(X, dY, dX, comm_.size(), comm_.rank(), epi);
+    }
+
+    /// backward_message/backward_merged's checks: backward's, after a synchronized forward.
+    template <class VX, class VDY, class VDX, class Epi>
+    void check_synced_backward(const VX& X, const VDY& dY, const VDX& dX, Epi epi, const char* what)
+    {
+        if (!synced_)
+            throw error("SyncBatchNorm3d::" + std::string(what) +
+                        ": the last forward was not a training forward over the group (call backward)");
+        bn_.check_backward(X, dY, dX, epi);
+        prepare_buffers(X.sizes()[1]);
+        if (X.shape().numel() > 0) bn_.workspace(bn_type::specialize(X.as_const()).form());
+    }
+
+    /// gathered holds one message of `each` doubles per process, at least one.
+    static void check_gathered(std::span<const double> gathered, index_t each, const char* what)
+    {
+        const auto e = static_cast<std::size_t>(std::max<index_t>(each, 1));
+        if (gathered.empty() || gathered.size() % e != 0)
+            throw error("SyncBatchNorm3d::" + std::string(what) + ": gathered has " + std::to_string(gathered.size()) +
+                        " values, not a positive multiple of the message size " + std::to_string(each));
+    }
+
+    /// The training forward's checks (forward(X, Y) makes these, on every process).
+    template <class VX, class VY>
+    void check_forward(const VX& X, const VY& Y)
+    {
+        bn_type::template check_views<VX, VY>();
+        static_assert(!std::is_const_v<typename VY::value_type>, "SyncBatchNorm3d::forward: Y must be writable");
+        const index_t C = X.sizes()[1];
+        bn_.check_io(detail::operand_of(X, "input"), {detail::operand_of(Y, "output")});
+        bn_.check_channels(C);
+        prepare_buffers(C);
+        bn_.reserve(C);
+        if (X.shape().numel() > 0) bn_.workspace(bn_type::specialize(X.as_const()).form());
+    }
+
+    /// This process's moments (mean, M2) into bn_.moments().
+    template <class VX>
+    void local_moments(const VX& X) noexcept
+    {
+        if (X.shape().numel() == 0) return;
         const auto f = bn_type::specialize(X.as_const()).form();
-        const index_t stride = kernels::reduce_stride(C);
-        const kernels::bn_backward_coeffs<T> cf{bn_.coeffs(), bn_.invstd_.data(), bn_.gamma_.data(),
-                                             bn_.grad_mean_.data(), bn_.k_.data()};
-        double* work = bn_.work_.data();
-        if (X.shape().numel() > 0) {
-            kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
-                kernels::backward_sums(f, kernels::batch_stats_policy::fast, c0, c1, X.data(), dY.data(), cf.fwd,
-                                       work, epi);
-            });
-            for (index_t c = 0; c < C; ++c) send_[c] = work[c], send_[C + c] = work[stride + c];
-        } else {
-            std::fill(send_.begin(), send_.begin() + 2 * C, 0.0);
+        const kernels::moments_out<T> m = bn_.moments();
+        kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
+            kernels::moments(f, c0, c1, X.data(), bn_.work_.data(), m);
+        });
+    }
+
+    /// The forward message from bn_.moments() (zeros when this process has no values).
+    std::span<const double> message_of_moments(index_t C, std::int64_t count, bool local) noexcept
+    {
+        const kernels::moments_out<T> m = bn_.moments();
+        send_[0] = static_cast<double>(count);
+        for (index_t c = 0; c < C; ++c) {
+            send_[static_cast<std::size_t>(1 + c)] = local ? m.mean[c] : 0.0;
+            send_[static_cast<std::size_t>(1 + C + c)] = local ? m.m2[c] : 0.0;
         }
-        comm_.all_gather(send_.data(), recv_.data(), sizeof(double) * 2 * static_cast<std::size_t>(C));
+        return {send_.data(), static_cast<std::size_t>(2 * C + 1)};
+    }
+
+    /// comm's all-gather of one message per process into recv_.
+    void exchange(std::span<const double> message) noexcept
+    {
+        comm_.all_gather(message.data(), recv_.data(), sizeof(double) * message.size());
+    }
+
+    /// This process's backward sums [sum dY', sum dY' (X - mean)] into send_ (zeros when empty).
+    template <class VX, class VDY, class Epi>
+    void local_sums(const VX& X, const VDY& dY, Epi epi) noexcept
+    {
+        const index_t C = X.sizes()[1];
+        if (X.shape().numel() == 0) {
+            std::fill(send_.begin(), send_.begin() + 2 * C, 0.0);
+            return;
+        }
+        const auto f = bn_type::specialize(X.as_const()).form();
+        double* work = bn_.work_.data();
+        kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
+            kernels::backward_sums(f, kernels::batch_stats_policy::fast, c0, c1, X.data(), dY.data(), bn_.coeffs(),
+                                   work, epi);
+        });
+        const index_t stride = kernels::reduce_stride(C);
+        for (index_t c = 0; c < C; ++c) send_[c] = work[c], send_[C + c] = work[stride + c];
+    }
+
+    /// The gathered sums (recv_: P messages of 2C) added in rank order, then dX; weight and
+    /// bias grads accumulate process `rank`'s own sums.
+    template <class VX, class VDY, class VDX, class Epi>
+    void apply_sums(const VX& X, const VDY& dY, const VDX& dX, int P, int rank, Epi epi) noexcept
+    {
+        const index_t C = X.sizes()[1];
         const T nf = static_cast<T>(global_count_);
+        const std::size_t own = static_cast<std::size_t>(rank) * 2 * static_cast<std::size_t>(C);
         for (index_t c = 0; c < C; ++c) {
             double sum = 0, dotp = 0; // rank order: the same bits on every process
-            for (int r = 0; r < comm_.size(); ++r) {
+            for (int r = 0; r < P; ++r) {
                 sum += recv_[static_cast<std::size_t>(r * 2 * C + c)];
                 dotp += recv_[static_cast<std::size_t>(r * 2 * C + C + c)];
             }
             const T invstd = bn_.invstd_[c];
             if (bn_.affine_) { // this process's contribution
-                bn_.bias_grad_[c] += static_cast<T>(send_[c]);
-                bn_.weight_grad_[c] += static_cast<T>(send_[C + c] * static_cast<double>(invstd));
+                bn_.bias_grad_[c] += static_cast<T>(recv_[own + static_cast<std::size_t>(c)]);
+                bn_.weight_grad_[c] +=
+                    static_cast<T>(recv_[own + static_cast<std::size_t>(C + c)] * static_cast<double>(invstd));
             }
             bn_.grad_mean_[c] = static_cast<T>(sum / static_cast<double>(global_count_));
             bn_.k_[c] = nn::rules::rounded(nn::rules::rounded(static_cast<T>(dotp) * invstd) * invstd) / nf;
         }
-        if (X.shape().numel() > 0)
-            kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
-                kernels::backward_elementwise<true>(f, c0, c1, X.data(), dY.data(), dX.data(), cf, epi);
-            });
+        if (X.shape().numel() == 0) return;
+        const auto f = bn_type::specialize(X.as_const()).form();
+        const kernels::bn_backward_coeffs<T> cf{bn_.coeffs(), bn_.invstd_.data(), bn_.gamma_.data(),
+                                             bn_.grad_mean_.data(), bn_.k_.data()};
+        kernels::for_channel_groups(f, [&](index_t c0, index_t c1) {
+            kernels::backward_elementwise<true>(f, c0, c1, X.data(), dY.data(), dX.data(), cf, epi);
+        });
     }
 
     using bn_type = BatchNorm3d<StaticC, T>;
 
-    /// The forward's collective half, after the agreement: this process's moments (in
-    /// bn_.moments(): mean and M2, whatever `local` is) -> all-gather -> Chan merge in rank
-    /// order -> the finalization with the global count n -> the record backward needs.
-    void commit_forward(index_t C, std::int64_t n, bool local, const std::array<index_t, 5>& sz, const void* x,
-                        const void* y, std::string_view layout, std::string_view epilogue) noexcept
+    /// The forward's global half, after the exchange: the P gathered messages (recv_) merged
+    /// in rank order -> the finalization with the global count -> the record backward needs.
+    void commit_forward(index_t C, const std::array<index_t, 5>& sz, const void* x, const void* y,
+                        std::string_view layout, std::string_view epilogue, int P) noexcept
     {
         const kernels::moments_out<T> m = bn_.moments();
-        if (!local) std::fill(m.mean, m.mean + C, 0.0), std::fill(m.m2, m.m2 + C, 0.0);
-        std::copy(m.mean, m.mean + C, send_.begin());
-        std::copy(m.m2, m.m2 + C, send_.begin() + C);
-        comm_.all_gather(send_.data(), recv_.data(), sizeof(double) * 2 * static_cast<std::size_t>(C));
-        merge_moments(C, m); // m.mean, m.m2: the global batch's mean and ATen's var_sum
+        const std::int64_t n = merge_moments(C, m, P); // m.mean, m.m2: the global batch's mean and ATen's var_sum
         for (index_t c = 0; c < C; ++c) bn_.gamma_[c] = bn_.gamma_of(c);
         typename bn_type::train_finalizer fin{&bn_, n, bn_.track_, T(0)};
         if (bn_.track_) {
@@ -227,6 +385,11 @@ private:
         bn_.remember(x, y, sz, layout, true, epilogue);
         synced_ = true;
         global_count_ = n;
+    }
+    void commit_forward(index_t C, const std::array<index_t, 5>& sz, const void* x, const void* y,
+                        std::string_view layout, std::string_view epilogue) noexcept
+    {
+        commit_forward(C, sz, x, y, layout, epilogue, comm_.size());
     }
 
     /// The fused block's copy: see BatchNorm3d::rebind_input.
@@ -268,11 +431,10 @@ private:
     void prepare_buffers(index_t C)
     {
         const auto P = static_cast<std::size_t>(comm_.size());
-        if (2 * static_cast<std::size_t>(C) * sizeof(double) > static_cast<std::size_t>(INT_MAX))
+        if ((2 * static_cast<std::size_t>(C) + 1) * sizeof(double) > static_cast<std::size_t>(INT_MAX))
             throw error("SyncBatchNorm3d: " + std::to_string(C) + " channels are more than one all-gather carries");
-        send_.resize(2 * static_cast<std::size_t>(C));
-        recv_.resize(P * 2 * static_cast<std::size_t>(C));
-        counts_.resize(P);
+        send_.resize(2 * static_cast<std::size_t>(C) + 1); // the forward's message: count, mean, M2
+        recv_.resize(P * (2 * static_cast<std::size_t>(C) + 1));
     }
 
     /// The agreement round: every process learns every other's outcome, channel count and
@@ -297,7 +459,6 @@ private:
                             " has " + std::to_string(h.channels) + ", process " + std::to_string(r) + " has " +
                             std::to_string(o.channels));
             overflow |= o.count < 0 || __builtin_add_overflow(n, o.count, &n);
-            counts_[static_cast<std::size_t>(r)] = o.count;
         }
         if (overflow) throw error("SyncBatchNorm3d: the global batch's values per channel overflow 64 bits");
         if (n == 1)
@@ -306,22 +467,24 @@ private:
         return n;
     }
 
-    /// Chan's merge of the gathered (mean, M2) in rank order; leaves the global mean in m.mean
-    /// and ATen's var_sum (deviations from the mean rounded to T) in m.m2.
-    void merge_moments(index_t C, const kernels::moments_out<T>& m) noexcept
+    /// Chan's merge of the P gathered messages (recv_) in rank order; leaves the global mean
+    /// in m.mean and ATen's var_sum (deviations from the mean rounded to T) in m.m2, and
+    /// returns the global count.
+    std::int64_t merge_moments(index_t C, const kernels::moments_out<T>& m, int P) noexcept
     {
-        const int P = comm_.size();
+        const auto each = static_cast<std::size_t>(2 * C + 1);
+        std::int64_t total = 0;
+        for (int r = 0; r < P; ++r) total += static_cast<std::int64_t>(recv_[static_cast<std::size_t>(r) * each]);
         for (index_t c = 0; c < C; ++c) {
             double n = 0, mean = 0, m2 = 0;
             for (int r = 0; r < P; ++r) {
-                const std::size_t at = static_cast<std::size_t>(r) * 2 * static_cast<std::size_t>(C);
-                kernels::chan_merge_scalar(n, mean, m2, static_cast<double>(counts_[static_cast<std::size_t>(r)]),
-                                           recv_[at + static_cast<std::size_t>(c)],
-                                           recv_[at + static_cast<std::size_t>(C + c)]);
+                const double* msg = recv_.data() + static_cast<std::size_t>(r) * each;
+                kernels::chan_merge_scalar(n, mean, m2, msg[0], msg[1 + c], msg[1 + C + c]);
             }
             m.mean[c] = mean;
             m.m2[c] = kernels::var_sum_about_rounded_mean<T>(n, mean, m2);
         }
+        return total;
     }
 
     bn_type bn_;
@@ -329,7 +492,6 @@ private:
     bool synced_ = false;            // the last forward was a training (collective) one
     std::int64_t global_count_ = 0;  // its global values per channel
     std::vector<double> send_, recv_;
-    std::vector<std::int64_t> counts_;
 };
 
 } // namespace volfuse
