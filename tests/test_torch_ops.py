@@ -142,5 +142,31 @@ class BadInput(unittest.TestCase):
         torch.testing.assert_close(vol(e), ref(e), rtol=1e-12, atol=1e-12)
 
 
+class OutputMemory(unittest.TestCase):
+    def test_outputs_reuse_freed_memory_and_behave_as_tensors(self):
+        # gen/torch/output_pool.hpp: an output freed by PyTorch serves the next request of its
+        # size (no fresh pages to fault in); reused memory holds the old values, which every
+        # output element overwrites.
+        x = torch.randn(2, 4, 3, 5, 6)
+        w, b = torch.rand(4) + 0.5, torch.randn(4)
+        y, _ = ops.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, False)
+        first = y.data_ptr()
+        want = torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+        y.fill_(float("nan"))
+        del y
+        y2, _ = ops.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, False)
+        self.assertEqual(y2.data_ptr(), first)
+        torch.testing.assert_close(y2, want, rtol=1e-5, atol=1e-5)
+        # An ordinary tensor otherwise: resizable, views, pickling.
+        v = y2[:, 1]
+        self.assertEqual(v.data_ptr(), y2.data_ptr() + 3 * 5 * 6 * 4)
+        buf = io.BytesIO()
+        torch.save(y2, buf)
+        buf.seek(0)
+        torch.testing.assert_close(torch.load(buf), y2, rtol=0, atol=0)
+        y2.resize_(1000)
+        self.assertEqual(y2.shape, (1000,))
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

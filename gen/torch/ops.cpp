@@ -14,6 +14,7 @@
 // batch_norm_backward has an autograd kernel too: its derivatives (double backward, as
 // gradgradcheck and create_graph=True need) are ATen's autograd of the same formula.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -24,6 +25,8 @@
 #include <tuple>
 
 #include <volfuse/volfuse.hpp>
+
+#include "output_pool.hpp"
 
 namespace {
 
@@ -80,6 +83,14 @@ void check_forward_args(const Tensor& x, const optional<Tensor>& w, const option
     if (bool(rm && rm->defined()) != bool(rv && rv->defined()))
         fail(std::string(op_prefix) + "running_mean and running_var must both be given or both be None");
     if (!(w && w->defined()) && b && b->defined()) fail(std::string(op_prefix) + "bias without weight is not supported");
+}
+
+/// A new tensor shaped like x in layout l, in memory from the output pool (output_pool.hpp:
+/// fresh memory's page faults cost more than the kernels).
+Tensor empty_output(const Tensor& x, layout l)
+{
+    return at::detail::empty_generic(x.sizes(), &volfuse_torch::output_pool::instance(),
+                                     c10::DispatchKeySet(c10::DispatchKey::CPU), x.scalar_type(), format_of(l));
 }
 
 /// A volfuse view (layout L) of a 5-D tensor's memory, the tensor being in that layout.
@@ -147,7 +158,7 @@ std::tuple<Tensor, Tensor> batch_norm_cpu_t(const Tensor& input, const optional<
     vf::BatchNorm3d<vf::dynamic, T> bn(C, eps, momentum, affine, track);
     load_state(bn, w, b, rm, rv);
     bn.train(training);
-    Tensor y = at::empty_like(x, x.options(), format_of(l));
+    Tensor y = empty_output(x, l);
     Tensor reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
     try {
         by_layout(l, [&](auto L) {
@@ -201,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_cpu_t(const Tensor& grad_
     const Tensor dy = grad_out.contiguous(format_of(l)); // the input's layout
     const int64_t C = x.size(1);
     vf::BatchNorm3d<vf::dynamic, T> bn(C, eps, 0.1, affine, false);
-    Tensor dx = at::empty_like(x, x.options(), format_of(l));
+    Tensor dx = empty_output(x, l);
     const Tensor saved = reserve.contiguous();
     try {
         by_layout(l, [&](auto L) {
@@ -293,7 +304,7 @@ std::tuple<Tensor, Tensor> sync_forward_t(const Tensor& input, const optional<Te
     vf::solo_communicator solo;
     vf::SyncBatchNorm3d<vf::dynamic, T> bn(C, solo, eps, momentum, w && w->defined(), rm && rm->defined());
     load_state(bn, w, b, rm, rv);
-    Tensor y = at::empty_like(x, x.options(), format_of(l));
+    Tensor y = empty_output(x, l);
     Tensor reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
     try {
         by_layout(l, [&](auto L) {
@@ -378,7 +389,7 @@ std::tuple<Tensor, Tensor, Tensor> sync_backward_cpu(const Tensor& grad_out, con
         with_sync_backward<T>(grad_out, input, w, reserve, global_count, relu, eps,
                               [&](auto& bn, const auto& X, const auto& DY, layout l, const Tensor& x) {
                                   using V = std::remove_cvref_t<decltype(X)>;
-                                  dx = at::empty_like(x, x.options(), format_of(l));
+                                  dx = empty_output(x, l);
                                   const auto DX = view_of<T, typename V::layout_type>(dx);
                                   if (relu) bn.backward_merged(X, DY, DX, g, static_cast<int>(rank), vf::relu);
                                   else bn.backward_merged(X, DY, DX, g, static_cast<int>(rank));
