@@ -124,6 +124,25 @@ void load(std::span<T> to, const Tensor& from)
     std::copy_n(c.data_ptr<T>(), to.size(), to.data());
 }
 
+/// A new output for x (layout l) filled by run(X, Y, epilogue): a module's forward on the two
+/// views, with ReLU fused or not; volfuse's errors become PyTorch's.
+template <class T, class Run>
+Tensor forward_output(const Tensor& x, layout l, bool relu, Run&& run)
+{
+    Tensor y = empty_output(x, l);
+    try {
+        by_layout(l, [&](auto L) {
+            const auto X = view_of<T, decltype(L)>(x).as_const();
+            const auto Y = view_of<T, decltype(L)>(y);
+            if (relu) run(X, Y, vf::relu);
+            else run(X, Y, vf::identity);
+        });
+    } catch (const vf::error& e) {
+        fail(e.what());
+    }
+    return y;
+}
+
 /// A module's parameters and running statistics from the op's tensors (those given).
 template <class BN>
 void load_state(BN& bn, const optional<Tensor>& w, const optional<Tensor>& b, const optional<Tensor>& rm,
@@ -158,18 +177,8 @@ std::tuple<Tensor, Tensor> batch_norm_cpu_t(const Tensor& input, const optional<
     vf::BatchNorm3d<vf::dynamic, T> bn(C, eps, momentum, affine, track);
     load_state(bn, w, b, rm, rv);
     bn.train(training);
-    Tensor y = empty_output(x, l);
     Tensor reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
-    try {
-        by_layout(l, [&](auto L) {
-            const auto X = view_of<T, decltype(L)>(x).as_const();
-            const auto Y = view_of<T, decltype(L)>(y);
-            if (relu) bn.forward(X, Y, vf::relu);
-            else bn.forward(X, Y);
-        });
-    } catch (const vf::error& e) {
-        fail(e.what());
-    }
+    Tensor y = forward_output<T>(x, l, relu, [&](const auto& X, const auto& Y, auto epi) { bn.forward(X, Y, epi); });
     // Committed: the module ran; its new running statistics go back into the buffers.
     if (track && training) store_running(bn, rm, rv, x.options());
     if (x.numel() > 0) vf::detail::saved_forward::save(bn, span_of<T>(reserve), C);
@@ -304,18 +313,9 @@ std::tuple<Tensor, Tensor> sync_forward_t(const Tensor& input, const optional<Te
     vf::solo_communicator solo;
     vf::SyncBatchNorm3d<vf::dynamic, T> bn(C, solo, eps, momentum, w && w->defined(), rm && rm->defined());
     load_state(bn, w, b, rm, rv);
-    Tensor y = empty_output(x, l);
     Tensor reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
-    try {
-        by_layout(l, [&](auto L) {
-            const auto X = view_of<T, decltype(L)>(x).as_const();
-            const auto Y = view_of<T, decltype(L)>(y);
-            if (relu) bn.forward_merged(X, Y, gathered, vf::relu);
-            else bn.forward_merged(X, Y, gathered);
-        });
-    } catch (const vf::error& e) {
-        fail(e.what());
-    }
+    Tensor y = forward_output<T>(x, l, relu,
+                                 [&](const auto& X, const auto& Y, auto epi) { bn.forward_merged(X, Y, gathered, epi); });
     if (rm && rm->defined()) store_running(bn, rm, rv, x.options());
     vf::detail::saved_forward::save_sync(bn, span_of<T>(reserve), C);
     return {y, reserve};
