@@ -142,6 +142,83 @@ class BadInput(unittest.TestCase):
         torch.testing.assert_close(vol(e), ref(e), rtol=1e-12, atol=1e-12)
 
 
+class SyncOperators(unittest.TestCase):
+    """SyncBatchNorm's local-phase operators called directly, one process (the gathered
+    messages are this process's own): BatchNorm's results; every bad argument raises and
+    changes no buffer (tests/test_torch_sync.py runs them over gloo)."""
+
+    def setUp(self):
+        torch.manual_seed(3)
+        self.x = torch.randn(2, 3, 3, 4, 2, dtype=torch.double, requires_grad=True)
+        self.w = torch.rand(3, dtype=torch.double) + 0.5
+        self.b = torch.randn(3, dtype=torch.double)
+        self.rm, self.rv = torch.zeros(3, dtype=torch.double), torch.ones(3, dtype=torch.double)
+
+    def test_one_process_equals_batch_norm(self):
+        for relu in (False, True):
+            rm, rv = self.rm.clone(), self.rv.clone()
+            msg = ops.sync_batch_norm_message(self.x, self.w, self.b, rm, rv, 1e-5)
+            self.assertEqual((msg.dtype, msg.shape), (torch.float64, (7,)))
+            y, reserve = ops.sync_batch_norm(self.x.detach(), self.w, self.b, rm, rv, msg[None], 0.1, 1e-5, relu)
+            ref_rm, ref_rv = self.rm.clone(), self.rv.clone()
+            ref = torch.nn.functional.batch_norm(self.x, ref_rm, ref_rv, self.w, self.b, True, 0.1, 1e-5)
+            if relu:
+                ref = ref.relu()
+            torch.testing.assert_close(y, ref.detach(), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(rm, ref_rm, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(rv, ref_rv, rtol=1e-12, atol=1e-12)
+            g = torch.randn_like(y)
+            count = int(msg[0].item())
+            sums = ops.sync_batch_norm_backward_message(g, self.x.detach(), self.w, reserve, count, relu, 1e-5)
+            dx, dw, db = ops.sync_batch_norm_backward(g, self.x.detach(), self.w, reserve, count, sums[None], 0, relu,
+                                                      1e-5, [True, True, True])
+            w, b = self.w.clone().requires_grad_(), self.b.clone().requires_grad_()
+            out = torch.nn.functional.batch_norm(self.x, None, None, w, b, True, 0.1, 1e-5)
+            rx, rw, rb = torch.autograd.grad(out.relu() if relu else out, (self.x, w, b), g)
+            for got, want in ((dx, rx), (dw, rw), (db, rb)):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    def test_bad_arguments_raise_and_change_nothing(self):
+        x = self.x.detach()
+        msg = ops.sync_batch_norm_message(x, self.w, self.b, self.rm, self.rv, 1e-5)
+        torn, negative = msg[:-1][None], msg.clone()[None]
+        negative[0, 0] = -4
+        bad_forward = {
+            "expected 5D input": lambda: ops.sync_batch_norm_message(x[0], self.w, self.b, self.rm, self.rv, 1e-5),
+            "weight should contain 3 elements": lambda: ops.sync_batch_norm_message(
+                x, self.w[:2], self.b, self.rm, self.rv, 1e-5),
+            "gathered must be a contiguous CPU Double tensor": lambda: ops.sync_batch_norm(
+                x, self.w, self.b, self.rm, self.rv, msg[None].float(), 0.1, 1e-5),
+            "not a positive multiple of the message size 7": lambda: ops.sync_batch_norm(
+                x, self.w, self.b, self.rm, self.rv, torn, 0.1, 1e-5),
+            "has no valid count": lambda: ops.sync_batch_norm(
+                x, self.w, self.b, self.rm, self.rv, negative, 0.1, 1e-5),
+        }
+        for text, call in bad_forward.items():
+            with self.subTest(text):
+                with self.assertRaisesRegex(RuntimeError, text):
+                    call()
+                self.assertTrue(torch.equal(self.rm, torch.zeros(3, dtype=torch.double)))
+                self.assertTrue(torch.equal(self.rv, torch.ones(3, dtype=torch.double)))
+        y, reserve = ops.sync_batch_norm(x, self.w, self.b, None, None, msg[None], 0.1, 1e-5)
+        g = torch.randn_like(y)
+        sums = ops.sync_batch_norm_backward_message(g, x, self.w, reserve, 48, False, 1e-5)
+        bad_backward = {
+            "is not one of the 1 processes gathered": lambda: ops.sync_batch_norm_backward(
+                g, x, self.w, reserve, 48, sums[None], 1, False, 1e-5, [True, True, True]),
+            "reserve is not the forward's": lambda: ops.sync_batch_norm_backward_message(
+                g, x, self.w, reserve[:3], 48, False, 1e-5),
+            "grad_output must be a CPU tensor of the input's dtype and shape": lambda: ops.sync_batch_norm_backward(
+                g[:1], x, self.w, reserve, 48, sums[None], 0, False, 1e-5, [True, True, True]),
+            "negative global count": lambda: ops.sync_batch_norm_backward_message(
+                g, x, self.w, reserve, -1, False, 1e-5),
+        }
+        for text, call in bad_backward.items():
+            with self.subTest(text):
+                with self.assertRaisesRegex(RuntimeError, text):
+                    call()
+
+
 class OutputMemory(unittest.TestCase):
     def test_outputs_reuse_freed_memory_and_behave_as_tensors(self):
         # gen/torch/output_pool.hpp: an output freed by PyTorch serves the next request of its
