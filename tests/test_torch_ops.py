@@ -178,6 +178,21 @@ class SyncOperators(unittest.TestCase):
             for got, want in ((dx, rx), (dw, rw), (db, rb)):
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
+    def test_zero_channels(self):
+        x = torch.randn(2, 0, 3, 2, 2, dtype=torch.double)
+        msg = ops.sync_batch_norm_message(x, None, None, None, None, 1e-5)
+        self.assertEqual(msg.tolist(), [24.0])  # the count alone
+        y, reserve = ops.sync_batch_norm(x, None, None, None, None, msg[None], 0.1, 1e-5)
+        self.assertEqual(y.shape, x.shape)
+        sums = ops.sync_batch_norm_backward_message(y, x, None, reserve, 24, False, 1e-5)
+        self.assertEqual(sums.numel(), 0)
+        dx, _, _ = ops.sync_batch_norm_backward(y, x, None, reserve, 24, sums[None], 0, False, 1e-5,
+                                                [True, False, False])
+        self.assertEqual(dx.shape, x.shape)
+        with self.assertRaisesRegex(RuntimeError, "gathered has 2 values for 0 channels"):
+            ops.sync_batch_norm_backward(y, x, None, reserve, 24, torch.zeros(2, dtype=torch.double), 0, False, 1e-5,
+                                         [True, False, False])
+
     def test_bad_arguments_raise_and_change_nothing(self):
         x = self.x.detach()
         msg = ops.sync_batch_norm_message(x, self.w, self.b, self.rm, self.rv, 1e-5)

@@ -97,13 +97,15 @@ def check_errors(rank, world):
     bad_cases = {
         "channels": torch.randn(2, C + 1, 2, 3, 3) if rank == world - 1 else x,
         "dtype": x.double() if rank == 0 else x,  # the module's parameters are float32
+        "dims": torch.randn(5) if rank == 0 else x,  # torch's module checks this before anything
+        "half": x.half() if rank == 0 else x,  # a dtype volfuse does not run
     }
     for name, xin in bad_cases.items():
         try:
             sbn(xin)
         except (RuntimeError, ValueError) as e:
             msg = str(e)
-            if rank != (world - 1 if name == "channels" else 0):
+            if rank != (world - 1 if name == "channels" else 0):  # the others: the failing process's message
                 assert "process" in msg and "failed in forward" in msg, (name, msg)
         else:
             raise AssertionError("rank {}: {} error not raised".format(rank, name))

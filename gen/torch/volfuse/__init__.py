@@ -46,6 +46,16 @@ def _factor(m):
     return m.momentum, count
 
 
+def _as_5d(x):
+    """(N, C, *) as (N, C, L, 1, 1): batch norm only sees N * L values per channel."""
+    if x.dim() == 5:
+        return x
+    length = 1
+    for s in x.shape[2:]:
+        length *= s
+    return x.reshape(x.shape[0], x.shape[1], length, 1, 1)
+
+
 def _batch_norm(m, input, group):
     """m's forward on a CPU float32/float64 input of 2 to 5 dimensions (viewed as 5-D), over
     `group` ((process group, world size) of a synchronized training forward) or alone.
@@ -55,15 +65,21 @@ def _batch_norm(m, input, group):
     use_running = not m.training or m.track_running_stats
     rm = m.running_mean if use_running else None
     rv = m.running_var if use_running else None
-    x = input
-    if x.dim() != 5:  # (N, C, *) as (N, C, L, 1, 1): batch norm only sees N * L values per channel
-        length = 1
-        for s in x.shape[2:]:
-            length *= s
-        x = x.reshape(x.shape[0], x.shape[1], length, 1, 1)
     if group is not None:
-        out = _SyncBatchNormFunction.apply(x, m.weight, m.bias, rm, rv, m.eps, factor, False, group[0], group[1])
+        def local():  # every local check, inside the agreement: an error here raises on all processes
+            m._check_input_dim(input)
+            m._check_non_zero_input_channels(input)
+            if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+                raise ValueError("volfuse.SyncBatchNorm: a synchronized forward takes CPU float32 or float64 "
+                                 "tensors, got {} on {}".format(input.dtype, input.device))
+            x = _as_5d(input)
+            return x, torch.ops.volfuse.sync_batch_norm_message(x, m.weight, m.bias, rm, rv, m.eps)
+        channels = input.shape[1] if input.dim() > 1 else -1
+        x, message = _agree(local, channels, group[0], group[1], "forward")
+        out = _SyncBatchNormFunction.apply(x, m.weight, m.bias, rm, rv, m.eps, factor, False, group[0], group[1],
+                                           message)
     else:
+        x = _as_5d(input)
         if batch_stats:
             size = x.size()
             if size[0] * size[2] * size[3] * size[4] == 1:
@@ -142,7 +158,7 @@ def _all_gather(t, group, world_size):
 def _agree(step, channels, group, world_size, when):
     try:
         result, error = step(), None
-    except (RuntimeError, ValueError) as e:
+    except Exception as e:  # any error: this process must still take part in the round
         result, error = None, e
     header = torch.zeros(_HEADER, dtype=torch.uint8)
     header[0] = 1 if error is None else 0
@@ -173,10 +189,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     rank order (every process gets the same bits), backward sums gathered the same way."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, relu, group, world_size):
-        C = input.size(1)
-        message = _agree(lambda: torch.ops.volfuse.sync_batch_norm_message(
-            input, weight, bias, running_mean, running_var, eps), C, group, world_size, "forward")
+    def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum, relu, group, world_size, message):
+        # message: this process's sync_batch_norm_message of input, agreed on by all processes.
         gathered = _all_gather(message, group, world_size)
         try:  # fails identically on every process (all see the same gathered counts)
             out, reserve = torch.ops.volfuse.sync_batch_norm(input, weight, bias, running_mean, running_var,
@@ -205,7 +219,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dx, dw, db = torch.ops.volfuse.sync_batch_norm_backward(
             grad_output, input, weight, reserve, ctx.count, gathered, dist.get_rank(group), ctx.relu, ctx.eps, mask)
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _sync_group(m):
@@ -222,7 +236,9 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """torch.nn.SyncBatchNorm for CPU tensors (torch's own raises there): batch norm over the
     global batch of a torch.distributed process group (gloo), inputs of 2 to 5 dimensions,
     float32 and float64; eval mode and single-process groups run volfuse's local batch norm,
-    as torch's falls back to F.batch_norm.  Other devices or dtypes run torch's SyncBatchNorm.
+    as torch's falls back to F.batch_norm (other devices or dtypes: torch's forward there).  A
+    synchronized forward checks its input inside the processes' agreement round, so that any
+    process's error (another dtype or device included) raises on all of them.
 
     Same constructor, parameters, buffers, state_dict keys and repr as torch.nn.SyncBatchNorm,
     of which it is not a subclass: DistributedDataParallel (1.13) refuses those in CPU modules.
@@ -237,11 +253,14 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     _check_non_zero_input_channels = torch.nn.SyncBatchNorm._check_non_zero_input_channels
 
     def forward(self, input):
+        group = _sync_group(self)
+        if group is not None:  # checks inside the agreement round (an error raises on every process)
+            return _batch_norm(self, input, group)
         if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
             return torch.nn.SyncBatchNorm.forward(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        return _batch_norm(self, input, _sync_group(self))
+        return _batch_norm(self, input, None)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

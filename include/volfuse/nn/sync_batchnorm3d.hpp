@@ -144,7 +144,9 @@ public:
     template <class VX>
     std::vector<double> forward_message(const VX& X)
     {
-        if (!bn_.training()) throw error("SyncBatchNorm3d::forward_message: the module is in eval mode, which communicates nothing (call forward)");
+        if (!bn_.training())
+            throw error("SyncBatchNorm3d::forward_message: the module is in eval mode, which communicates nothing "
+                        "(call forward)");
         bn_type::template check_views<VX, VX>();
         const auto sz = X.sizes();
         bn_.check_io(detail::operand_of(X, "input"), {});
@@ -165,7 +167,9 @@ public:
     template <class VX, class VY, expr::epilogue Epi = expr::identity_t>
     void forward_merged(const VX& X, const VY& Y, std::span<const double> gathered, Epi epi = {})
     {
-        if (!bn_.training()) throw error("SyncBatchNorm3d::forward_merged: the module is in eval mode, which communicates nothing (call forward)");
+        if (!bn_.training())
+            throw error("SyncBatchNorm3d::forward_merged: the module is in eval mode, which communicates nothing "
+                        "(call forward)");
         check_forward(X, Y);
         const auto sz = X.sizes();
         const index_t C = sz[1];
@@ -209,6 +213,12 @@ public:
     {
         check_synced_backward(X, dY, dX, epi, "backward_merged");
         const index_t C = X.sizes()[1];
+        if (C == 0) { // empty messages: nothing to merge, nothing to write
+            if (!gathered.empty())
+                throw error("SyncBatchNorm3d::backward_merged: gathered has " + std::to_string(gathered.size()) +
+                            " values for 0 channels");
+            return;
+        }
         check_gathered(gathered, 2 * C, "backward_merged");
         const auto P = static_cast<int>(gathered.size() / static_cast<std::size_t>(2 * C));
         if (rank < 0 || rank >= P)
@@ -262,7 +272,7 @@ private:
         if (X.shape().numel() > 0) bn_.workspace(bn_type::specialize(X.as_const()).form());
     }
 
-    /// gathered holds one message of `each` doubles per process, at least one.
+    /// gathered holds one message of `each` (> 0) doubles per process, at least one.
     static void check_gathered(std::span<const double> gathered, index_t each, const char* what)
     {
         const auto e = static_cast<std::size_t>(std::max<index_t>(each, 1));
