@@ -225,6 +225,11 @@ class SyncOverGloo(unittest.TestCase):
         ref = torch.nn.BatchNorm3d(2).eval()
         x = torch.randn(2, 2, 2, 3, 3)
         self.assertTrue(torch.allclose(sbn(x), ref(x), atol=1e-6))
+        # torch.nn.SyncBatchNorm's face: repr and state_dict keys.
+        theirs = torch.nn.SyncBatchNorm(2, momentum=None, affine=False)
+        ours = volfuse.SyncBatchNorm(2, momentum=None, affine=False)
+        self.assertEqual(repr(ours), repr(theirs))
+        self.assertEqual(list(ours.state_dict()), list(theirs.state_dict()))
 
 
 if __name__ == "__main__":
