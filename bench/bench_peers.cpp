@@ -241,12 +241,19 @@ public:
                     double vbest = v1;
                     for (double v : {v2, v3})
                         if (v > 0) vbest = std::min(vbest, v);
-                    double dbest = 1e30;
+                    double dbest = 0;
                     for (double d : {d1, d2, d3})
-                        if (d > 0) dbest = std::min(dbest, d);
-                    std::printf("%-16s %-3d %-15s %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.2f %9.2f %9.2f\n",
-                                shape_str(s).c_str(), t, op_name(o), roof, v1, v2, v3, d1, d2, d3, tt, vbest / roof,
-                                dbest / vbest, tt / vbest);
+                        if (d > 0) dbest = dbest > 0 ? std::min(dbest, d) : d;
+                    // A ratio with a row the filter left out prints as "-", not as a number.
+                    auto ratio = [](double a, double b, int width) {
+                        char buf[32];
+                        if (a > 0 && b > 0) std::snprintf(buf, sizeof buf, "%*.2f", width, a / b);
+                        else std::snprintf(buf, sizeof buf, "%*s", width, "-");
+                        return std::string(buf);
+                    };
+                    std::printf("%-16s %-3d %-15s %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %8.3f %s %s %s\n",
+                                shape_str(s).c_str(), t, op_name(o), roof, v1, v2, v3, d1, d2, d3, tt,
+                                ratio(vbest, roof, 8).c_str(), ratio(dbest, vbest, 9).c_str(), ratio(tt, vbest, 9).c_str());
                 }
     }
 
