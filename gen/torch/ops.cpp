@@ -20,9 +20,13 @@
 #include <torch/library.h>
 
 #include <array>
+#include <bit>
+#include <map>
+#include <memory>
 #include <span>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include <volfuse/volfuse.hpp>
 
@@ -57,6 +61,9 @@ at::MemoryFormat format_of(layout l)
     return l == layout::ndhwc ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
 }
 
+void check_channel_args(int64_t C, const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
+                        const optional<Tensor>& rm, const optional<Tensor>& rv);
+
 /// Checks every tensor argument of batch_norm before anything runs: CPU, float32/float64,
 /// 5-D input, per-channel tensors of the input's dtype with C elements (ATen's messages).
 void check_forward_args(const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
@@ -66,7 +73,14 @@ void check_forward_args(const Tensor& x, const optional<Tensor>& w, const option
     if (!x.device().is_cpu()) fail(std::string(op_prefix) + "input is on " + x.device().str() + "; volfuse runs on CPU tensors");
     if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble)
         fail(std::string(op_prefix) + "input has dtype " + dtype_name(x) + "; volfuse supports Float and Double");
-    const int64_t C = x.size(1);
+    check_channel_args(x.size(1), x, w, b, rm, rv);
+}
+
+/// The per-channel tensors of a batch norm over C channels: CPU, x's dtype, C elements, running
+/// statistics both or neither, no bias without a weight.
+void check_channel_args(int64_t C, const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
+                        const optional<Tensor>& rm, const optional<Tensor>& rv)
+{
     auto per_channel = [&](const optional<Tensor>& t, const char* name) {
         if (!t || !t->defined()) return;
         if (!t->device().is_cpu()) fail(std::string(op_prefix) + name + " is on " + t->device().str());
@@ -407,6 +421,239 @@ std::tuple<Tensor, Tensor, Tensor> sync_backward_cpu(const Tensor& grad_out, con
     return {dx, gw, gb};
 }
 
+// --- Conv3d and the fused Conv3d -> BatchNorm3d -> ReLU block ---------------------------
+//   volfuse::conv3d(input, weight, bias?, stride[3], padding[3], dilation[3]) -> output
+//   volfuse::conv3d_backward(grad_output, input, weight, stride, padding, dilation,
+//                            output_mask[3]) -> (grad_input, grad_weight, grad_bias)
+//   volfuse::conv_bn_relu3d(input, weight, conv_bias?, bn_weight?, bn_bias?, running_mean?,
+//                           running_var?, stride, padding, dilation, training, momentum,
+//                           eps) -> (output, conv_output, reserve)
+// The fused op runs vf::ConvBnReLU3d: with batch statistics the BN's moments come from the
+// conv's epilogue and conv_output is the conv result it kept (channels_last_3d), which the
+// backward (batch_norm_backward, then conv3d_backward) takes as the BN's input; with running
+// statistics the BN is folded into the conv and conv_output, reserve are empty.
+// Convolutions are float32 (volfuse's conv kernels are; docs/torch.md).
+
+std::string sizes_of(at::IntArrayRef s)
+{
+    std::vector<vf::index_t> v(s.begin(), s.end());
+    return vf::detail::sizes_str(v);
+}
+
+vf::size3 triple(at::IntArrayRef v, const std::string& op, const char* name)
+{
+    if (v.size() == 1) return vf::size3(v[0]);
+    if (v.size() != 3) fail(op + ": " + name + " must have 1 or 3 elements, got " + std::to_string(v.size()));
+    return {v[0], v[1], v[2]};
+}
+
+struct conv_config {
+    vf::size3 stride, padding, dilation;
+};
+
+conv_config conv_config_of(at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, const std::string& op)
+{
+    return {triple(s, op, "stride"), triple(p, op, "padding"), triple(d, op, "dilation")};
+}
+
+/// conv3d's tensors: CPU, one dtype (float32), 5-D input and weight, a bias of out_channels
+/// elements (ATen's messages where it has one).  The module checks the geometry and the input's
+/// shape against the weight when it runs.
+void check_conv_args(const Tensor& x, const Tensor& w, const optional<Tensor>& b, const std::string& op)
+{
+    const bool has_b = b && b->defined();
+    if (!x.device().is_cpu() || !w.device().is_cpu() || (has_b && !b->device().is_cpu()))
+        fail(op + ": input, weight and bias must be CPU tensors; volfuse runs on CPU tensors");
+    if (w.dim() != 5)
+        fail(op + ": expected a 5-D weight [out_channels, in_channels, kD, kH, kW], got weight of size " +
+             sizes_of(w.sizes()));
+    if (x.dim() != 5)
+        fail("Expected 5-dimensional input for 5-dimensional weight " + sizes_of(w.sizes()) + ", but got " +
+             std::to_string(x.dim()) + "-dimensional input of size " + sizes_of(x.sizes()) + " instead");
+    if (w.scalar_type() != x.scalar_type() || (has_b && b->scalar_type() != x.scalar_type()))
+        fail("Input type (" + dtype_name(x) + ") and weight type (" + dtype_name(w) + ")" +
+             (has_b ? " and bias type (" + dtype_name(*b) + ")" : std::string()) + " should be the same");
+    if (x.scalar_type() != at::kFloat)
+        fail(op + ": input has dtype " + dtype_name(x) +
+             "; volfuse's convolutions run Float only (float64 convolutions are not implemented yet)");
+    if (has_b && (b->dim() != 1 || b->numel() != w.size(0)))
+        fail("Given weight of size " + sizes_of(w.sizes()) + ", expected bias to be 1-dimensional with " +
+             std::to_string(w.size(0)) + " elements, but got bias of size " + sizes_of(b->sizes()) + " instead");
+}
+
+/// Modules kept per thread by configuration: their workspaces (packed weights, reorder
+/// buffers, the kept conv output) stay allocated across calls, and a call costs no
+/// construction (Conv3d's initializes its weights).  Bounded: cleared past `limit` entries.
+template <class M>
+class module_cache {
+public:
+    using key = std::vector<int64_t>;
+    template <class Make>
+    M& get(const key& k, Make&& make)
+    {
+        auto it = modules_.find(k);
+        if (it != modules_.end()) return *it->second;
+        if (modules_.size() >= limit) modules_.clear();
+        return *modules_.emplace(k, std::make_unique<M>(make())).first->second;
+    }
+
+private:
+    static constexpr std::size_t limit = 32;
+    std::map<key, std::unique_ptr<M>> modules_;
+};
+
+std::vector<int64_t> conv_key(const Tensor& w, const conv_config& c, bool bias)
+{
+    std::vector<int64_t> k(w.sizes().begin(), w.sizes().end());
+    for (const vf::size3& t : {c.stride, c.padding, c.dilation}) k.insert(k.end(), {t.d, t.h, t.w});
+    k.push_back(bias);
+    return k;
+}
+
+vf::Conv3d<> make_conv(const Tensor& w, const conv_config& c, bool bias)
+{
+    return vf::Conv3d<>(w.size(1), w.size(0), {w.size(2), w.size(3), w.size(4)}, c.stride, c.padding, c.dilation, 1,
+                        bias);
+}
+
+/// The conv module for weight w (and a bias or not), holding w's values (and b's).
+vf::Conv3d<>& conv_module(const Tensor& w, const optional<Tensor>& b, const conv_config& c, bool bias)
+{
+    thread_local module_cache<vf::Conv3d<>> cache;
+    auto& conv = cache.get(conv_key(w, c, bias), [&] { return make_conv(w, c, bias); });
+    load(conv.weight(), w);
+    if (b && b->defined()) load(conv.bias(), *b);
+    else std::fill(conv.bias().begin(), conv.bias().end(), 0.f);
+    return conv;
+}
+
+/// PyTorch's output sizes of the conv (0 where the input is too small: the module then raises
+/// PyTorch's message before anything is written).
+std::vector<int64_t> conv_output_sizes(const Tensor& x, const Tensor& w, const conv_config& c)
+{
+    std::vector<int64_t> o{x.size(0), w.size(0)};
+    for (int i = 0; i < 3; ++i) {
+        const int64_t span = c.dilation[i] * (w.size(2 + i) - 1) + 1;
+        const int64_t v = (x.size(2 + i) + 2 * c.padding[i] - span) / std::max<int64_t>(c.stride[i], 1) + 1;
+        o.push_back(std::max<int64_t>(v, 0));
+    }
+    return o;
+}
+
+Tensor empty_output(at::IntArrayRef sizes, const Tensor& like, layout l)
+{
+    return at::detail::empty_generic(sizes, &volfuse_torch::output_pool::instance(),
+                                     c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type(), format_of(l));
+}
+
+/// run() with volfuse's errors (a module's construction or call) as PyTorch's.
+template <class Run>
+void as_torch_errors(Run&& run)
+{
+    try {
+        run();
+    } catch (const vf::error& e) {
+        fail(e.what());
+    }
+}
+
+Tensor conv3d_cpu(const Tensor& input, const Tensor& weight, const optional<Tensor>& bias, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation)
+{
+    const std::string op = "volfuse::conv3d";
+    check_conv_args(input, weight, bias, op);
+    const conv_config c = conv_config_of(stride, padding, dilation, op);
+    const layout l = layout_of(input);
+    const Tensor x = input.contiguous(format_of(l));
+    Tensor y = empty_output(conv_output_sizes(x, weight, c), x, l);
+    as_torch_errors([&] {
+        auto& conv = conv_module(weight, bias, c, bias && bias->defined());
+        by_layout(l, [&](auto L) { conv.forward(view_of<float, decltype(L)>(x).as_const(), view_of<float, decltype(L)>(y)); });
+    });
+    return y;
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv3d_backward_cpu(const Tensor& grad_out, const Tensor& input,
+                                                       const Tensor& weight, at::IntArrayRef stride,
+                                                       at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                       std::array<bool, 3> mask)
+{
+    const std::string op = "volfuse::conv3d_backward";
+    check_conv_args(input, weight, {}, op);
+    const conv_config c = conv_config_of(stride, padding, dilation, op);
+    if (!grad_out.device().is_cpu() || grad_out.scalar_type() != input.scalar_type())
+        fail(op + ": grad_output must be a CPU tensor of the input's dtype, got " + dtype_name(grad_out) + " on " +
+             grad_out.device().str());
+    const layout l = layout_of(input);
+    const Tensor x = input.contiguous(format_of(l));
+    const Tensor dy = grad_out.contiguous(format_of(l)); // the input's layout; the module checks its sizes
+    Tensor dx, gw, gb;
+    if (mask[0]) dx = empty_output(x, l);
+    as_torch_errors([&] {
+        auto& conv = conv_module(weight, {}, c, mask[2]);
+        conv.zero_grad();
+        by_layout(l, [&](auto L) {
+            using V = decltype(L);
+            const auto X = view_of<float, V>(x).as_const();
+            const auto DY = view_of<float, V>(dy).as_const();
+            if (mask[0] && !mask[1] && !mask[2]) conv.backward_input(DY, view_of<float, V>(dx));
+            else if (mask[0]) conv.backward(X, DY, view_of<float, V>(dx));
+            else if (mask[1] || mask[2]) conv.backward_weight(X, DY);
+        });
+        if (mask[1])
+            gw = at::from_blob(const_cast<float*>(conv.weight_grad().data()), weight.sizes(), x.options()).clone();
+        if (mask[2])
+            gb = at::from_blob(const_cast<float*>(conv.bias_grad().data()), {weight.size(0)}, x.options()).clone();
+    });
+    return {dx, gw, gb};
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_bn_relu3d_cpu(const Tensor& input, const Tensor& weight,
+                                                      const optional<Tensor>& conv_bias, const optional<Tensor>& w,
+                                                      const optional<Tensor>& b, const optional<Tensor>& rm,
+                                                      const optional<Tensor>& rv, at::IntArrayRef stride,
+                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                      bool training, double momentum, double eps)
+{
+    const std::string op = "volfuse::conv_bn_relu3d";
+    check_conv_args(input, weight, conv_bias, op);
+    check_channel_args(weight.size(0), input, w, b, rm, rv);
+    const conv_config c = conv_config_of(stride, padding, dilation, op);
+    const bool affine = w && w->defined(), track = rm && rm->defined(), has_cb = conv_bias && conv_bias->defined();
+    const layout l = layout_of(input);
+    const Tensor x = input.contiguous(format_of(l));
+    const int64_t C = weight.size(0);
+    const auto osz = conv_output_sizes(x, weight, c);
+    Tensor y = empty_output(osz, x, l), z, reserve;
+    const bool batch_stats = training || !track;
+    if (batch_stats) reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
+    using block_t = vf::ConvBnReLU3d<>;
+    thread_local module_cache<block_t> cache;
+    as_torch_errors([&] {
+        auto key = conv_key(weight, c, has_cb);
+        key.insert(key.end(), {affine, track, static_cast<int64_t>(std::bit_cast<std::uint64_t>(eps))});
+        auto& block = cache.get(key, [&] { return block_t(make_conv(weight, c, has_cb), vf::BatchNorm3d<>(C, eps)); });
+        load(block.conv().weight(), weight);
+        if (has_cb) load(block.conv().bias(), *conv_bias);
+        block.bn() = vf::BatchNorm3d<>(C, eps, momentum, affine, track);
+        load_state(block.bn(), w, b, rm, rv);
+        block.train(training);
+        by_layout(l, [&](auto L) {
+            block.forward(view_of<float, decltype(L)>(x).as_const(), view_of<float, decltype(L)>(y));
+        });
+        // Committed: the forward ran.
+        if (track && training) store_running(block.bn(), rm, rv, x.options());
+        if (batch_stats) {
+            z = empty_output(osz, x, layout::ndhwc);
+            const auto kept = block.conv_output();
+            std::copy(kept.begin(), kept.end(), z.data_ptr<float>());
+            if (x.numel() > 0) vf::detail::saved_forward::save(block.bn(), span_of<float>(reserve), C);
+        }
+    });
+    if (!z.defined()) z = at::empty({0}, x.options()), reserve = at::empty({0}, x.options());
+    return {y, z, reserve};
+}
+
 // --- autograd ----------------------------------------------------------------------------
 
 using bn_fn_t = std::tuple<Tensor, Tensor>(const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
@@ -568,6 +815,213 @@ std::tuple<Tensor, Tensor> batch_norm_autograd(const Tensor& x, const optional<T
     return {r[0], r[1]};
 }
 
+
+// --- autograd of the conv ops -------------------------------------------------------------
+// conv3d is bilinear in (input, weight), so every derivative of conv3d_backward is a conv3d or
+// a conv3d_backward again: the derivatives call the ops through the dispatcher, and any order
+// of differentiation runs volfuse's kernels.
+
+using conv_fn_t = Tensor(const Tensor&, const Tensor&, const optional<Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                         at::IntArrayRef);
+using conv_bwd_fn_t = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, at::IntArrayRef,
+                                                         at::IntArrayRef, at::IntArrayRef, std::array<bool, 3>);
+using cbr_fn_t = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const optional<Tensor>&,
+                                                    const optional<Tensor>&, const optional<Tensor>&,
+                                                    const optional<Tensor>&, const optional<Tensor>&, at::IntArrayRef,
+                                                    at::IntArrayRef, at::IntArrayRef, bool, double, double);
+
+template <class Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name)
+{
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+c10::TypedOperatorHandle<conv_fn_t> conv_op()
+{
+    static const auto op = find_op<conv_fn_t>("volfuse::conv3d");
+    return op;
+}
+c10::TypedOperatorHandle<conv_bwd_fn_t> conv_backward_op()
+{
+    static const auto op = find_op<conv_bwd_fn_t>("volfuse::conv3d_backward");
+    return op;
+}
+c10::TypedOperatorHandle<cbr_fn_t> cbr_op()
+{
+    static const auto op = find_op<cbr_fn_t>("volfuse::conv_bn_relu3d");
+    return op;
+}
+
+/// A conv's geometry kept in an autograd context.
+void save_geometry(AutogradContext* ctx, at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d)
+{
+    ctx->saved_data["stride"] = s.vec();
+    ctx->saved_data["padding"] = p.vec();
+    ctx->saved_data["dilation"] = d.vec();
+}
+struct saved_geometry {
+    std::vector<int64_t> s, p, d;
+    explicit saved_geometry(AutogradContext* ctx)
+        : s(ctx->saved_data["stride"].toIntVector()), p(ctx->saved_data["padding"].toIntVector()),
+          d(ctx->saved_data["dilation"].toIntVector())
+    {
+    }
+};
+
+struct conv3d_function : torch::autograd::Function<conv3d_function> {
+    static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& b,
+                                 at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d)
+    {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        Tensor y = conv_op().call(x, w, b, s, p, d);
+        ctx->save_for_backward({x, w});
+        save_geometry(ctx, s, p, d);
+        ctx->saved_data["has_bias"] = bool(b && b->defined());
+        return {y};
+    }
+    static variable_list backward(AutogradContext* ctx, variable_list g)
+    {
+        const auto v = ctx->get_saved_variables();
+        const saved_geometry geo(ctx);
+        variable_list out(6);
+        if (!g[0].defined()) return out;
+        const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                       ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+        auto [dx, dw, db] = conv_backward_op().call(g[0], v[0], v[1], geo.s, geo.p, geo.d, mask);
+        out[0] = dx, out[1] = dw, out[2] = db;
+        return out;
+    }
+};
+
+Tensor conv3d_autograd(const Tensor& x, const Tensor& w, const optional<Tensor>& b, at::IntArrayRef s,
+                       at::IntArrayRef p, at::IntArrayRef d)
+{
+    return conv3d_function::apply(x, w, b, s, p, d)[0];
+}
+
+struct conv3d_backward_function : torch::autograd::Function<conv3d_backward_function> {
+    static variable_list forward(AutogradContext* ctx, const Tensor& go, const Tensor& x, const Tensor& w,
+                                 at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d, std::array<bool, 3> mask)
+    {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto [dx, dw, db] = conv_backward_op().call(go, x, w, s, p, d, mask);
+        ctx->save_for_backward({go, x, w});
+        save_geometry(ctx, s, p, d);
+        for (int k = 0; k < 3; ++k) ctx->saved_data["out" + std::to_string(k)] = mask[k];
+        ctx->set_materialize_grads(false);
+        auto or_empty = [&](const Tensor& t) { return t.defined() ? t : at::empty({0}, x.options()); };
+        return {or_empty(dx), or_empty(dw), or_empty(db)};
+    }
+    /// With dX = Dx(go, w), dW = Dw(x, go), db = sum(go) and their grads ggx, ggw, ggb:
+    /// d/dgo = conv3d(ggx, w) + conv3d(x, ggw) + ggb, d/dx = Dx(go, ggw), d/dw = Dw(ggx, go).
+    static variable_list backward(AutogradContext* ctx, variable_list gg)
+    {
+        const auto v = ctx->get_saved_variables();
+        const Tensor &go = v[0], &x = v[1], &w = v[2];
+        const saved_geometry geo(ctx);
+        auto given = [&](int k) { return ctx->saved_data["out" + std::to_string(k)].toBool() && gg[k].defined(); };
+        const bool ggx = given(0), ggw = given(1), ggb = given(2);
+        variable_list out(7);
+        if (ctx->needs_input_grad(0)) {
+            Tensor r;
+            auto add = [&](const Tensor& t) { r = r.defined() ? r + t : t; };
+            if (ggx) add(conv_op().call(gg[0], w, {}, geo.s, geo.p, geo.d));
+            if (ggw) add(conv_op().call(x, gg[1], {}, geo.s, geo.p, geo.d));
+            if (ggb) add(gg[2].reshape({1, -1, 1, 1, 1}).expand(go.sizes()));
+            out[0] = r;
+        }
+        if (ctx->needs_input_grad(1) && ggw)
+            out[1] = std::get<0>(conv_backward_op().call(go, x, gg[1], geo.s, geo.p, geo.d, {true, false, false}));
+        if (ctx->needs_input_grad(2) && ggx)
+            out[2] = std::get<1>(conv_backward_op().call(go, gg[0], w, geo.s, geo.p, geo.d, {false, true, false}));
+        return out;
+    }
+};
+
+std::tuple<Tensor, Tensor, Tensor> conv3d_backward_autograd(const Tensor& go, const Tensor& x, const Tensor& w,
+                                                            at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
+                                                            std::array<bool, 3> mask)
+{
+    auto r = conv3d_backward_function::apply(go, x, w, s, p, d, mask);
+    return {mask[0] ? r[0] : Tensor(), mask[1] ? r[1] : Tensor(), mask[2] ? r[2] : Tensor()};
+}
+
+/// The fused block in training: its forward is the fused op, which also returns the conv
+/// output z; the backward is batch_norm_backward (on z) then conv3d_backward, both
+/// differentiable, and z an output of this node, so higher orders reach x and w through it.
+struct conv_bn_relu_function : torch::autograd::Function<conv_bn_relu_function> {
+    static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const optional<Tensor>& cb,
+                                 const optional<Tensor>& bw, const optional<Tensor>& bb, const optional<Tensor>& rm,
+                                 const optional<Tensor>& rv, at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
+                                 bool training, double momentum, double eps)
+    {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto [y, z, reserve] = cbr_op().call(x, w, cb, bw, bb, rm, rv, s, p, d, training, momentum, eps);
+        ctx->save_for_backward({x, w, defined_or_empty(bw), z, reserve});
+        save_geometry(ctx, s, p, d);
+        ctx->saved_data["has_conv_bias"] = bool(cb && cb->defined());
+        ctx->saved_data["has_bias"] = bool(bb && bb->defined());
+        ctx->saved_data["eps"] = eps;
+        ctx->mark_non_differentiable({reserve});
+        ctx->set_materialize_grads(false);
+        return {y, z, reserve};
+    }
+    static variable_list backward(AutogradContext* ctx, variable_list g)
+    {
+        const auto v = ctx->get_saved_variables();
+        const Tensor &x = v[0], &w = v[1], &bw = v[2], &z = v[3], &reserve = v[4];
+        const saved_geometry geo(ctx);
+        variable_list out(13);
+        const bool has_w = bw.defined(), has_b = ctx->saved_data["has_bias"].toBool();
+        Tensor dz;
+        if (g[0].defined()) {
+            const optional<Tensor> wopt = has_w ? optional<Tensor>(bw) : c10::nullopt;
+            auto [dzz, dgamma, dbeta] =
+                bn_backward_op().call(g[0], z, wopt, reserve, true, true, ctx->saved_data["eps"].toDouble(),
+                                      {true, has_w && ctx->needs_input_grad(3), has_b && ctx->needs_input_grad(4)});
+            dz = dzz, out[3] = dgamma, out[4] = dbeta;
+        }
+        if (g[1].defined()) dz = dz.defined() ? dz + g[1] : g[1];
+        if (!dz.defined()) return out;
+        const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                       ctx->saved_data["has_conv_bias"].toBool() && ctx->needs_input_grad(2)};
+        auto [dx, dw, db] = conv_backward_op().call(dz, x, w, geo.s, geo.p, geo.d, mask);
+        out[0] = dx, out[1] = dw, out[2] = db;
+        return out;
+    }
+};
+
+bool wants_grad(std::initializer_list<const Tensor*> ts)
+{
+    if (!at::GradMode::is_enabled()) return false;
+    for (const Tensor* t : ts)
+        if (t->defined() && t->requires_grad()) return true;
+    return false;
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_bn_relu3d_autograd(const Tensor& x, const Tensor& w,
+                                                           const optional<Tensor>& cb, const optional<Tensor>& bw,
+                                                           const optional<Tensor>& bb, const optional<Tensor>& rm,
+                                                           const optional<Tensor>& rv, at::IntArrayRef s,
+                                                           at::IntArrayRef p, at::IntArrayRef d, bool training,
+                                                           double momentum, double eps)
+{
+    const bool batch_stats = training || !(rm && rm->defined());
+    const Tensor cbt = defined_or_empty(cb), bwt = defined_or_empty(bw), bbt = defined_or_empty(bb);
+    if (batch_stats) {
+        auto r = conv_bn_relu_function::apply(x, w, cb, bw, bb, rm, rv, s, p, d, training, momentum, eps);
+        return {r[0], r[1], r[2]};
+    }
+    if (!wants_grad({&x, &w, &cbt, &bwt, &bbt})) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        return cbr_op().call(x, w, cb, bw, bb, rm, rv, s, p, d, training, momentum, eps);
+    }
+    // Running statistics with gradients wanted (a backward through an eval-mode block): the
+    // conv and the BN's ops, each differentiable.
+    Tensor z = conv_op().call(x, w, cb, s, p, d);
+    auto [y, reserve] = bn_op().call(z, bw, bb, rm, rv, false, momentum, eps, true);
+    return {y, z, reserve};
+}
+
 } // namespace
 
 TORCH_LIBRARY(volfuse, m)
@@ -584,6 +1038,12 @@ TORCH_LIBRARY(volfuse, m)
           "int global_count, bool relu, float eps) -> Tensor");
     m.def("sync_batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor reserve, "
           "int global_count, Tensor gathered, int rank, bool relu, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+    m.def("conv3d(Tensor input, Tensor weight, Tensor? bias, int[3] stride, int[3] padding, int[3] dilation) -> Tensor");
+    m.def("conv3d_backward(Tensor grad_output, Tensor input, Tensor weight, int[3] stride, int[3] padding, "
+          "int[3] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+    m.def("conv_bn_relu3d(Tensor input, Tensor weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
+          "Tensor(a!)? running_mean, Tensor(b!)? running_var, int[3] stride, int[3] padding, int[3] dilation, "
+          "bool training, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(volfuse, CPU, m)
@@ -594,10 +1054,16 @@ TORCH_LIBRARY_IMPL(volfuse, CPU, m)
     m.impl("sync_batch_norm", &sync_forward_cpu);
     m.impl("sync_batch_norm_backward_message", &sync_backward_message_cpu);
     m.impl("sync_batch_norm_backward", &sync_backward_cpu);
+    m.impl("conv3d", &conv3d_cpu);
+    m.impl("conv3d_backward", &conv3d_backward_cpu);
+    m.impl("conv_bn_relu3d", &conv_bn_relu3d_cpu);
 }
 
 TORCH_LIBRARY_IMPL(volfuse, Autograd, m)
 {
     m.impl("batch_norm", &batch_norm_autograd);
     m.impl("batch_norm_backward", &batch_norm_backward_autograd);
+    m.impl("conv3d", &conv3d_autograd);
+    m.impl("conv3d_backward", &conv3d_backward_autograd);
+    m.impl("conv_bn_relu3d", &conv_bn_relu3d_autograd);
 }

@@ -12,10 +12,12 @@ supported and what falls back to PyTorch.
 import os
 
 import torch
+import torch.ao.nn.intrinsic
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-__all__ = ["BatchNorm3d", "SyncBatchNorm", "convert", "convert_sync_batchnorm", "ops_library"]
+__all__ = ["BatchNorm3d", "ConvBnReLU3d", "SyncBatchNorm", "conv_bn_relu3d", "convert", "convert_sync_batchnorm",
+           "ops_library"]
 
 #: The native library this package loaded its operators from.
 ops_library = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_volfuse_ops.so")
@@ -121,20 +123,175 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
         return new
 
 
-def convert(module):
-    """Replaces every torch.nn.BatchNorm3d in `module` (itself included, at any depth, in
-    nn.Sequential or as attributes) by a volfuse.BatchNorm3d sharing its parameters, buffers
-    and mode; returns the module (the same object unless `module` itself was a BatchNorm3d).
-    Subclasses of torch.nn.BatchNorm3d with a forward of their own are left alone.
+# --- Conv3d -> BatchNorm3d -> ReLU ---------------------------------------------------------
 
-    Not yet: Conv3d -> BatchNorm3d -> ReLU patterns become volfuse's fused block
-    (docs/torch.md lists what is done)."""
+def _fusable(conv, bn, input):
+    """Whether volfuse's fused op computes relu(bn(conv(input))): a plain Conv3d (groups 1,
+    zero padding given as numbers) and a plain BatchNorm3d over its outputs, on a 5-D CPU
+    float32 input (volfuse's convolutions are float32 only)."""
+    return (type(conv) is torch.nn.Conv3d and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and type(bn) in (torch.nn.BatchNorm3d, BatchNorm3d)
+            and bn.num_features == conv.out_channels and isinstance(input, torch.Tensor) and input.dim() == 5
+            and input.device.type == "cpu" and input.dtype == torch.float32
+            and conv.weight.dtype == torch.float32 and conv.weight.device.type == "cpu")
+
+
+def _conv_output_size(conv, size):
+    return [(size[2 + i] + 2 * conv.padding[i] - conv.dilation[i] * (conv.kernel_size[i] - 1) - 1)
+            // conv.stride[i] + 1 for i in range(3)]
+
+
+def conv_bn_relu3d(conv, bn, input):
+    """relu(bn(conv(input))) for a torch.nn.Conv3d and a BatchNorm3d over its outputs, as
+    PyTorch computes it (bn's running statistics and num_batches_tracked updated in training),
+    by volfuse's fused block where it applies (CPU float32, groups 1, zero padding), else by
+    the modules themselves."""
+    if not _fusable(conv, bn, input):
+        return torch.relu(bn(conv(input)))
+    factor, count = _factor(bn)
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    rm = bn.running_mean if use_running else None
+    rv = bn.running_var if use_running else None
+    if batch_stats and input.shape[1] == conv.in_channels:
+        o = _conv_output_size(conv, input.shape)
+        if input.shape[0] * o[0] * o[1] * o[2] == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input size {}".format(
+                torch.Size([input.shape[0], conv.out_channels] + o)))
+    out = torch.ops.volfuse.conv_bn_relu3d(input, conv.weight, conv.bias, bn.weight, bn.bias, rm, rv, conv.stride,
+                                           conv.padding, conv.dilation, batch_stats, factor, bn.eps)[0]
+    if count:
+        bn.num_batches_tracked.add_(1)
+    return out
+
+
+class ConvBnReLU3d(torch.nn.Sequential):
+    """Conv3d -> BatchNorm3d -> ReLU computed by volfuse's fused block (CPU float32).
+
+    Holds the given modules as children 0 and 1 (and a ReLU as 2), as
+    torch.ao.nn.intrinsic.ConvBnReLU3d does: the same parameters (the same tensors), state_dict
+    keys ("0.weight", "1.running_mean", ...) and train/eval.  A torch.nn.BatchNorm3d becomes a
+    volfuse.BatchNorm3d sharing its tensors.  Inputs the fused op does not take (other dtypes
+    or devices, grouped or non-zero-padded convs) run the modules one after the other."""
+
+    def __init__(self, conv, bn, relu=None):
+        if not isinstance(conv, torch.nn.Conv3d):
+            raise TypeError("volfuse.ConvBnReLU3d: conv must be a torch.nn.Conv3d, got {}".format(type(conv).__name__))
+        if not isinstance(bn, torch.nn.BatchNorm3d):
+            raise TypeError("volfuse.ConvBnReLU3d: bn must be a torch.nn.BatchNorm3d, got {}".format(type(bn).__name__))
+        if bn.num_features != conv.out_channels:
+            raise ValueError("volfuse.ConvBnReLU3d: BatchNorm3d has {} features but the Conv3d has {} output "
+                             "channels".format(bn.num_features, conv.out_channels))
+        if type(bn) is torch.nn.BatchNorm3d:
+            bn = BatchNorm3d.from_module(bn)
+        super().__init__(conv, bn, torch.nn.ReLU() if relu is None else relu)
+
+    def forward(self, input):
+        return conv_bn_relu3d(self[0], self[1], input)
+
+    @classmethod
+    def from_module(cls, fused):
+        """From a torch.ao.nn.intrinsic.ConvBnReLU3d (or any (conv, bn, relu) sequence)."""
+        return cls(fused[0], fused[1], fused[2])
+
+
+def _is_relu(node):
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.nn.functional.relu) and len(node.args) == 1
+    if node.op == "call_method":
+        return node.target == "relu" and len(node.args) == 1 and not node.kwargs
+    return False
+
+
+def _fuse_forward(module):
+    """Rewrites module's own forward (traced by torch.fx, its submodules as leaves) so that each
+    conv -> bn -> relu chain whose intermediate results feed nothing else calls
+    conv_bn_relu3d(conv, bn, x).  Returns whether it found any.  Modules fx cannot trace, and
+    modules whose traced code depends on train/eval mode, are left as they are."""
+    import types
+    import torch.fx
+
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return True  # every submodule is a call; each gets its own pass in convert()
+
+    modes = {m: m.training for m in module.modules()}
+    try:
+        graphs = []
+        for mode in (True, False):
+            module.train(mode)
+            graphs.append(Leaves().trace(module))
+    except Exception:  # noqa: BLE001  (anything fx cannot trace stays as it is)
+        return False
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if str(graphs[0]) != str(graphs[1]):
+        return False  # forward depends on self.training: a traced copy would freeze one mode
+    graph = graphs[0]
+
+    def module_of(node, kinds):
+        if node.op != "call_module":
+            return None
+        m = module.get_submodule(node.target)
+        return m if type(m) in kinds else None
+
+    found = False
+    for relu in list(graph.nodes):
+        is_relu = _is_relu(relu) or module_of(relu, (torch.nn.ReLU,)) is not None
+        if not is_relu or not isinstance(relu.args[0], torch.fx.Node):
+            continue
+        bn_node = relu.args[0]
+        bn = module_of(bn_node, (torch.nn.BatchNorm3d, BatchNorm3d))
+        if bn is None or len(bn_node.users) != 1 or len(bn_node.args) != 1 or bn_node.kwargs:
+            continue
+        conv_node = bn_node.args[0]
+        if not isinstance(conv_node, torch.fx.Node):
+            continue
+        conv = module_of(conv_node, (torch.nn.Conv3d,))
+        if conv is None or len(conv_node.users) != 1 or len(conv_node.args) != 1 or conv_node.kwargs:
+            continue
+        with graph.inserting_before(relu):
+            fused = graph.call_function(conv_bn_relu3d, (graph.get_attr(conv_node.target),
+                                                          graph.get_attr(bn_node.target), conv_node.args[0]))
+        relu.replace_all_uses_with(fused)
+        for n in (relu, bn_node, conv_node):
+            graph.erase_node(n)
+        found = True
+    if not found:
+        return False
+    graph.lint()
+    code = torch.fx.GraphModule(module, graph)
+    # The traced forward, bound to the module itself: its submodules, parameters and state_dict
+    # keys stay exactly as they were.
+    module.forward = types.MethodType(type(code).forward, module)
+    return True
+
+
+def convert(module, fuse=True):
+    """volfuse for every BatchNorm3d and (fuse=True) Conv3d -> BatchNorm3d -> ReLU of `module`
+    (itself included, at any depth), in place; returns the module (a new one only when `module`
+    itself is a torch.nn.BatchNorm3d or a torch.ao.nn.intrinsic.ConvBnReLU3d).
+
+    - torch.nn.BatchNorm3d becomes a volfuse.BatchNorm3d sharing its parameters, buffers and
+      mode (subclasses with a forward of their own are left alone);
+    - torch.ao.nn.intrinsic.ConvBnReLU3d becomes a volfuse.ConvBnReLU3d (same children);
+    - in each module's own forward (nn.Sequential's included), traced by torch.fx with its
+      submodules as calls, a Conv3d whose output only feeds a BatchNorm3d whose output only
+      feeds a ReLU (torch.relu, F.relu, Tensor.relu, nn.ReLU) runs as volfuse's fused block:
+      the module's forward becomes the traced one with that rewrite; submodules, parameters and
+      state_dict keys stay the same.  A forward fx cannot trace, or whose traced code changes
+      with train/eval, keeps its own (its BatchNorm3d still run volfuse)."""
     if type(module) is torch.nn.BatchNorm3d:
         return BatchNorm3d.from_module(module)
+    if fuse and type(module) is torch.ao.nn.intrinsic.ConvBnReLU3d:
+        return ConvBnReLU3d.from_module(module)
     for name, child in module.named_children():
-        new = convert(child)
+        new = convert(child, fuse)
         if new is not child:
             setattr(module, name, new)
+    if fuse and not isinstance(module, ConvBnReLU3d) and any(True for _ in module.children()):
+        _fuse_forward(module)
     return module
 
 

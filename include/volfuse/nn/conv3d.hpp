@@ -413,6 +413,7 @@ private:
         return kept_.data();
     }
     const float* kept_data() const noexcept { return kept_.data(); }
+    std::size_t kept_size() const noexcept { return kept_.size(); }
     double* moments(index_t rows)
     {
         moments_.resize(static_cast<std::size_t>(kernels::conv::moments_workspace(rows, g_.out())));

@@ -7,6 +7,7 @@
 
 #include "../core/config.hpp"
 
+#include <span>
 #include <string>
 #include <utility>
 
@@ -117,6 +118,11 @@ public:
     {
         run_backward(X, dY, static_cast<const no_grad_input*>(nullptr));
     }
+
+    /// The conv output z the last batch-statistics forward kept for backward: NDHWC, of sizes
+    /// output_sizes(X.sizes()), empty before any.  For callers that run the backward's parts
+    /// themselves (volfuse's PyTorch operators hand it to autograd as the BN's input).
+    std::span<const float> conv_output() const noexcept { return {conv_.kept_data(), conv_.kept_size()}; }
 
 private:
     // NCDHW (or any non-NDHWC layout) pays one reorder each way: dY in, dX out; X is the
