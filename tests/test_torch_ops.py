@@ -42,6 +42,34 @@ class OpGradients(unittest.TestCase):
                             self.assertTrue(gradcheck(f, args, check_batched_grad=False))
                             self.assertTrue(gradgradcheck(f, args, check_batched_grad=False))
 
+    def test_second_order_when_grad_output_depends_on_input(self):
+        # gradgradcheck feeds an independent grad_output; a loss of the output (y * y) makes
+        # grad_output a function of the input too, so the input's second-order grad has a path
+        # through grad_output as well as the direct one: each must be counted once.
+        torch.manual_seed(0)
+        C = 4
+        x = torch.randn(2, C, 3, 4, 5, dtype=torch.double)
+        w, b = torch.rand(C, dtype=torch.double) + 0.5, torch.randn(C, dtype=torch.double)
+        rm, rv = torch.randn(C, dtype=torch.double) * 0.1, torch.rand(C, dtype=torch.double) + 0.5
+        for layout in ("contiguous", "channels_last"):
+            for training in (True, False):
+                for relu in (False, True):
+                    with self.subTest(layout=layout, training=training, relu=relu):
+                        grads = []
+                        for impl in ("volfuse", "torch"):
+                            xx = x.clone().requires_grad_()
+                            ww = w.clone().requires_grad_()
+                            xin = xx.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last" else xx
+                            if impl == "volfuse":
+                                y = ops.batch_norm(xin, ww, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, relu)[0]
+                            else:
+                                y = torch.nn.functional.batch_norm(xin, rm.clone(), rv.clone(), ww, b, training)
+                                y = torch.relu(y) if relu else y
+                            first = torch.autograd.grad((y * y).sum(), [xx, ww], create_graph=True)
+                            grads.append(torch.autograd.grad(sum((g * g).sum() for g in first), [xx, ww]))
+                        for a, r in zip(*grads):
+                            torch.testing.assert_close(a, r, rtol=1e-7, atol=1e-9)
+
     def test_torchscript_calls_the_same_op(self):
         @torch.jit.script
         def scripted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -745,13 +745,18 @@ struct batch_norm_backward_function : torch::autograd::Function<batch_norm_backw
         variable_list inputs;
         std::vector<int> which;
         const bool need[3] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), w.defined() && ctx->needs_input_grad(2)};
-        const Tensor* in[3] = {&go, &x, &w};
-        for (int i = 0; i < 3; ++i)
-            if (need[i] && in[i]->requires_grad()) inputs.push_back(*in[i]), which.push_back(i);
         variable_list out(8);
-        if (inputs.empty()) return out;
+        if (!(need[0] && go.requires_grad()) && !(need[1] && x.requires_grad()) && !(need[2] && w.requires_grad()))
+            return out;
         at::AutoGradMode enable(true);
-        const auto f = backward_formula(go, x, w, reserve, ctx->saved_data["batch_stats"].toBool(),
+        // The formula on aliases of the saved tensors: the grads asked for are the formula's own.
+        // (On go, x themselves, grad() would also follow go's history back into x, which the
+        // engine already does with the grad returned for go: that path would count twice.)
+        // Aliases stay connected to the originals, so create_graph gives higher orders.
+        const Tensor a[3] = {go.view_as(go), x.view_as(x), w.defined() ? w.view_as(w) : w};
+        for (int i = 0; i < 3; ++i)
+            if (need[i] && a[i].defined() && a[i].requires_grad()) inputs.push_back(a[i]), which.push_back(i);
+        const auto f = backward_formula(a[0], a[1], a[2], reserve, ctx->saved_data["batch_stats"].toBool(),
                                         ctx->saved_data["relu"].toBool(), ctx->saved_data["eps"].toDouble());
         variable_list outputs, grads;
         for (int k = 0; k < 3; ++k) // placeholders (grads not asked for) have no derivative
@@ -958,8 +963,10 @@ struct conv_bn_relu_function : torch::autograd::Function<conv_bn_relu_function> 
         auto [y, z, reserve] = cbr_op().call(x, w, cb, bw, bb, rm, rv, s, p, d, training, momentum, eps);
         ctx->save_for_backward({x, w, defined_or_empty(bw), z, reserve});
         save_geometry(ctx, s, p, d);
-        ctx->saved_data["has_conv_bias"] = bool(cb && cb->defined());
-        ctx->saved_data["has_bias"] = bool(bb && bb->defined());
+        // needs_input_grad counts the tensors given (absent optionals have no edge).
+        const bool given[3] = {cb && cb->defined(), bw && bw->defined(), bb && bb->defined()};
+        int64_t edge = 2;
+        for (int i = 0; i < 3; ++i) ctx->saved_data["edge" + std::to_string(i)] = given[i] ? edge++ : int64_t{-1};
         ctx->saved_data["eps"] = eps;
         ctx->mark_non_differentiable({reserve});
         ctx->set_materialize_grads(false);
@@ -971,19 +978,20 @@ struct conv_bn_relu_function : torch::autograd::Function<conv_bn_relu_function> 
         const Tensor &x = v[0], &w = v[1], &bw = v[2], &z = v[3], &reserve = v[4];
         const saved_geometry geo(ctx);
         variable_list out(13);
-        const bool has_w = bw.defined(), has_b = ctx->saved_data["has_bias"].toBool();
+        auto needs = [&](int i) { // conv bias, bn weight, bn bias
+            const int64_t e = ctx->saved_data["edge" + std::to_string(i)].toInt();
+            return e >= 0 && ctx->needs_input_grad(static_cast<std::size_t>(e));
+        };
         Tensor dz;
         if (g[0].defined()) {
-            const optional<Tensor> wopt = has_w ? optional<Tensor>(bw) : c10::nullopt;
-            auto [dzz, dgamma, dbeta] =
-                bn_backward_op().call(g[0], z, wopt, reserve, true, true, ctx->saved_data["eps"].toDouble(),
-                                      {true, has_w && ctx->needs_input_grad(3), has_b && ctx->needs_input_grad(4)});
+            const optional<Tensor> wopt = bw.defined() ? optional<Tensor>(bw) : c10::nullopt;
+            auto [dzz, dgamma, dbeta] = bn_backward_op().call(g[0], z, wopt, reserve, true, true,
+                                                              ctx->saved_data["eps"].toDouble(), {true, needs(1), needs(2)});
             dz = dzz, out[3] = dgamma, out[4] = dbeta;
         }
         if (g[1].defined()) dz = dz.defined() ? dz + g[1] : g[1];
         if (!dz.defined()) return out;
-        const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                       ctx->saved_data["has_conv_bias"].toBool() && ctx->needs_input_grad(2)};
+        const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), needs(0)};
         auto [dx, dw, db] = conv_backward_op().call(dz, x, w, geo.s, geo.p, geo.d, mask);
         out[0] = dx, out[1] = dw, out[2] = db;
         return out;
