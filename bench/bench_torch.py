@@ -5,7 +5,9 @@
      w.r.t. input, weight and bias), volfuse.BatchNorm3d vs torch.nn.BatchNorm3d, training
      mode, float32, contiguous and channels_last_3d;
   2. one training step (forward, CrossEntropyLoss, backward, SGD with momentum) of the seed's
-     networks at reduced sizes, plain vs volfuse.convert(model).
+     networks at reduced sizes, plain vs volfuse.convert(model, fuse=False) (BatchNorm3d
+     only: the convs stay PyTorch's) and vs volfuse.convert(model) (Conv3d -> BatchNorm3d ->
+     ReLU blocks fused: volfuse's convolutions too).
 
 Each at 1 and 2 threads (torch.set_num_threads: PyTorch and volfuse share the process's OpenMP
 threads).  Times are medians of repeated runs after warm-up; speedup = PyTorch / volfuse.
@@ -95,10 +97,12 @@ def bench_seed(threads):
     for name, model, shape, classes in nets:
         torch.manual_seed(0)
         x, target = torch.randn(shape), torch.randint(0, classes, (shape[0],))
-        plain, converted = copy.deepcopy(model), volfuse.convert(copy.deepcopy(model))
+        plain = copy.deepcopy(model)
         t_ref = median_ms(train_step(plain, x, target), 5)
-        t_vol = median_ms(train_step(converted, x, target), 5)
-        rows.append(("%s train step %s" % (name, list(shape)), threads, t_ref, t_vol))
+        for fuse, how in ((False, "BatchNorm3d only"), (True, "conv blocks fused")):
+            converted = volfuse.convert(copy.deepcopy(model), fuse=fuse)
+            t_vol = median_ms(train_step(converted, x, target), 5)
+            rows.append(("%s train step %s, %s" % (name, list(shape), how), threads, t_ref, t_vol))
     return rows
 
 

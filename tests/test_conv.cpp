@@ -382,3 +382,85 @@ TEST_CASE("backward_input and backward_weight are backward's two halves", "[conv
         both(vf::ncdhw_t{});
     }
 }
+
+TEST_CASE("Conv3d<spec, double>: the same kernel templates in float64 match the float64 reference", "[conv][double]")
+{
+    // The reference's bounds are float32's (n * 2^-24 * sum |terms|); a float64 result's error is
+    // the same bound times 2^-29: 1e-8 of the bound leaves a margin of 5.
+    std::mt19937 g(31);
+    auto as_double = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+    auto within = [](const std::vector<double>& got, const std::vector<double>& want, const std::vector<double>& bound) {
+        for (std::size_t i = 0; i < got.size(); ++i)
+            if (!(std::abs(got[i] - want[i]) <= 1e-8 * bound[i] + 1e-300)) return static_cast<long>(i);
+        return -1L;
+    };
+    for (const auto& c : random_cases(30, 9)) {
+        INFO(describe(c));
+        const reference_case rc(c.cf, c.xs, g);
+        const auto& ref = rc.ref;
+        const auto x = as_double(rc.x), dy = as_double(rc.dy), w = as_double(rc.w);
+        const auto b = c.cf.bias ? as_double(rc.b) : std::vector<double>{};
+        std::vector<double> first_y;
+        auto run = [&]<class L>(L) {
+            vf::Conv3d<vf::conv_spec{}, double> conv(c.cf.in, c.cf.out, c.cf.k, c.cf.s, c.cf.p, c.cf.dil, 1, c.cf.bias);
+            REQUIRE(std::string(conv.kernel_choice(L{}).why).find("float64") != std::string::npos);
+            std::copy(w.begin(), w.end(), conv.weight().begin());
+            std::copy(b.begin(), b.end(), conv.bias().begin());
+            auto xm = to_layout<L>(x, ref.xs), dym = to_layout<L>(dy, ref.ys);
+            auto ym = to_layout<L>(std::vector<double>(static_cast<std::size_t>(numel(ref.ys)), NAN), ref.ys);
+            auto dxm = to_layout<L>(std::vector<double>(x.size(), NAN), ref.xs);
+            conv.forward(view_of<L>(xm.data(), ref.xs), view_of<L>(ym.data(), ref.ys));
+            conv.backward(view_of<L>(xm.data(), ref.xs), view_of<L>(dym.data(), ref.ys), view_of<L>(dxm.data(), ref.xs));
+            const auto y = from_layout<L>(ym, ref.ys), dx = from_layout<L>(dxm, ref.xs);
+            CHECK(within(y, ref.y, ref.y_bound) == -1);
+            CHECK(within(dx, ref.dx, ref.dx_bound) == -1);
+            auto doubles = [](auto s) { return std::vector<double>(s.begin(), s.end()); };
+            CHECK(within(doubles(conv.weight_grad()), ref.dw, ref.dw_bound) == -1);
+            if (c.cf.bias) CHECK(within(doubles(conv.bias_grad()), ref.db, ref.db_bound) == -1);
+        };
+        run(vf::ndhwc);
+        run(vf::ncdhw);
+    }
+}
+
+TEST_CASE("ConvBnReLU3d in float64 equals its parts in float64", "[conv][double]")
+{
+    std::mt19937 g(32);
+    const sizes5 xs{2, 3, 4, 5, 6}, ys{2, 7, 4, 5, 6};
+    const auto xf = randn(numel(xs), g), dyf = randn(numel(ys), g), wf = randn(7 * 3 * 27, g, 0.0, 0.3);
+    const std::vector<double> x(xf.begin(), xf.end()), dy(dyf.begin(), dyf.end()), w(wf.begin(), wf.end());
+    using conv_d = vf::Conv3d<vf::conv_spec{}, double>;
+    using bn_d = vf::BatchNorm3d<vf::dynamic, double>;
+    for (bool training : {true, false}) {
+        INFO("training " << training);
+        vf::ConvBnReLU3d block(conv_d(3, 7, 3, 1, 1), bn_d(7));
+        conv_d conv(3, 7, 3, 1, 1);
+        bn_d bn(7);
+        std::copy(w.begin(), w.end(), block.conv().weight().begin());
+        std::copy(w.begin(), w.end(), conv.weight().begin());
+        std::copy(conv.bias().begin(), conv.bias().end(), block.conv().bias().begin());
+        for (index_t c = 0; c < 7; ++c) {
+            block.bn().running_mean()[c] = bn.running_mean()[c] = 0.1 * static_cast<double>(c);
+            block.bn().running_var()[c] = bn.running_var()[c] = 1.0 + 0.2 * static_cast<double>(c);
+        }
+        block.train(training), bn.train(training);
+        std::vector<double> y(static_cast<std::size_t>(numel(ys))), z(y.size()), yr(y.size()), dx(x.size()),
+            dz(y.size()), dxr(x.size());
+        const auto X = view_of<vf::ncdhw_t>(x.data(), xs);
+        block.forward(X, view_of<vf::ncdhw_t>(y.data(), ys));
+        conv.forward(X, view_of<vf::ncdhw_t>(z.data(), ys));
+        bn.forward(view_of<vf::ncdhw_t>(z.data(), ys).as_const(), view_of<vf::ncdhw_t>(yr.data(), ys), vf::relu);
+        for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(std::abs(y[i] - yr[i]) <= 1e-12);
+        block.backward(X, view_of<vf::ncdhw_t>(dy.data(), ys), view_of<vf::ncdhw_t>(dx.data(), xs));
+        bn.backward(view_of<vf::ncdhw_t>(z.data(), ys).as_const(), view_of<vf::ncdhw_t>(dy.data(), ys),
+                    view_of<vf::ncdhw_t>(dz.data(), ys), vf::relu);
+        conv.backward(X, view_of<vf::ncdhw_t>(dz.data(), ys), view_of<vf::ncdhw_t>(dxr.data(), xs));
+        for (std::size_t i = 0; i < dx.size(); ++i) REQUIRE(std::abs(dx[i] - dxr[i]) <= 1e-11);
+        for (std::size_t i = 0; i < w.size(); ++i)
+            REQUIRE(std::abs(block.conv().weight_grad()[i] - conv.weight_grad()[i]) <= 1e-10);
+        for (index_t c = 0; c < 7; ++c) {
+            REQUIRE(std::abs(block.bn().running_var()[c] - bn.running_var()[c]) <= 1e-13);
+            REQUIRE(std::abs(block.bn().weight_grad()[c] - bn.weight_grad()[c]) <= 1e-10);
+        }
+    }
+}

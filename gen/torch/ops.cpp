@@ -432,7 +432,7 @@ std::tuple<Tensor, Tensor, Tensor> sync_backward_cpu(const Tensor& grad_out, con
 // conv's epilogue and conv_output is the conv result it kept (channels_last_3d), which the
 // backward (batch_norm_backward, then conv3d_backward) takes as the BN's input; with running
 // statistics the BN is folded into the conv and conv_output, reserve are empty.
-// Convolutions are float32 (volfuse's conv kernels are; docs/torch.md).
+// float32 and float64, as batch_norm.
 
 std::string sizes_of(at::IntArrayRef s)
 {
@@ -473,9 +473,8 @@ void check_conv_args(const Tensor& x, const Tensor& w, const optional<Tensor>& b
     if (w.scalar_type() != x.scalar_type() || (has_b && b->scalar_type() != x.scalar_type()))
         fail("Input type (" + dtype_name(x) + ") and weight type (" + dtype_name(w) + ")" +
              (has_b ? " and bias type (" + dtype_name(*b) + ")" : std::string()) + " should be the same");
-    if (x.scalar_type() != at::kFloat)
-        fail(op + ": input has dtype " + dtype_name(x) +
-             "; volfuse's convolutions run Float only (float64 convolutions are not implemented yet)");
+    if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble)
+        fail(op + ": input has dtype " + dtype_name(x) + "; volfuse supports Float and Double");
     if (has_b && (b->dim() != 1 || b->numel() != w.size(0)))
         fail("Given weight of size " + sizes_of(w.sizes()) + ", expected bias to be 1-dimensional with " +
              std::to_string(w.size(0)) + " elements, but got bias of size " + sizes_of(b->sizes()) + " instead");
@@ -510,21 +509,34 @@ std::vector<int64_t> conv_key(const Tensor& w, const conv_config& c, bool bias)
     return k;
 }
 
-vf::Conv3d<> make_conv(const Tensor& w, const conv_config& c, bool bias)
+template <class T>
+using conv_t = vf::Conv3d<vf::conv_spec{}, T>;
+
+template <class T>
+conv_t<T> make_conv(const Tensor& w, const conv_config& c, bool bias)
 {
-    return vf::Conv3d<>(w.size(1), w.size(0), {w.size(2), w.size(3), w.size(4)}, c.stride, c.padding, c.dilation, 1,
-                        bias);
+    return conv_t<T>(w.size(1), w.size(0), {w.size(2), w.size(3), w.size(4)}, c.stride, c.padding, c.dilation, 1,
+                     bias);
 }
 
 /// The conv module for weight w (and a bias or not), holding w's values (and b's).
-vf::Conv3d<>& conv_module(const Tensor& w, const optional<Tensor>& b, const conv_config& c, bool bias)
+template <class T>
+conv_t<T>& conv_module(const Tensor& w, const optional<Tensor>& b, const conv_config& c, bool bias)
 {
-    thread_local module_cache<vf::Conv3d<>> cache;
-    auto& conv = cache.get(conv_key(w, c, bias), [&] { return make_conv(w, c, bias); });
+    thread_local module_cache<conv_t<T>> cache;
+    auto& conv = cache.get(conv_key(w, c, bias), [&] { return make_conv<T>(w, c, bias); });
     load(conv.weight(), w);
     if (b && b->defined()) load(conv.bias(), *b);
-    else std::fill(conv.bias().begin(), conv.bias().end(), 0.f);
+    else std::fill(conv.bias().begin(), conv.bias().end(), T(0));
     return conv;
+}
+
+/// fn(T{}) for the input's dtype (float32 or float64; checked before).
+template <class Fn>
+decltype(auto) by_dtype(const Tensor& x, Fn&& fn)
+{
+    if (x.scalar_type() == at::kDouble) return fn(double{});
+    return fn(float{});
 }
 
 /// PyTorch's output sizes of the conv (0 where the input is too small: the module then raises
@@ -566,9 +578,11 @@ Tensor conv3d_cpu(const Tensor& input, const Tensor& weight, const optional<Tens
     const layout l = layout_of(input);
     const Tensor x = input.contiguous(format_of(l));
     Tensor y = empty_output(conv_output_sizes(x, weight, c), x, l);
-    as_torch_errors([&] {
-        auto& conv = conv_module(weight, bias, c, bias && bias->defined());
-        by_layout(l, [&](auto L) { conv.forward(view_of<float, decltype(L)>(x).as_const(), view_of<float, decltype(L)>(y)); });
+    by_dtype(x, [&]<class T>(T) {
+        as_torch_errors([&] {
+            auto& conv = conv_module<T>(weight, bias, c, bias && bias->defined());
+            by_layout(l, [&](auto L) { conv.forward(view_of<T, decltype(L)>(x).as_const(), view_of<T, decltype(L)>(y)); });
+        });
     });
     return y;
 }
@@ -584,26 +598,31 @@ std::tuple<Tensor, Tensor, Tensor> conv3d_backward_cpu(const Tensor& grad_out, c
     if (!grad_out.device().is_cpu() || grad_out.scalar_type() != input.scalar_type())
         fail(op + ": grad_output must be a CPU tensor of the input's dtype, got " + dtype_name(grad_out) + " on " +
              grad_out.device().str());
-    const layout l = layout_of(input);
+    // Channels-last when either tensor is (the fused block's backward hands the conv output's
+    // gradient over channels-last): one copy of the other into the kernels' own layout, none
+    // inside the module.  The module checks grad_output's sizes.
+    const layout l = layout_of(grad_out) == layout::ndhwc ? layout::ndhwc : layout_of(input);
     const Tensor x = input.contiguous(format_of(l));
-    const Tensor dy = grad_out.contiguous(format_of(l)); // the input's layout; the module checks its sizes
+    const Tensor dy = grad_out.contiguous(format_of(l));
     Tensor dx, gw, gb;
     if (mask[0]) dx = empty_output(x, l);
-    as_torch_errors([&] {
-        auto& conv = conv_module(weight, {}, c, mask[2]);
-        conv.zero_grad();
-        by_layout(l, [&](auto L) {
-            using V = decltype(L);
-            const auto X = view_of<float, V>(x).as_const();
-            const auto DY = view_of<float, V>(dy).as_const();
-            if (mask[0] && !mask[1] && !mask[2]) conv.backward_input(DY, view_of<float, V>(dx));
-            else if (mask[0]) conv.backward(X, DY, view_of<float, V>(dx));
-            else if (mask[1] || mask[2]) conv.backward_weight(X, DY);
+    by_dtype(x, [&]<class T>(T) {
+        as_torch_errors([&] {
+            auto& conv = conv_module<T>(weight, {}, c, mask[2]);
+            conv.zero_grad();
+            by_layout(l, [&](auto L) {
+                using V = decltype(L);
+                const auto X = view_of<T, V>(x).as_const();
+                const auto DY = view_of<T, V>(dy).as_const();
+                if (mask[0] && !mask[1] && !mask[2]) conv.backward_input(DY, view_of<T, V>(dx));
+                else if (mask[0]) conv.backward(X, DY, view_of<T, V>(dx));
+                else if (mask[1] || mask[2]) conv.backward_weight(X, DY);
+            });
+            if (mask[1])
+                gw = at::from_blob(const_cast<T*>(conv.weight_grad().data()), weight.sizes(), x.options()).clone();
+            if (mask[2])
+                gb = at::from_blob(const_cast<T*>(conv.bias_grad().data()), {weight.size(0)}, x.options()).clone();
         });
-        if (mask[1])
-            gw = at::from_blob(const_cast<float*>(conv.weight_grad().data()), weight.sizes(), x.options()).clone();
-        if (mask[2])
-            gb = at::from_blob(const_cast<float*>(conv.bias_grad().data()), {weight.size(0)}, x.options()).clone();
     });
     return {dx, gw, gb};
 }
@@ -627,28 +646,31 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_relu3d_cpu(const Tensor& input, const
     Tensor y = empty_output(osz, x, l), z, reserve;
     const bool batch_stats = training || !track;
     if (batch_stats) reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
-    using block_t = vf::ConvBnReLU3d<>;
-    thread_local module_cache<block_t> cache;
-    as_torch_errors([&] {
-        auto key = conv_key(weight, c, has_cb);
-        key.insert(key.end(), {affine, track, static_cast<int64_t>(std::bit_cast<std::uint64_t>(eps))});
-        auto& block = cache.get(key, [&] { return block_t(make_conv(weight, c, has_cb), vf::BatchNorm3d<>(C, eps)); });
-        load(block.conv().weight(), weight);
-        if (has_cb) load(block.conv().bias(), *conv_bias);
-        block.bn() = vf::BatchNorm3d<>(C, eps, momentum, affine, track);
-        load_state(block.bn(), w, b, rm, rv);
-        block.train(training);
-        by_layout(l, [&](auto L) {
-            block.forward(view_of<float, decltype(L)>(x).as_const(), view_of<float, decltype(L)>(y));
+    by_dtype(x, [&]<class T>(T) {
+        using bn_t = vf::BatchNorm3d<vf::dynamic, T>;
+        using block_t = vf::ConvBnReLU3d<vf::conv_spec{}, vf::dynamic, bn_t>;
+        thread_local module_cache<block_t> cache;
+        as_torch_errors([&] {
+            auto key = conv_key(weight, c, has_cb);
+            key.insert(key.end(), {affine, track, static_cast<int64_t>(std::bit_cast<std::uint64_t>(eps))});
+            auto& block = cache.get(key, [&] { return block_t(make_conv<T>(weight, c, has_cb), bn_t(C, eps)); });
+            load(block.conv().weight(), weight);
+            if (has_cb) load(block.conv().bias(), *conv_bias);
+            block.bn() = bn_t(C, eps, momentum, affine, track);
+            load_state(block.bn(), w, b, rm, rv);
+            block.train(training);
+            by_layout(l, [&](auto L) {
+                block.forward(view_of<T, decltype(L)>(x).as_const(), view_of<T, decltype(L)>(y));
+            });
+            // Committed: the forward ran.
+            if (track && training) store_running(block.bn(), rm, rv, x.options());
+            if (batch_stats) {
+                z = empty_output(osz, x, layout::ndhwc);
+                const auto kept = block.conv_output();
+                std::copy(kept.begin(), kept.end(), z.data_ptr<T>());
+                if (x.numel() > 0) vf::detail::saved_forward::save(block.bn(), span_of<T>(reserve), C);
+            }
         });
-        // Committed: the forward ran.
-        if (track && training) store_running(block.bn(), rm, rv, x.options());
-        if (batch_stats) {
-            z = empty_output(osz, x, layout::ndhwc);
-            const auto kept = block.conv_output();
-            std::copy(kept.begin(), kept.end(), z.data_ptr<float>());
-            if (x.numel() > 0) vf::detail::saved_forward::save(block.bn(), span_of<float>(reserve), C);
-        }
     });
     if (!z.defined()) z = at::empty({0}, x.options()), reserve = at::empty({0}, x.options());
     return {y, z, reserve};

@@ -128,12 +128,12 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
 def _fusable(conv, bn, input):
     """Whether volfuse's fused op computes relu(bn(conv(input))): a plain Conv3d (groups 1,
     zero padding given as numbers) and a plain BatchNorm3d over its outputs, on a 5-D CPU
-    float32 input (volfuse's convolutions are float32 only)."""
+    float32 or float64 input of the conv's dtype."""
     return (type(conv) is torch.nn.Conv3d and conv.groups == 1 and conv.padding_mode == "zeros"
             and not isinstance(conv.padding, str) and type(bn) in (torch.nn.BatchNorm3d, BatchNorm3d)
             and bn.num_features == conv.out_channels and isinstance(input, torch.Tensor) and input.dim() == 5
-            and input.device.type == "cpu" and input.dtype == torch.float32
-            and conv.weight.dtype == torch.float32 and conv.weight.device.type == "cpu")
+            and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+            and conv.weight.dtype == input.dtype and conv.weight.device.type == "cpu")
 
 
 def _conv_output_size(conv, size):
@@ -144,8 +144,8 @@ def _conv_output_size(conv, size):
 def conv_bn_relu3d(conv, bn, input):
     """relu(bn(conv(input))) for a torch.nn.Conv3d and a BatchNorm3d over its outputs, as
     PyTorch computes it (bn's running statistics and num_batches_tracked updated in training),
-    by volfuse's fused block where it applies (CPU float32, groups 1, zero padding), else by
-    the modules themselves."""
+    by volfuse's fused block where it applies (CPU float32/float64, groups 1, zero padding),
+    else by the modules themselves."""
     if not _fusable(conv, bn, input):
         return torch.relu(bn(conv(input)))
     factor, count = _factor(bn)
@@ -166,7 +166,7 @@ def conv_bn_relu3d(conv, bn, input):
 
 
 class ConvBnReLU3d(torch.nn.Sequential):
-    """Conv3d -> BatchNorm3d -> ReLU computed by volfuse's fused block (CPU float32).
+    """Conv3d -> BatchNorm3d -> ReLU computed by volfuse's fused block (CPU float32/float64).
 
     Holds the given modules as children 0 and 1 (and a ReLU as 2), as
     torch.ao.nn.intrinsic.ConvBnReLU3d does: the same parameters (the same tensors), state_dict

@@ -100,9 +100,9 @@ struct composer {
         static_assert(conv_epilogue<Epi>, "vf::evaluate: a conv's epilogue is vf::identity or vf::relu");
         M& conv = *node.module;
         const auto& X = node.in.view;
-        const float* x = conv.prepare_forward(X, operand_of(Y, "output"));
+        const auto* x = conv.prepare_forward(X, operand_of(Y, "output"));
         if (Y.shape().numel() == 0) return;
-        float* y = conv.output_for(Y);
+        auto* y = conv.output_for(Y);
         conv.template run_forward<typename VY::layout_type>(X.sizes(), x, y, is_relu<Epi>);
         conv.finish_output(y, Y);
     }
@@ -119,34 +119,35 @@ struct composer {
         M& conv = *node.module;
         const auto& X = node.in.view;
         const auto osz = Y.sizes();
-        const float* x = conv.prepare_forward(X, operand_of(Y, "output"));
+        using T = typename M::value_type;
+        const T* x = conv.prepare_forward(X, operand_of(Y, "output"));
         const index_t C = osz[1], rows = osz[0] * osz[2] * osz[3];
         const bool batch_stats = bn.training() || !bn.track_running_stats();
         if (!batch_stats && (bn.num_features() != C))
             throw error("running_mean should contain " + std::to_string(C) + " elements not " +
                         std::to_string(bn.num_features()));
-        float* y = conv.output_for(Y);
+        T* y = conv.output_for(Y);
         if (batch_stats) {
             index_t n = 1;
             for (index_t v : osz) n *= v;
-            float* z = conv.kept_output(n);
+            T* z = conv.kept_output(n);
             double* moments = conv.moments(rows); // workspaces before the module commits its state
-            const auto step = bn.prepare_forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(y, osz), Epi::name);
+            const auto step = bn.prepare_forward(ndhwc_view(static_cast<const T*>(z), osz), ndhwc_view(y, osz), Epi::name);
             if (!step) return;
             conv.template run_forward<typename VY::layout_type>(X.sizes(), x, z, false, moments);
             // The conv epilogue's moments (merged in block order) -> the BN's finalization.
-            const index_t P = kernels::conv::round_up(C, simd::width);
+            const index_t P = kernels::conv::round_up(C, simd::lanes<T>);
             const double count = static_cast<double>(n / std::max<index_t>(C, 1));
             for (index_t c = 0; c < C; ++c) {
                 step->moments.mean[c] = moments[P + c];
-                step->moments.m2[c] = kernels::var_sum_about_rounded_mean<float>(count, moments[P + c], moments[2 * P + c]);
+                step->moments.m2[c] = kernels::var_sum_about_rounded_mean<T>(count, moments[P + c], moments[2 * P + c]);
             }
             step->finalize(0, C);
             using Form = typename std::remove_cvref_t<decltype(*step)>::form_type;
             // The BN kernels gen emitted with this block come with the conv's registry entry: the
             // BN runs them here and in its backward (and kernel_choice() says so).
             bn.adopt_kernels(conv.kernel_choice());
-            if constexpr (conv_epilogue<Epi> && BN::static_channels == dynamic &&
+            if constexpr (conv_epilogue<Epi> && BN::static_channels == dynamic && std::is_same_v<T, float> &&
                           std::is_same_v<std::remove_cv_t<Form>, registry::dynamic_form<ndhwc_t>>) {
                 if (const auto* k = bn.template registered_kernels<ndhwc_t>(is_relu<Epi>)) {
                     k->normalize(step->form, z, y, step->coeffs, is_relu<Epi>);
@@ -184,8 +185,9 @@ struct composer {
         const auto& X = node.in.view;
         const auto osz = Y.sizes();
         const index_t C = osz[1], rows = osz[0] * osz[2] * osz[3];
-        const float* x = nullptr;
-        float *y = nullptr, *z = nullptr;
+        using T = typename M::value_type;
+        const T* x = nullptr;
+        T *y = nullptr, *z = nullptr;
         double* moments = nullptr;
         index_t n = 0;
         auto h = sbn.try_local([&] {
@@ -205,13 +207,13 @@ struct composer {
         const kernels::moments_out m = bn.moments();
         if (n > 0) {
             conv.template run_forward<typename VY::layout_type>(X.sizes(), x, z, false, moments);
-            const index_t P = kernels::conv::round_up(C, simd::width);
+            const index_t P = kernels::conv::round_up(C, simd::lanes<T>);
             for (index_t c = 0; c < C; ++c) m.mean[c] = moments[P + c], m.m2[c] = moments[2 * P + c];
         }
         sbn.exchange(sbn.message_of_moments(C, h.count, n > 0));
         sbn.commit_forward(C, osz, z, y, ndhwc_t::name, Epi::name);
         if (n > 0) {
-            const auto f = SBN::bn_type::specialize(ndhwc_view(static_cast<const float*>(z), osz)).form();
+            const auto f = SBN::bn_type::specialize(ndhwc_view(static_cast<const T*>(z), osz)).form();
             kernels::normalize(f, 0, C, z, y, bn.coeffs(), op);
             conv.finish_output(y, Y);
         }
@@ -308,10 +310,11 @@ template <class VY, class Conv>
 std::string describe_conv(const VY& Y, const Conv& conv, const std::string& epi, const char* bn)
 {
     namespace kc = kernels::conv;
+    constexpr index_t width = simd::lanes<typename Conv::value_type>;
     const auto& g = conv.geom();
     const registry::choice choice = composer::choose<VY>(conv);
     const index_t vectors =
-        std::min<index_t>(choice.schedule.tile_vectors, (g.out() + simd::width - 1) / simd::width);
+        std::min<index_t>(choice.schedule.tile_vectors, (g.out() + width - 1) / width);
     const index_t pixels = [&] {
         index_t p = 0;
         kc::with_vectors(vectors, [&]<int V>() { p = kc::pixels_for<V>; });
@@ -325,7 +328,7 @@ std::string describe_conv(const VY& Y, const Conv& conv, const std::string& epi,
     line(0, "evaluate: " + epi + "(" + what + ") -> " + std::string(VY::layout_name()) + " " + Y.shape().str() + ", " +
                 conv.repr() + (std::remove_cvref_t<decltype(g)>::spec == conv_spec{} ? " (runtime-shaped)" : " (spec: static where fixed)"));
     line(0, "kernels: " + choice.why);
-    line(0, "schedule: " + std::string(simd::arch::name()) + ", vector " + std::to_string(simd::width) +
+    line(0, "schedule: " + std::string(simd::arch::name()) + ", vector " + std::to_string(width) +
                 " x f32, tile " + std::to_string(pixels) + " pixels x " + std::to_string(vectors) +
                 " vectors in registers, threads " + std::to_string(get_num_threads()));
     line(1, choice.schedule.str() + ": " + choice.schedule.origin);
@@ -333,7 +336,7 @@ std::string describe_conv(const VY& Y, const Conv& conv, const std::string& epi,
     if (folded) line(0, "fold batch_norm into the packed weights and bias (PyTorch's fuse_conv_bn_weights)");
     line(0, stats ? "parallel for block of " + std::to_string(kc::moment_rows) + " output rows (n, od, oh):"
                   : "parallel for output row (n, od, oh):");
-    line(1, "for oc chunk of " + std::to_string(vectors * simd::width) + " channels:");
+    line(1, "for oc chunk of " + std::to_string(vectors * width) + " channels:");
     line(2, "for ow tile of " + std::to_string(pixels) + " pixels (interior tiles unchecked, border tiles checked):");
     line(3, "for kd, kh, kw (taps outside the image skipped): for ic in [0, " + std::to_string(g.in()) + "):");
     line(4, "acc[p][j] = fma(broadcast(x[p][ic]), w[tap][ic][j], acc[p][j])");

@@ -29,8 +29,9 @@
 
 namespace volfuse::inline VOLFUSE_ISA_NS::kernels::conv {
 
-using simd::fvec;
-using simd::width;
+// Every kernel is a template over the element type T (float or double: the same code, in
+// vectors of simd::lanes<T>; `width` in a kernel is simd::lanes<T>).  Schedules count vectors,
+// so a tile of VB vectors holds VB * width channels of either type.
 
 /// This build's register limits (schedule/conv_schedule.hpp).
 inline constexpr int acc_registers = conv_acc_registers;
@@ -80,21 +81,25 @@ void with_vectors(index_t n, F&& f)
 /// Lanes per block of the blocked weight layouts (pack()): a tile's weights of one (tap, ic)
 /// row are one contiguous run, so a block of rows fills L1 sets evenly (rows strided by a
 /// power of two would crowd half the sets).
-inline constexpr index_t pack_chunk = max_vectors * width;
+template <class T>
+inline constexpr index_t pack_chunk = max_vectors * simd::lanes<T>;
 
-/// Offset of (row r, lane l) in `rows` rows x `lanes` lanes (a multiple of width) blocked in
+/// Offset of (row r, lane l) in `rows` rows x `lanes` lanes (a multiple of W) blocked in
 /// pack_chunk lanes: [lanes / pack_chunk][rows][pack_chunk], the last block narrower.
+template <class T>
 constexpr index_t blocked_offset(index_t rows, index_t lanes, index_t r, index_t l) noexcept
 {
-    const index_t c0 = l / pack_chunk * pack_chunk;
-    return c0 * rows + r * std::min(pack_chunk, lanes - c0) + (l - c0);
+    constexpr index_t chunk = pack_chunk<T>;
+    const index_t c0 = l / chunk * chunk;
+    return c0 * rows + r * std::min(chunk, lanes - c0) + (l - c0);
 }
 
 /// Chunks of at most `per_chunk` (<= max_vectors) channel vectors over `channels`, never
 /// across a pack_chunk boundary: f.template operator()<V>(c0).
-template <class F>
+template <class T, class F>
 void for_channel_chunks(index_t channels, index_t per_chunk, F&& f)
 {
+    constexpr index_t width = simd::lanes<T>;
     const index_t vectors = (channels + width - 1) / width;
     for (index_t b0 = 0; b0 < vectors; b0 += max_vectors) {
         const index_t b1 = std::min<index_t>(vectors, b0 + max_vectors);
@@ -113,21 +118,22 @@ enum class packing {
 
 /// Packs PyTorch's weight for the kernels (OCP / ICP: rounded up to whole vectors; padding
 /// lanes are zero).
-template <class G>
-void pack(const G& g, const float* w, float* out, packing how = packing::forward) noexcept
+template <class G, class E>
+void pack(const G& g, const E* w, E* out, packing how = packing::forward) noexcept
 {
-    const index_t IC = g.in(), OC = g.out(), T = g.taps();
+    constexpr index_t width = simd::lanes<E>;
+    const index_t IC = g.in(), OC = g.out(), T = g.taps(); // (E: the element type)
     const bool tr = how == packing::transposed || how == packing::flipped_transposed;
     const bool blocked = how == packing::forward || how == packing::flipped_transposed;
     const index_t rows = tr ? OC : IC, lanes = round_up(tr ? IC : OC, width);
-    std::fill(out, out + T * rows * lanes, 0.f);
+    std::fill(out, out + T * rows * lanes, E(0));
     for (index_t oc = 0; oc < OC; ++oc)
         for (index_t ic = 0; ic < IC; ++ic)
             for (index_t t = 0; t < T; ++t) {
                 // taps are row-major (kd, kh, kw): the flipped tap is T-1-t
                 const index_t tp = how == packing::flipped_transposed ? T - 1 - t : t;
                 const index_t r = tp * rows + (tr ? oc : ic), l = tr ? ic : oc;
-                out[blocked ? blocked_offset(T * rows, lanes, r, l) : r * lanes + l] = w[(oc * IC + ic) * T + t];
+                out[blocked ? blocked_offset<E>(T * rows, lanes, r, l) : r * lanes + l] = w[(oc * IC + ic) * T + t];
             }
 }
 
@@ -149,14 +155,15 @@ constexpr range valid_outputs(index_t in, index_t out, index_t s, index_t p, ind
 
 /// Stores a forward tile: bias, epilogue, the store (partial at the channel tail), statistics.
 /// Inlined: the accumulators must stay in registers.
-template <int PB, int VB, bool Checked, class Epi, class Stats>
-[[gnu::always_inline]] inline void store_forward_tile(fvec (&acc)[PB][VB], index_t npix, index_t OC,
-                                                      const float* bias, index_t oc0, float* yrow, index_t ow0, Epi epi,
+template <int PB, int VB, bool Checked, class Epi, class Stats, class T>
+[[gnu::always_inline]] inline void store_forward_tile(simd::vec<T> (&acc)[PB][VB], index_t npix, index_t OC,
+                                                      const T* bias, index_t oc0, T* yrow, index_t ow0, Epi epi,
                                                       Stats& stats) noexcept
 {
+    constexpr index_t width = simd::lanes<T>;
     for (int p = 0; p < PB; ++p) {
         if (Checked && p >= npix) break;
-        float* out = yrow + (ow0 + p) * OC + oc0;
+        T* out = yrow + (ow0 + p) * OC + oc0;
         for (int j = 0; j < VB; ++j) {
             const index_t lanes = std::min<index_t>(width, OC - oc0 - j * width);
             acc[p][j] = epi(bias ? acc[p][j] + simd::load(bias + oc0 + j * width) : acc[p][j]);
@@ -171,10 +178,12 @@ template <int PB, int VB, bool Checked, class Epi, class Stats>
 /// over its PB pixels and VB vectors; with Masked, pixel p's fmas only where on[p] (the scalar
 /// then read at a valid address).  The forward's step over one (tap, ic) and the gather's over
 /// one (tap, oc).
-template <int PB, int VB, bool Masked, class S>
-[[gnu::always_inline]] inline void broadcast_fmas(fvec (&acc)[PB][VB], const float* w, S&& scalar,
-                                                  const simd::fmask (&on)[PB]) noexcept
+template <int PB, int VB, bool Masked, class S, class T>
+[[gnu::always_inline]] inline void broadcast_fmas(simd::vec<T> (&acc)[PB][VB], const T* w, S&& scalar,
+                                                  const simd::mask<T> (&on)[PB]) noexcept
 {
+    using fvec = simd::vec<T>;
+    constexpr index_t width = simd::lanes<T>;
     fvec wv[VB];
     #pragma GCC unroll 32
     for (int j = 0; j < VB; ++j) wv[j] = simd::load(w + j * width);
@@ -246,17 +255,19 @@ struct row_taps {
 /// the tiling or blocking.  Not inlined: the blocked loop calls it from several places, and
 /// inlined copies of every (PB, VB, epilogue, statistics) instantiation cost more compile time
 /// than a call per tile costs run time.
-template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
-[[gnu::noinline]] void forward_tile_taps(const G& g, const float* xn, const row_taps& t, index_t k0, index_t k1,
+template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats, class T>
+[[gnu::noinline]] void forward_tile_taps(const G& g, const T* xn, const row_taps& t, index_t k0, index_t k1,
                                          index_t ic0, index_t ic1, bool first, bool last, index_t ow0, index_t npix,
-                                         const float* wp, const float* bias, index_t oc0, float* yrow, Epi epi,
+                                         const T* wp, const T* bias, index_t oc0, T* yrow, Epi epi,
                                          Stats& stats) noexcept
 {
+    using fvec = simd::vec<T>;
+    constexpr index_t width = simd::lanes<T>, pack_chunk = conv::pack_chunk<T>;
     const index_t IC = ICN ? ICN : g.in(), OC = g.out(), OCP = round_up(OC, width);
     const index_t step = g.template s<2>() * IC; // between a tile's pixels
     const index_t x0 = t.base + (ow0 * g.template s<2>() - g.template p<2>()) * IC; // window origin: may lie in the padding
     const index_t cw = std::min(pack_chunk, OCP - oc0 / pack_chunk * pack_chunk);
-    const float* wc = wp + blocked_offset(g.taps() * IC, OCP, 0, oc0); // this tile's block, row 0
+    const T* wc = wp + blocked_offset<T>(g.taps() * IC, OCP, 0, oc0); // this tile's block, row 0
     const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
     const index_t np = Border ? npix : index_t{PB};
     // The loops over pixels and vectors are unrolled explicitly (here and below): without it
@@ -267,13 +278,13 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
     for (int p = 0; p < PB; ++p)
         #pragma GCC unroll 32
         for (int j = 0; j < VB; ++j) {
-            const float* o = yrow + (ow0 + p) * OC + oc0 + j * width;
-            acc[p][j] = first || p >= np                        ? fvec(0.f)
+            const T* o = yrow + (ow0 + p) * OC + oc0 + j * width;
+            acc[p][j] = first || p >= np                        ? fvec(T(0))
                         : j + 1 < VB || last_lanes == width ? simd::load(o)
                                                             : simd::load_partial(o, last_lanes);
         }
     for (index_t k = k0; k < k1; ++k) {
-        const float* wk = wc + t.w[k] * cw;
+        const T* wk = wc + t.w[k] * cw;
         const index_t xk = x0 + t.x[k];
         // Border: the tile's pixels whose input for this tap is inside (a run: iw grows with p).
         const index_t plo = Border ? std::clamp<index_t>(t.lo[k] - ow0, 0, np) : 0;
@@ -283,12 +294,12 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
         auto reduce = [&] {
             constexpr bool Masked = Border;
             [[maybe_unused]] index_t xo[PB];
-            [[maybe_unused]] simd::fmask on[PB];
+            [[maybe_unused]] simd::mask<T> on[PB];
             if constexpr (Masked)
                 #pragma GCC unroll 32
                 for (int p = 0; p < PB; ++p) {
                     const bool in = p >= plo && p < phi;
-                    on[p] = simd::fmask(in);
+                    on[p] = simd::mask<T>(in);
                     xo[p] = in ? xk + p * step : 0;
                 }
             auto channel = [&](index_t ic) {
@@ -322,7 +333,7 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
     for (int p = 0; p < PB; ++p) {
         if (Border && p >= np) break;
         for (int j = 0; j < VB; ++j) {
-            float* o = yrow + (ow0 + p) * OC + oc0 + j * width;
+            T* o = yrow + (ow0 + p) * OC + oc0 + j * width;
             if (j + 1 < VB || last_lanes == width) simd::store(o, acc[p][j]);
             else simd::store_partial(o, acc[p][j], last_lanes);
         }
@@ -331,8 +342,8 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats>
 
 /// A forward that keeps no statistics.
 struct no_stats {
-    template <int PB, int VB>
-    [[gnu::always_inline]] void add_tile(const fvec (&)[PB][VB], index_t, index_t) noexcept
+    template <int PB, int VB, class V>
+    [[gnu::always_inline]] void add_tile(const V (&)[PB][VB], index_t, index_t) noexcept
     {
     }
 };
@@ -365,25 +376,33 @@ struct block_moments {
 
     /// Inlined into the tile: the accumulators must stay in registers (a call would take
     /// their address and spill them for the whole tile loop).
-    template <int PB, int VB>
-    [[gnu::always_inline]] void add_tile(const fvec (&v)[PB][VB], index_t npix, index_t oc0) noexcept
+    template <int PB, int VB, class T>
+    [[gnu::always_inline]] void add_tile(const simd::vec<T> (&v)[PB][VB], index_t npix, index_t oc0) noexcept
     {
+        constexpr index_t width = simd::lanes<T>, D = simd::lanes<double>;
+        constexpr int H = static_cast<int>(width / D); // double vectors per vector of T: 2 or 1
         const bool first = count[oc0] == 0; // per chunk: all its channels start together
         for (int j = 0; j < VB; ++j) {
             const index_t c = oc0 + j * width;
-            simd::dpair w[PB];
-            for (int p = 0; p < PB; ++p) w[p] = simd::widen(v[p][j]);
-            if (first) {
-                w[0].lo.store_unaligned(shift + c);
-                w[0].hi.store_unaligned(shift + c + static_cast<index_t>(simd::dvec::size));
+            simd::dvec w[PB][H];
+            for (int p = 0; p < PB; ++p) {
+                if constexpr (H == 2) {
+                    const simd::dpair d = simd::widen(v[p][j]);
+                    w[p][0] = d.lo;
+                    w[p][H - 1] = d.hi;
+                } else {
+                    w[p][0] = v[p][j];
+                }
             }
-            for (int h = 0; h < 2; ++h) {
-                const index_t ch = c + h * static_cast<index_t>(simd::dvec::size);
+            if (first)
+                for (int h = 0; h < H; ++h) w[0][h].store_unaligned(shift + c + h * D);
+            for (int h = 0; h < H; ++h) {
+                const index_t ch = c + h * D;
                 const simd::dvec k = simd::dvec::load_unaligned(shift + ch);
                 simd::dvec a = simd::dvec::load_unaligned(s1 + ch), b = simd::dvec::load_unaligned(s2 + ch);
                 for (int p = 0; p < PB; ++p)
                     if (p < npix) {
-                        const simd::dvec d = (h == 0 ? w[p].lo : w[p].hi) - k;
+                        const simd::dvec d = w[p][h] - k;
                         a += d;
                         b = xsimd::fma(d, d, b);
                     }
@@ -412,9 +431,10 @@ struct block_moments {
 inline constexpr index_t moment_rows = 8;
 
 /// Doubles of workspace forward's moments need: count, shift, s1, s2 per block plus the result.
-inline index_t moments_workspace(index_t rows, index_t OC) noexcept
+template <class T = float>
+index_t moments_workspace(index_t rows, index_t OC) noexcept
 {
-    return 4 * round_up(OC, width) * ((rows + moment_rows - 1) / moment_rows + 1);
+    return 4 * round_up(OC, simd::lanes<T>) * ((rows + moment_rows - 1) / moment_rows + 1);
 }
 
 /// y[n][od][oh][ow][oc] = epi(bias[oc] + sum over taps and ic of x * w) (NDHWC in and out),
@@ -424,11 +444,12 @@ inline index_t moments_workspace(index_t rows, index_t OC) noexcept
 /// (moments_workspace doubles; identity epilogue only, null otherwise), also the per-channel
 /// count, mean and M2 of the stored values, returned in its first 3 * OCP doubles (count, mean,
 /// M2).
-template <class G, class Epi>
+template <class G, class Epi, class T>
 void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop order, conv_split split, index_t N,
-                   extents3 in, extents3 out, const float* x, const float* wp, const float* bias, float* y, Epi epi,
+                   extents3 in, extents3 out, const T* x, const T* wp, const T* bias, T* y, Epi epi,
                    double* moments = nullptr) noexcept
 {
+    constexpr index_t width = simd::lanes<T>;
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
     const range interior = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), 0);
     // Last ow whose widest tap still lands inside: ow*s - p + (KW-1)*dil <= W-1.
@@ -441,9 +462,9 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
     // One output row, the channel chunks starting in [c0, c1).
     auto run = [&](auto& stats, row_taps& taps, index_t row, index_t c0, index_t c1) {
         const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
-        const float* xn = x + n * in.d * in.h * in.w * IC;
-        float* yrow = y + row * out.w * OC;
-        for_channel_chunks(OC, vectors, [&]<int VB>(index_t oc0) {
+        const T* xn = x + n * in.d * in.h * in.w * IC;
+        T* yrow = y + row * out.w * OC;
+        for_channel_chunks<T>(OC, vectors, [&]<int VB>(index_t oc0) {
             if (oc0 < c0 || oc0 >= c1) return;
             constexpr int PB = pixels_for<VB>;
             // Left to right (the statistics see the pixels in order): narrow border tiles of PBb
@@ -474,11 +495,11 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
                     narrow(whole_end, out.w);
                     first = false;
                 };
-                const index_t T = g.taps();
-                for (index_t t0 = 0; t0 < T; t0 += row_taps::capacity) {
-                    const index_t t1 = std::min(T, t0 + row_taps::capacity);
+                const index_t taps_n = g.taps();
+                for (index_t t0 = 0; t0 < taps_n; t0 += row_taps::capacity) {
+                    const index_t t1 = std::min(taps_n, t0 + row_taps::capacity);
                     taps.set(g, in, out, od, oh, t0, t1);
-                    const bool final_segment = t1 == T;
+                    const bool final_segment = t1 == taps_n;
                     if (taps.n == 0) {
                         if (final_segment) run_block(0, 0, 0, 0, true); // bias and epilogue only, or the last store
                         continue;
@@ -510,7 +531,7 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
         if (order == conv_loop::rows_outer)
             for (index_t row = b * R; row < r1; ++row) run(stats, taps, row, c0, c1);
         else
-            for_channel_chunks(OC, vectors, [&]<int>(index_t oc0) {
+            for_channel_chunks<T>(OC, vectors, [&]<int>(index_t oc0) {
                 if (oc0 >= c0 && oc0 < c1)
                     for (index_t row = b * R; row < r1; ++row) run(stats, taps, row, oc0, oc0 + 1);
             });
@@ -524,11 +545,11 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
     index_t groups = 1;
     if (split == conv_split::channels) {
         groups = 0;
-        for_channel_chunks(OC, vectors, [&]<int>(index_t) { ++groups; });
+        for_channel_chunks<T>(OC, vectors, [&]<int>(index_t) { ++groups; });
     }
     auto group_start = [&](index_t c) {
         index_t i = 0, start = 0;
-        for_channel_chunks(OC, vectors, [&]<int>(index_t oc0) {
+        for_channel_chunks<T>(OC, vectors, [&]<int>(index_t oc0) {
             if (i++ == c) start = oc0;
         });
         return start;
@@ -563,9 +584,9 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
 }
 
 /// The forward with schedule s (its forward tile).
-template <class G, class Epi>
-void forward(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const float* x,
-             const float* wp, const float* bias, float* y, Epi epi, double* moments = nullptr) noexcept
+template <class G, class Epi, class T>
+void forward(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const T* x,
+             const T* wp, const T* bias, T* y, Epi epi, double* moments = nullptr) noexcept
 {
     forward_tiles(g, s.tile_vectors, s.forward_block_rows, s.forward_loop, s.forward_split, N, in, out, x, wp, bias,
                   y, epi, moments);
@@ -701,22 +722,22 @@ struct gather_taps {
 /// branch per pixel would cost more than the fmas it skips).  The table holds row r's taps
 /// (set by the caller) unless the kernel has more than its capacity: then it is refilled per
 /// segment.
-template <int PB, bool Checked, class G, class F>
+template <int PB, bool Checked, class T, class G, class F>
 [[gnu::always_inline]] inline void for_table_taps(const G& g, gather_taps& taps, extents3 out, gather_row r,
                                                   index_t j0, index_t npix, F&& f) noexcept
 {
-    const index_t T = g.taps(), OC = g.out();
-    for (index_t t0 = 0; t0 < T; t0 += gather_taps::capacity) {
-        if (T > gather_taps::capacity) taps.set(g, out, r, t0);
+    const index_t taps_n = g.taps(), OC = g.out();
+    for (index_t t0 = 0; t0 < taps_n; t0 += gather_taps::capacity) {
+        if (taps_n > gather_taps::capacity) taps.set(g, out, r, t0);
         for (index_t k = 0; k < taps.n; ++k) {
             const index_t yk = taps.base + taps.y[k] + j0 * OC;
             [[maybe_unused]] index_t yo[PB];
-            [[maybe_unused]] simd::fmask on[PB];
+            [[maybe_unused]] simd::mask<T> on[PB];
             if constexpr (Checked)
                 #pragma GCC unroll 32
                 for (int p = 0; p < PB; ++p) {
                     const bool in = p < npix && j0 + p >= taps.lo[k] && j0 + p < taps.hi[k];
-                    on[p] = simd::fmask(in);
+                    on[p] = simd::mask<T>(in);
                     yo[p] = in ? yk + p * OC : 0;
                 }
             f(taps.t[k], yk, yo, on);
@@ -729,19 +750,21 @@ template <int PB, bool Checked, class G, class F>
 /// [ic0, ic0 + VB * width).  Every pixel of the tile has the same residue rw mod sw, so the
 /// same taps reach it, from consecutive output pixels: ow = j0 + p + q(kw).  Each dx element
 /// sums its terms in (kd, kh, kw, oc) order whatever the tile.
-template <int PB, int VB, bool Checked, class G>
-inline void grad_input_tile(const G& g, const float* dyn, gather_taps& taps, extents3 out, gather_row r, index_t j0,
-                            index_t npix, const float* wt, index_t ic0, float* dxrow) noexcept
+template <int PB, int VB, bool Checked, class G, class T>
+inline void grad_input_tile(const G& g, const T* dyn, gather_taps& taps, extents3 out, gather_row r, index_t j0,
+                            index_t npix, const T* wt, index_t ic0, T* dxrow) noexcept
 {
+    using fvec = simd::vec<T>;
+    constexpr index_t width = simd::lanes<T>;
     const index_t IC = g.in(), OC = g.out(), ICP = round_up(IC, width), sw = g.template s<2>();
     fvec acc[PB][VB];
     #pragma GCC unroll 32
     for (int p = 0; p < PB; ++p)
         #pragma GCC unroll 32
-        for (int j = 0; j < VB; ++j) acc[p][j] = fvec(0.f);
-    for_table_taps<PB, Checked>(g, taps, out, r, j0, npix, [&](index_t tap, index_t yk, const index_t(&yo)[PB],
-                                                                const simd::fmask(&on)[PB]) {
-        const float* wk = wt + tap * OC * ICP + ic0;
+        for (int j = 0; j < VB; ++j) acc[p][j] = fvec(T(0));
+    for_table_taps<PB, Checked, T>(g, taps, out, r, j0, npix, [&](index_t tap, index_t yk, const index_t(&yo)[PB],
+                                                                   const simd::mask<T>(&on)[PB]) {
+        const T* wk = wt + tap * OC * ICP + ic0;
         for (index_t oc = 0; oc < OC; ++oc)
             broadcast_fmas<PB, VB, Checked>(
                 acc, wk + oc * ICP,
@@ -753,7 +776,7 @@ inline void grad_input_tile(const G& g, const float* dyn, gather_taps& taps, ext
     });
     for (int p = 0; p < PB; ++p) {
         if (Checked && p >= npix) break;
-        float* o = dxrow + (r.rw + sw * (j0 + p)) * IC + ic0;
+        T* o = dxrow + (r.rw + sw * (j0 + p)) * IC + ic0;
         for (int j = 0; j < VB; ++j) {
             const index_t lanes = std::min<index_t>(width, IC - ic0 - j * width);
             if (lanes == width) simd::store(o + j * width, acc[p][j]);
@@ -798,9 +821,8 @@ inline constexpr index_t gather_rows = 8;
 /// The grad-input tasks: (group, block of gather_rows input rows (n, id, ih)) in group-major
 /// order, each (row, group) pair's part of dx written once, so the bits do not depend on the
 /// thread count.  f(taps, group, id, ih, dy of image n, dx row), with a tap table per task.
-template <class G, class F>
-void for_input_rows(const G& g, index_t N, extents3 in, extents3 out, const float* dy, float* dx, index_t groups,
-                    F&& f)
+template <class G, class T, class F>
+void for_input_rows(const G& g, index_t N, extents3 in, extents3 out, const T* dy, T* dx, index_t groups, F&& f)
 {
     const index_t IC = g.in(), OC = g.out(), rows = N * in.d * in.h, R = gather_rows, blocks = (rows + R - 1) / R;
     const index_t cost = rows * in.w * IC * OC * g.taps() / (g.template s<0>() * g.template s<1>() * g.template s<2>());
@@ -818,19 +840,19 @@ void for_input_rows(const G& g, index_t N, extents3 in, extents3 out, const floa
 /// gather (NDHWC; any stride, padding, dilation), in tiles of `per_chunk` input-channel
 /// vectors; threads split blocks of input rows (each with every chunk) or (chunk, block)
 /// tasks, chunk-major.  wt: pack(.., packing::transposed)'s layout.
-template <class G>
+template <class G, class T>
 void grad_input_gather(const G& g, index_t per_chunk, conv_split split, index_t N, extents3 in, extents3 out,
-                       const float* dy, const float* wt, float* dx) noexcept
+                       const T* dy, const T* wt, T* dx) noexcept
 {
     index_t groups = 1;
     if (split == conv_split::channels) {
         groups = 0;
-        for_channel_chunks(g.in(), per_chunk, [&]<int>(index_t) { ++groups; });
+        for_channel_chunks<T>(g.in(), per_chunk, [&]<int>(index_t) { ++groups; });
     }
     for_input_rows(g, N, in, out, dy, dx, groups,
-                   [&](gather_taps& taps, index_t group, index_t id, index_t ih, const float* dyn, float* dxrow) {
+                   [&](gather_taps& taps, index_t group, index_t id, index_t ih, const T* dyn, T* dxrow) {
                        index_t chunk = 0;
-                       for_channel_chunks(g.in(), per_chunk, [&]<int VB>(index_t ic0) {
+                       for_channel_chunks<T>(g.in(), per_chunk, [&]<int VB>(index_t ic0) {
                            if (groups > 1 && chunk++ != group) return;
                            constexpr int PB = pixels_for<VB>;
                            for_gather_tiles<PB>(
@@ -855,21 +877,23 @@ inline constexpr int narrow_pixels = std::min(12, acc_registers / IC);
 /// vector] * w[tap][ic][oc vector] over taps and oc vectors; wp: pack()'s forward_rows layout (its
 /// padding lanes are zero; dy's tail vector is read partially).  Each dx element: its lanes'
 /// sums in (kd, kh, kw, oc vector) order, then simd::halving_sum.
-template <int IC, int PB, bool Checked, int F, class G>
-inline void grad_input_narrow_tile(const G& g, const float* dyn, gather_taps& taps, extents3 out, gather_row r,
-                                   index_t j0, index_t npix, const float* wp, float* dxrow) noexcept
+template <int IC, int PB, bool Checked, int F, class G, class T>
+inline void grad_input_narrow_tile(const G& g, const T* dyn, gather_taps& taps, extents3 out, gather_row r,
+                                   index_t j0, index_t npix, const T* wp, T* dxrow) noexcept
 {
+    using fvec = simd::vec<T>;
+    constexpr index_t width = simd::lanes<T>;
     const index_t OC = g.out(), OCP = round_up(OC, width), full = F > 0 ? F : OC / width, tail = OC - full * width;
     const index_t sw = g.template s<2>();
     fvec acc[PB][IC];
     #pragma GCC unroll 32
     for (int p = 0; p < PB; ++p)
         #pragma GCC unroll 32
-        for (int i = 0; i < IC; ++i) acc[p][i] = fvec(0.f);
-    for_table_taps<PB, Checked>(g, taps, out, r, j0, npix, [&](index_t tap, index_t yk, const index_t(&yo)[PB],
-                                                                const simd::fmask(&on)[PB]) {
-        const float* wk = wp + tap * IC * OCP;
-        [[maybe_unused]] const float* pix[(PB + 2) / 3];
+        for (int i = 0; i < IC; ++i) acc[p][i] = fvec(T(0));
+    for_table_taps<PB, Checked, T>(g, taps, out, r, j0, npix, [&](index_t tap, index_t yk, const index_t(&yo)[PB],
+                                                                   const simd::mask<T>(&on)[PB]) {
+        const T* wk = wp + tap * IC * OCP;
+        [[maybe_unused]] const T* pix[(PB + 2) / 3];
         if constexpr (!Checked)
             for (int b = 0; b < (PB + 2) / 3; ++b) pix[b] = dyn + yk + 3 * b * OC;
         auto step = [&](index_t c, auto load) {
@@ -891,7 +915,7 @@ inline void grad_input_narrow_tile(const G& g, const float* dyn, gather_taps& ta
                 }
             }
         };
-        auto whole = [](const float* a) { return simd::load(a); };
+        auto whole = [](const T* a) { return simd::load(a); };
         // A compile-time count of whole vectors is unrolled by 2, a run-time one by 4: measured on
         // Conv3d(3,64,7,s2)'s grad input (Zen 5), full unrolling spilled registers (1.5x
         // slower), no unrolling left loop overhead (1.4x), and with a run-time count GCC kept
@@ -903,26 +927,26 @@ inline void grad_input_narrow_tile(const G& g, const float* dyn, gather_taps& ta
             #pragma GCC unroll 4
             for (index_t v = 0; v < full; ++v) step(v * width, whole);
         }
-        if (tail) step(full * width, [&](const float* a) { return simd::load_partial(a, tail); });
+        if (tail) step(full * width, [&](const T* a) { return simd::load_partial(a, tail); });
     });
     for (int p = 0; p < PB; ++p) {
         if (Checked && p >= npix) break;
-        float* o = dxrow + (r.rw + sw * (j0 + p)) * IC;
+        T* o = dxrow + (r.rw + sw * (j0 + p)) * IC;
         for (int i = 0; i < IC; ++i) o[i] = simd::halving_sum(acc[p][i]);
     }
 }
 
 /// Grad input for in_channels <= narrow_channels (any stride), wp in pack()'s forward_rows layout.
-template <class G>
-void grad_input_narrow(const G& g, index_t N, extents3 in, extents3 out, const float* dy, const float* wp,
-                       float* dx) noexcept
+template <class G, class T>
+void grad_input_narrow(const G& g, index_t N, extents3 in, extents3 out, const T* dy, const T* wp, T* dx) noexcept
 {
+    constexpr index_t width = simd::lanes<T>;
     // F: output-channel vectors (whole ones) as a compile-time constant: the spec's, or for a
     // run-time OC its count when 1-4 (the common first layers), else 0 (counted at run time).
     auto run = [&]<int IC, int F>() {
         constexpr int PB = narrow_pixels<IC>;
         for_input_rows(g, N, in, out, dy, dx, 1,
-                       [&](gather_taps& taps, index_t, index_t id, index_t ih, const float* dyn, float* dxrow) {
+                       [&](gather_taps& taps, index_t, index_t id, index_t ih, const T* dyn, T* dxrow) {
                            for_gather_tiles<PB>(
                                g, in, out, [&](index_t rw) { taps.set(g, out, {id, ih, rw}, 0); },
                                [&]<int P, bool Checked>(index_t rw, index_t j0, index_t npix) {
@@ -946,9 +970,9 @@ void grad_input_narrow(const G& g, index_t N, extents3 in, extents3 out, const f
 /// dx (NDHWC, overwritten) for dy, in tiles of s.grad_input_vectors input-channel vectors; wt
 /// packed as grad_input_packing(g) says.  Only the formulation(s) the spec leaves possible are
 /// instantiated.
-template <class G>
-void grad_input(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const float* dy,
-                const float* wt, float* dx) noexcept
+template <class G, class T>
+void grad_input(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const T* dy, const T* wt,
+                T* dx) noexcept
 {
     constexpr conv_spec S = G::spec;
     constexpr bool stride_fixed = S.stride.d != dynamic && S.stride.h != dynamic && S.stride.w != dynamic;
@@ -960,7 +984,7 @@ void grad_input(const G& g, const conv_schedule& s, index_t N, extents3 in, exte
         const conv_geometry<transposed_spec(S)> gt{g.out(), g.in(), g.k_, 1, transposed_padding(g.k_, g.p_, g.dil_),
                                                    g.dil_};
         forward_tiles(gt, s.grad_input_vectors, s.forward_block_rows, s.forward_loop, s.forward_split, N, out, in, dy,
-                      wt, nullptr, dx,
+                      wt, static_cast<const T*>(nullptr), dx,
                       expr::identity_t{});
     };
     auto gather = [&] { grad_input_gather(g, s.grad_input_vectors, s.forward_split, N, in, out, dy, wt, dx); };
@@ -1008,31 +1032,32 @@ index_t padded_size(const G& g, index_t N, extents3 in) noexcept
 }
 
 /// xp = x with zeros around it (NDHWC, padded_extents); parallel over (image, padded depth).
-template <class G>
-void pad_input(const G& g, index_t N, extents3 in, const float* x, float* xp) noexcept
+template <class G, class T>
+void pad_input(const G& g, index_t N, extents3 in, const T* x, T* xp) noexcept
 {
+    constexpr T zero(0);
     const index_t IC = g.in(), pd = g.template p<0>(), ph = g.template p<1>(), pw = g.template p<2>();
     const extents3 e = padded_extents(g, in);
     const index_t plane = e.h * e.w * IC;
-    std::fill(xp + N * e.d * plane, xp + N * e.d * plane + pad_slack, 0.f);
+    std::fill(xp + N * e.d * plane, xp + N * e.d * plane + pad_slack, zero);
     parallel::parallel_for(N * e.d, N * e.d * plane, [&](index_t nd) {
         const index_t n = nd / e.d, d = nd % e.d - pd;
-        float* out = xp + nd * plane;
+        T* out = xp + nd * plane;
         if (d < 0 || d >= in.d) {
-            std::fill(out, out + plane, 0.f);
+            std::fill(out, out + plane, zero);
             return;
         }
         for (index_t h = 0; h < e.h; ++h) {
-            float* row = out + h * e.w * IC;
+            T* row = out + h * e.w * IC;
             const index_t ih = h - ph;
             if (ih < 0 || ih >= in.h) {
-                std::fill(row, row + e.w * IC, 0.f);
+                std::fill(row, row + e.w * IC, zero);
                 continue;
             }
-            std::fill(row, row + pw * IC, 0.f);
-            const float* src = x + ((n * in.d + d) * in.h + ih) * in.w * IC;
+            std::fill(row, row + pw * IC, zero);
+            const T* src = x + ((n * in.d + d) * in.h + ih) * in.w * IC;
             std::copy(src, src + in.w * IC, row + pw * IC);
-            std::fill(row + (pw + in.w) * IC, row + e.w * IC, 0.f);
+            std::fill(row + (pw + in.w) * IC, row + e.w * IC, zero);
         }
     });
 }
@@ -1042,11 +1067,13 @@ void pad_input(const G& g, index_t N, extents3 in, const float* x, float* xp) no
 /// from the output pixel's window origin in xp (PerTap: rows are consecutive channels of one
 /// tap, off[m] = off[0] + m; rows past nm read, never stored).  Not inlined: one copy per
 /// instantiation, its accumulators in registers.
-template <int VB, bool PerTap, class G>
-[[gnu::noinline]] void grad_weight_tile(const G& g, extents3 e, extents3 out, const float* xp, const float* dy,
+template <int VB, bool PerTap, class G, class T>
+[[gnu::noinline]] void grad_weight_tile(const G& g, extents3 e, extents3 out, const T* xp, const T* dy,
                                         const index_t* off, index_t nm, index_t oc0, index_t r0, index_t r1,
-                                        float* o) noexcept
+                                        T* o) noexcept
 {
+    using fvec = simd::vec<T>;
+    constexpr index_t width = simd::lanes<T>;
     constexpr int MB = inputs_for<VB>;
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
     const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
@@ -1058,10 +1085,10 @@ template <int VB, bool PerTap, class G>
         for (int j = 0; j < VB; ++j) acc[m][j] = simd::load(o + (m < nm ? m : 0) * OCP + j * width);
     for (index_t row = r0; row < r1; ++row) {
         const index_t n = row / (out.d * out.h), od = row / out.h % out.d, oh = row % out.h;
-        const float* base = xp + ((n * e.d + od * g.template s<0>()) * e.h + oh * g.template s<1>()) * e.w * IC;
-        const float* dyrow = dy + row * out.w * OC + oc0;
+        const T* base = xp + ((n * e.d + od * g.template s<0>()) * e.h + oh * g.template s<1>()) * e.w * IC;
+        const T* dyrow = dy + row * out.w * OC + oc0;
         for (index_t ow = 0; ow < out.w; ++ow) {
-            const float* bp = base + ow * g.template s<2>() * IC;
+            const T* bp = base + ow * g.template s<2>() * IC;
             fvec d[VB];
             #pragma GCC unroll 32
             for (int j = 0; j < VB; ++j)
@@ -1089,10 +1116,11 @@ template <int VB, bool PerTap, class G>
 /// block's dy and x are read from cache by every tile; a tile's accumulators go through gw
 /// between blocks (exactly: float stores and loads), so each gw element sums the pixels in the
 /// same order whatever the split or the schedule.
-template <class G>
-void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const float* xp,
-                 const float* dy, float* gw) noexcept
+template <class G, class T>
+void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const T* xp, const T* dy,
+                 T* gw) noexcept
 {
+    constexpr index_t width = simd::lanes<T>;
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width), M = g.taps() * IC;
     const index_t KH = g.template k<1>(), KW = g.template k<2>();
     const extents3 e = padded_extents(g, in);
@@ -1129,7 +1157,7 @@ void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, ext
             constexpr int MB = inputs_for<VB>; // >= MB_max: VB <= vectors
             index_t off[MB];
             for (int m = 0; m < MB; ++m) off[m] = row_offset(m < nm ? m0 + m : m0);
-            float* o = gw + m0 * OCP + oc0;
+            T* o = gw + m0 * OCP + oc0;
             if (per_tap) grad_weight_tile<VB, true>(g, e, out, xp, dy, off, nm, oc0, r0, r1, o);
             else grad_weight_tile<VB, false>(g, e, out, xp, dy, off, nm, oc0, r0, r1, o);
         });

@@ -33,6 +33,7 @@ void reorder(const VS& src, const VD& dst)
                   W = value_of(s.w());
     using LD = typename VD::layout_type;
     using LS = typename VS::layout_type;
+    using E = typename VD::value_type; // float or double
     constexpr bool plain_src = std::is_same_v<LS, ncdhw_t> || std::is_same_v<LS, ndhwc_t>;
     constexpr bool plain_dst = std::is_same_v<LD, ncdhw_t> || std::is_same_v<LD, ndhwc_t>;
     if constexpr (plain_src && plain_dst) {
@@ -40,8 +41,8 @@ void reorder(const VS& src, const VD& dst)
         // whole when the layouts agree, else transpose it in tiles that stay in L1 (both the
         // gathering and the scattering side then touch a cache line per 16 elements, not per one).
         const index_t P = D * H * W;
-        const float* sp = src.data();
-        float* dp = dst.data();
+        const E* sp = src.data();
+        E* dp = dst.data();
         if constexpr (std::is_same_v<LS, LD>) {
             parallel::parallel_for(N, N * C * P, [&](index_t n) { std::copy(sp + n * C * P, sp + (n + 1) * C * P, dp + n * C * P); });
         } else {
@@ -49,8 +50,8 @@ void reorder(const VS& src, const VD& dst)
             const index_t tiles = (P + T - 1) / T;
             parallel::parallel_for(N * tiles, N * C * P, [&](index_t t) {
                 const index_t n = t / tiles, p0 = t % tiles * T, p1 = std::min(P, p0 + T);
-                const float* sn = sp + n * C * P;
-                float* dn = dp + n * C * P;
+                const E* sn = sp + n * C * P;
+                E* dn = dp + n * C * P;
                 for (index_t c0 = 0; c0 < C; c0 += T) {
                     const index_t c1 = std::min(C, c0 + T);
                     if constexpr (std::is_same_v<LD, ndhwc_t>) {
@@ -71,8 +72,8 @@ void reorder(const VS& src, const VD& dst)
         // contiguous on both sides, one vector copy each (the last block's real lanes only).
         constexpr index_t B = nCdhw16c_t::block;
         const index_t P = D * H * W, CB = (C + B - 1) / B;
-        const float* sp = src.data();
-        float* dp = dst.data();
+        const E* sp = src.data();
+        E* dp = dst.data();
         parallel::parallel_for(N * CB, N * C * P, [&](index_t t) {
             const index_t n = t / CB, cb = t % CB, lanes = std::min(B, C - cb * B);
             const index_t blocked = (n * CB + cb) * P * B, plain = n * P * C + cb * B;

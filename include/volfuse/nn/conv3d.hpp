@@ -1,5 +1,5 @@
 // volfuse::Conv3d: torch.nn.Conv3d's semantics (PyTorch 1.13, groups = 1) over
-// volfuse views.  The module owns the weight in PyTorch's layout [out][in][kd][kh][kw]
+// volfuse views, float32 or float64 (the same kernel templates).  The module owns the weight in PyTorch's layout [out][in][kd][kh][kw]
 // (so weights transfer as they are), the bias, their gradients, and the workspaces
 // its kernels use; it validates every call before touching anything.
 // Kernels run channels-last (kernels/conv3d.hpp): NDHWC views go straight in, NCDHW
@@ -34,9 +34,12 @@ namespace volfuse::inline VOLFUSE_ISA_NS {
 
 /// 3-D convolution, groups = 1.
 /// @tparam Spec  what is fixed at compile time (conv_spec; all dynamic by default).
-template <conv_spec Spec = conv_spec{}>
+template <conv_spec Spec = conv_spec{}, class T = float>
 class Conv3d {
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "Conv3d<spec, T>: T is float or double");
+
 public:
+    using value_type = T;
     using geometry = conv_geometry<Spec>;
     static constexpr conv_spec spec = Spec;
 
@@ -92,14 +95,14 @@ public:
         }
         const index_t taps = detail::checked_numel(std::array<index_t, 3>{kernel_size.d, kernel_size.h, kernel_size.w});
         detail::checked_numel(std::array<index_t, 5>{out_channels, in_channels, kernel_size.d, kernel_size.h, kernel_size.w});
-        detail::checked_numel(std::array<index_t, 3>{taps, in_channels, kernels::conv::round_up(out_channels, simd::width)});
-        detail::checked_numel(std::array<index_t, 3>{taps, out_channels, kernels::conv::round_up(in_channels, simd::width)});
+        detail::checked_numel(std::array<index_t, 3>{taps, in_channels, kernels::conv::round_up(out_channels, simd::lanes<T>)});
+        detail::checked_numel(std::array<index_t, 3>{taps, out_channels, kernels::conv::round_up(in_channels, simd::lanes<T>)});
         const auto nw = static_cast<std::size_t>(out_channels * in_channels * g_.taps());
         weight_.resize(nw);
-        weight_grad_.assign(nw, 0.f);
+        weight_grad_.assign(nw, T(0));
         if (has_bias_) {
             bias_.resize(static_cast<std::size_t>(out_channels));
-            bias_grad_.assign(static_cast<std::size_t>(out_channels), 0.f);
+            bias_grad_.assign(static_cast<std::size_t>(out_channels), T(0));
         }
         reset_parameters();
         detail::warn_once_about_build(); // a build slower than the machine allows says so, once
@@ -136,13 +139,13 @@ public:
     }
 
     // --- parameters and gradients (PyTorch's layouts) ----------------------------------
-    std::span<float> weight() noexcept { return weight_; }
-    std::span<const float> weight() const noexcept { return weight_; }
+    std::span<T> weight() noexcept { return weight_; }
+    std::span<const T> weight() const noexcept { return weight_; }
     /// Empty when bias=false.
-    std::span<float> bias() noexcept { return bias_; }
-    std::span<const float> bias() const noexcept { return bias_; }
-    std::span<const float> weight_grad() const noexcept { return weight_grad_; }
-    std::span<const float> bias_grad() const noexcept { return bias_grad_; }
+    std::span<T> bias() noexcept { return bias_; }
+    std::span<const T> bias() const noexcept { return bias_; }
+    std::span<const T> weight_grad() const noexcept { return weight_grad_; }
+    std::span<const T> bias_grad() const noexcept { return bias_grad_; }
     /// weight and bias (PyTorch's order and names), for an optimizer (nn/training.hpp).
     std::vector<parameter> parameters()
     {
@@ -152,8 +155,8 @@ public:
     }
     void zero_grad() noexcept
     {
-        std::fill(weight_grad_.begin(), weight_grad_.end(), 0.f);
-        std::fill(bias_grad_.begin(), bias_grad_.end(), 0.f);
+        std::fill(weight_grad_.begin(), weight_grad_.end(), T(0));
+        std::fill(bias_grad_.begin(), bias_grad_.end(), T(0));
     }
 
     /// PyTorch's initialization distribution (kaiming_uniform_(a=sqrt(5)): weight and bias
@@ -162,8 +165,8 @@ public:
     void reset_parameters(std::uint64_t seed = 0)
     {
         std::mt19937_64 gen(seed);
-        const float bound = 1.f / std::sqrt(static_cast<float>(g_.in() * g_.taps()));
-        std::uniform_real_distribution<float> u(-bound, bound);
+        const T bound = T(1) / std::sqrt(static_cast<T>(g_.in() * g_.taps()));
+        std::uniform_real_distribution<T> u(-bound, bound);
         for (auto& w : weight_) w = u(gen);
         for (auto& b : bias_) b = u(gen);
     }
@@ -204,11 +207,11 @@ public:
         check_views<VX, VDX>();
         static_assert(!std::is_const_v<typename VDX::value_type>, "Conv3d::backward: dX must be writable");
         check_backward(X, detail::operand_of(dY, "grad_output"), &dX);
-        const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
-        const float* x = X.shape().numel() > 0 ? input_of(X) : nullptr;
-        float* dx = channels_last_out(dX, xgbuf_);
+        const T* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
+        const T* x = X.shape().numel() > 0 ? input_of(X) : nullptr;
+        T* dx = channels_last_out(dX, xgbuf_);
         backward_channels_last<typename VX::layout_type>(X.sizes(), x, dy, dx);
-        if (dx != dX.data() && X.shape().numel() > 0) reorder(ndhwc_view(static_cast<const float*>(dx), X.sizes()), dX);
+        if (dx != dX.data() && X.shape().numel() > 0) reorder(ndhwc_view(static_cast<const T*>(dx), X.sizes()), dX);
     }
 
     /// torch.nn.grad.conv3d_input: the gradient of the input (dX, whose sizes are the
@@ -222,10 +225,10 @@ public:
         check_input(dx_arg);
         const auto sz = dx_arg.sizes;
         check_other(dx_arg, dy_arg, output_sizes(sz));
-        const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
-        float* dx = channels_last_out(dX, xgbuf_);
+        const T* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
+        T* dx = channels_last_out(dX, xgbuf_);
         grad_input_channels_last<typename VDX::layout_type>(sz, dy, dx);
-        if (dx != dX.data() && dX.shape().numel() > 0) reorder(ndhwc_view(static_cast<const float*>(dx), sz), dX);
+        if (dx != dX.data() && dX.shape().numel() > 0) reorder(ndhwc_view(static_cast<const T*>(dx), sz), dX);
     }
 
     /// torch.nn.grad.conv3d_weight, plus the bias: adds the gradients of the weight and bias at
@@ -235,8 +238,8 @@ public:
     {
         check_views<VX, VDY>();
         check_backward(X, detail::operand_of(dY, "grad_output"), static_cast<const VX*>(nullptr));
-        const float* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
-        const float* x = X.shape().numel() > 0 ? input_of(X) : nullptr;
+        const T* dy = dY.shape().numel() > 0 ? channels_last(dY, dybuf_) : nullptr;
+        const T* x = X.shape().numel() > 0 ? input_of(X) : nullptr;
         backward_channels_last<typename VX::layout_type>(X.sizes(), x, dy, nullptr);
     }
 
@@ -268,25 +271,26 @@ private:
     friend struct detail::composer;
     template <conv_spec, index_t, class>
     friend class ConvBnReLU3d;
+    using kernels_type = registry::basic_conv_kernels<T>;
 
     /// Validates forward(X -> the output y) and packs the weights (and padded bias) for the
     /// kernels.  Returns X's data as NDHWC (reordered into a module buffer for NCDHW).
     template <class VX>
-    const float* prepare_forward(const VX& X, const detail::operand& y)
+    const T* prepare_forward(const VX& X, const detail::operand& y)
     {
         static_assert(is_view_v<VX>, "Conv3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
         const auto x = detail::operand_of(X, "input");
         check_input(x);
         check_other(x, y, output_sizes(x.sizes));
         packed_.resize(static_cast<std::size_t>(g_.taps() * g_.in() * ocp()));
-        bias_padded_.assign(static_cast<std::size_t>(ocp()), 0.f);
+        bias_padded_.assign(static_cast<std::size_t>(ocp()), T(0));
         std::copy(bias_.begin(), bias_.end(), bias_padded_.begin());
         kernels::conv::pack(g_, weight_.data(), packed_.data());
         return X.shape().numel() > 0 ? input_of(X) : X.data();
     }
     /// X's data as NDHWC: X's own memory, or (other layouts) a copy in a module buffer.
     template <class VX>
-    const float* input_of(const VX& X)
+    const T* input_of(const VX& X)
     {
         if (!is_channels_last(X)) ++input_copy_stamp_;
         return channels_last(X, xbuf_);
@@ -302,7 +306,7 @@ private:
     }
     /// The NDHWC copy input_of last made, and a stamp that changes whenever it is remade: the
     /// fused block's backward reuses its forward's copy when the stamp has not moved.
-    const float* input_copy() const noexcept { return xbuf_.data(); }
+    const T* input_copy() const noexcept { return xbuf_.data(); }
     std::uint64_t input_copy_stamp() const noexcept { return input_copy_stamp_; }
     /// Validates backward(X, dY, dX)'s arguments (dX null: backward_weight's) and computes
     /// nothing: what the fused block checks before any part of its backward writes.
@@ -326,7 +330,13 @@ private:
     registry::choice choose() const
     {
         registry::choice c;
-        if constexpr (Spec == conv_spec{}) {
+        if constexpr (!std::is_same_v<T, float>) {
+            // The registry and gen/ hold float32 kernels; other types run this class's own instantiation.
+            c = {nullptr, Spec != conv_spec{},
+                 Spec != conv_spec{} ? "specialized: compile-time conv_spec of this Conv3d (float64)"
+                                     : "runtime-shaped fallback: float64 (the registry holds float32 kernels)",
+                 nullptr, host_conv_schedule()};
+        } else if constexpr (Spec == conv_spec{}) {
             registry::key k{registry_op_, g_.in(), g_.out(), g_.k_, g_.s_, g_.p_, g_.dil_, std::string(Layout::name)};
             c = registry::global().lookup(k);
         } else {
@@ -339,7 +349,7 @@ private:
     /// choose(), remembered for kernel_choice(): resolved once per layout and kept until the
     /// registry changes (registry::generation(): one atomic load per call, no lookup).
     template <class Layout>
-    const registry::conv_kernels& kernels_for()
+    const kernels_type& kernels_for()
     {
         const std::uint64_t g = registry::generation();
         if (resolved_generation_ != g || resolved_layout_ != Layout::name) {
@@ -347,13 +357,18 @@ private:
             resolved_generation_ = g;
             resolved_layout_ = Layout::name;
         }
-        return *choice_.kernels;
+        if constexpr (std::is_same_v<T, float>) {
+            return *choice_.kernels;
+        } else {
+            static const kernels_type k = registry::conv_kernels_for<Spec, T>();
+            return k;
+        }
     }
     /// The forward kernel on NDHWC data x (input sizes `in`) into y, with the weights
     /// prepare_forward (or fold) packed, the epilogue ReLU or identity, and optionally the
     /// per-channel moments of what it stores (kernels::conv::forward).
     template <class Layout>
-    void run_forward(const std::array<index_t, 5>& in, const float* x, float* y, bool relu,
+    void run_forward(const std::array<index_t, 5>& in, const T* x, T* y, bool relu,
                      double* moments = nullptr)
     {
         const auto out = output_sizes(in);
@@ -371,12 +386,12 @@ private:
     }
 
     /// Weights and bias as prepare_forward (or fold) packed them; bias null without one.
-    const float* packed_weight() const noexcept { return packed_.data(); }
-    const float* packed_bias() const noexcept { return has_bias_ || folded_ ? bias_padded_.data() : nullptr; }
+    const T* packed_weight() const noexcept { return packed_.data(); }
+    const T* packed_bias() const noexcept { return has_bias_ || folded_ ? bias_padded_.data() : nullptr; }
 
     /// Packs weight and bias with an inference BatchNorm3d folded in, as PyTorch's
     /// torch.nn.utils.fusion.fuse_conv_bn_weights: s = bn_w * rsqrt(rv + eps),
-    /// W' = W * s[oc], b' = (b - rm) * rsqrt(rv + eps) * bn_w + bn_b, in float.
+    /// W' = W * s[oc], b' = (b - rm) * rsqrt(rv + eps) * bn_w + bn_b, in T.
     /// Call after prepare_forward; packed_bias() then returns b'.
     template <class BN>
     void fold(const BN& bn)
@@ -384,46 +399,46 @@ private:
         const index_t OC = g_.out(), per = g_.in() * g_.taps(), P = ocp();
         const auto rm = bn.running_mean(), rv = bn.running_var();
         for (index_t oc = 0; oc < OC; ++oc) {
-            const float rsq = 1.f / std::sqrt(rv[oc] + static_cast<float>(bn.eps()));
-            const float w = bn.affine() ? bn.weight()[oc] : 1.f, b = bn.affine() ? bn.bias()[oc] : 0.f;
-            const float scale = w * rsq;
-            for (index_t i = 0; i < per; ++i) packed_[kernels::conv::blocked_offset(per, P, i, oc)] *= scale;
-            bias_padded_[oc] = ((has_bias_ ? bias_[oc] : 0.f) - rm[oc]) * rsq * w + b;
+            const T rsq = T(1) / std::sqrt(rv[oc] + static_cast<T>(bn.eps()));
+            const T w = bn.affine() ? bn.weight()[oc] : T(1), b = bn.affine() ? bn.bias()[oc] : T(0);
+            const T scale = w * rsq;
+            for (index_t i = 0; i < per; ++i) packed_[kernels::conv::blocked_offset<T>(per, P, i, oc)] *= scale;
+            bias_padded_[oc] = ((has_bias_ ? bias_[oc] : T(0)) - rm[oc]) * rsq * w + b;
         }
         folded_ = true;
     }
     /// Where an NDHWC result for Y goes: Y's memory, or a module buffer for NCDHW.
     template <class VY>
-    float* output_for(const VY& Y)
+    T* output_for(const VY& Y)
     {
         return channels_last_out(Y, ybuf_);
     }
     /// Moves an NDHWC result at y (from output_for(Y)) into Y; clears a fold.
     template <class VY>
-    void finish_output(const float* y, const VY& Y)
+    void finish_output(const T* y, const VY& Y)
     {
         folded_ = false;
         if (y != Y.data() && Y.shape().numel() > 0) reorder(ndhwc_view(y, Y.sizes()), Y);
     }
     /// The conv output a fused forward keeps for backward (NDHWC), and workspace for the
     /// statistics of the kernel's epilogue.
-    float* kept_output(index_t n)
+    T* kept_output(index_t n)
     {
         kept_.resize(static_cast<std::size_t>(n));
         return kept_.data();
     }
-    const float* kept_data() const noexcept { return kept_.data(); }
+    const T* kept_data() const noexcept { return kept_.data(); }
     std::size_t kept_size() const noexcept { return kept_.size(); }
     double* moments(index_t rows)
     {
-        moments_.resize(static_cast<std::size_t>(kernels::conv::moments_workspace(rows, g_.out())));
+        moments_.resize(static_cast<std::size_t>(kernels::conv::moments_workspace<T>(rows, g_.out())));
         return moments_.data();
     }
 
     /// backward on NDHWC data (x, dy may be null when empty): dx written unless null, grads
     /// accumulated.  Nothing is written before every workspace is allocated.
     template <class Layout = ndhwc_t>
-    void backward_channels_last(const std::array<index_t, 5>& sz, const float* x, const float* dy, float* dx)
+    void backward_channels_last(const std::array<index_t, 5>& sz, const T* x, const T* dy, T* dx)
     {
         const auto osz = output_sizes(sz);
         const index_t N = sz[0];
@@ -432,7 +447,7 @@ private:
         for (int i = 0; i < 5; ++i) n_in *= sz[i], n_out *= osz[i];
         // Workspaces first (the steps that may allocate), then no state changes until all is computed.
         reserve_backward(sz);
-        std::fill(gw_.begin(), gw_.end(), 0.f);
+        std::fill(gw_.begin(), gw_.end(), T(0));
         if (n_in == 0) return;
         if (dx) grad_input_channels_last<Layout>(sz, dy, dx);
         if (n_out == 0) return;
@@ -443,15 +458,16 @@ private:
         if (has_bias_) {
             const auto f = ndhwc_view(dy, osz).form();
             kernels::reduce_channels<1, 1, 0>(
-                f, 0, g_.out(), kernels::srcs<1>{dy}, kernels::srcs<0>{},
-                [](const kernels::fvecs<1>& v, const kernels::fvecs<0>&) { return v; }, work_.data(),
+                f, 0, g_.out(), kernels::srcs<1, T>{dy}, kernels::srcs<0, T>{},
+                [](const kernels::vecs<1, T>& v, const kernels::vecs<0, T>&) { return v; }, work_.data(),
                 kernels::reduce_stride(g_.out()));
-            for (index_t oc = 0; oc < g_.out(); ++oc) bias_grad_[oc] += static_cast<float>(work_[oc]);
+            for (index_t oc = 0; oc < g_.out(); ++oc) bias_grad_[oc] += static_cast<T>(work_[oc]);
         }
-        const index_t IC = g_.in(), T = g_.taps();
+        const index_t IC = g_.in(), taps = g_.taps();
         for (index_t oc = 0; oc < g_.out(); ++oc)
             for (index_t ic = 0; ic < IC; ++ic)
-                for (index_t t = 0; t < T; ++t) weight_grad_[(oc * IC + ic) * T + t] += gw_[(t * IC + ic) * ocp() + oc];
+                for (index_t t = 0; t < taps; ++t)
+                    weight_grad_[(oc * IC + ic) * taps + t] += gw_[(t * IC + ic) * ocp() + oc];
     }
 
     /// Allocates every workspace backward_channels_last needs for input sizes sz (so that a
@@ -464,18 +480,18 @@ private:
         xpad_.resize(static_cast<std::size_t>(kernels::conv::padded_size(g_, sz[0], extents(sz))));
         if (has_bias_)
             work_.resize(static_cast<std::size_t>(
-                kernels::reduce_workspace(ndhwc_view(static_cast<const float*>(nullptr), output_sizes(sz)).form(), 1)));
+                kernels::reduce_workspace(ndhwc_view(static_cast<const T*>(nullptr), output_sizes(sz)).form(), 1)));
     }
     /// Where an NDHWC grad input for dX goes: dX's memory, or a module buffer (reorder after).
     template <class VDX>
-    float* grad_input_for(const VDX& dX)
+    T* grad_input_for(const VDX& dX)
     {
         return channels_last_out(dX, xgbuf_);
     }
 
     /// grad input on NDHWC data: dx (input sizes sz) for dy (null when empty).
     template <class Layout = ndhwc_t>
-    void grad_input_channels_last(const std::array<index_t, 5>& sz, const float* dy, float* dx)
+    void grad_input_channels_last(const std::array<index_t, 5>& sz, const T* dy, T* dx)
     {
         const auto osz = output_sizes(sz);
         index_t n_in = 1, n_out = 1;
@@ -483,7 +499,7 @@ private:
         packed_.resize(static_cast<std::size_t>(std::max(g_.taps() * g_.in() * ocp(), g_.taps() * g_.out() * icp())));
         if (n_in == 0) return;
         if (n_out == 0) {
-            std::fill(dx, dx + n_in, 0.f);
+            std::fill(dx, dx + n_in, T(0));
             return;
         }
         kernels::conv::pack(g_, weight_.data(), packed_.data(), kernels::conv::grad_input_packing(g_));
@@ -514,8 +530,8 @@ private:
         const std::array<index_t, 5> s{g_.out_, g_.in_, g_.k_.d, g_.k_.h, g_.k_.w};
         return detail::sizes_str(s);
     }
-    index_t ocp() const noexcept { return kernels::conv::round_up(g_.out(), simd::width); }
-    index_t icp() const noexcept { return kernels::conv::round_up(g_.in(), simd::width); }
+    index_t ocp() const noexcept { return kernels::conv::round_up(g_.out(), simd::lanes<T>); }
+    index_t icp() const noexcept { return kernels::conv::round_up(g_.in(), simd::lanes<T>); }
     static kernels::conv::extents3 extents(const std::array<index_t, 5>& s) noexcept { return {s[2], s[3], s[4]}; }
 
     template <class VA, class VB>
@@ -524,9 +540,9 @@ private:
         static_assert(is_view_v<VA> && is_view_v<VB>, "Conv3d: arguments must be volfuse views (vf::ncdhw_view, ...)");
         static_assert(std::is_same_v<typename VA::layout_type, typename VB::layout_type>,
                       "Conv3d: all tensors of one call must have the same layout");
-        static_assert(std::is_same_v<std::remove_const_t<typename VA::value_type>, float> &&
-                          std::is_same_v<std::remove_const_t<typename VB::value_type>, float>,
-                      "Conv3d: float32 tensors only");
+        static_assert(std::is_same_v<std::remove_const_t<typename VA::value_type>, T> &&
+                          std::is_same_v<std::remove_const_t<typename VB::value_type>, T>,
+                      "Conv3d<spec, T>: tensors of the module's element type T only");
     }
 
     /// PyTorch's input checks, in its order, on a checked operand (sizes valid, data not null):
@@ -569,7 +585,7 @@ private:
 
     /// The data of V as NDHWC: V's own memory, or a reorder into `buf`.
     template <class V>
-    static const float* channels_last(const V& v, std::vector<float>& buf)
+    static const T* channels_last(const V& v, std::vector<T>& buf)
     {
         if (is_channels_last(v)) return v.data();
         buf.resize(static_cast<std::size_t>(v.shape().numel()));
@@ -578,7 +594,7 @@ private:
     }
     /// Where to write an NDHWC result for V: V's own memory, or `buf` (reordered into V after).
     template <class V>
-    static float* channels_last_out(const V& v, std::vector<float>& buf)
+    static T* channels_last_out(const V& v, std::vector<T>& buf)
     {
         if (is_channels_last(v)) return v.data();
         buf.resize(static_cast<std::size_t>(v.shape().numel()));
@@ -587,11 +603,11 @@ private:
 
     geometry g_;
     bool has_bias_;
-    std::vector<float> weight_, bias_, weight_grad_, bias_grad_;
+    std::vector<T> weight_, bias_, weight_grad_, bias_grad_;
     // Workspaces, reused across calls: packed weights, padded bias, grad-weight
     // accumulators, NDHWC copies of NCDHW operands, the input with its padding made explicit
     // (grad weight), bias-grad sums.
-    std::vector<float> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_, kept_, xpad_;
+    std::vector<T> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_, kept_, xpad_;
     std::vector<double> work_, moments_;
     std::uint64_t input_copy_stamp_ = 0;
     bool folded_ = false; // packed_/bias_padded_ hold a BatchNorm3d folded in (until finish_output)

@@ -20,16 +20,19 @@
 
 namespace volfuse::inline VOLFUSE_ISA_NS {
 
-/// @tparam Norm  the normalization part: BatchNorm3d<StaticC> (the default) or
-///               SyncBatchNorm3d<StaticC> (statistics over a communicator's processes).
+/// @tparam Norm  the normalization part: BatchNorm3d<StaticC, T> (the default: float) or
+///               SyncBatchNorm3d<StaticC, T> (statistics over a communicator's processes); its
+///               element type T is the block's (the conv is Conv3d<Spec, T>).
 template <conv_spec Spec = conv_spec{}, index_t StaticC = dynamic, class Norm = BatchNorm3d<StaticC>>
 class ConvBnReLU3d {
-    static_assert(std::is_same_v<Norm, BatchNorm3d<StaticC>> || std::is_same_v<Norm, SyncBatchNorm3d<StaticC>>,
+    using T = typename Norm::value_type;
+    static_assert(std::is_same_v<Norm, BatchNorm3d<StaticC, T>> || std::is_same_v<Norm, SyncBatchNorm3d<StaticC, T>>,
                   "ConvBnReLU3d: the normalization is BatchNorm3d<C> or SyncBatchNorm3d<C>");
-    static constexpr bool sync = std::is_same_v<Norm, SyncBatchNorm3d<StaticC>>;
+    static constexpr bool sync = std::is_same_v<Norm, SyncBatchNorm3d<StaticC, T>>;
 
 public:
-    using conv_type = Conv3d<Spec>;
+    using value_type = T;
+    using conv_type = Conv3d<Spec, T>;
     using bn_type = Norm;
 
     ConvBnReLU3d(conv_type conv, bn_type bn) : conv_(std::move(conv)), bn_(std::move(bn))
@@ -122,7 +125,7 @@ public:
     /// The conv output z the last batch-statistics forward kept for backward: NDHWC, of sizes
     /// output_sizes(X.sizes()), empty before any.  For callers that run the backward's parts
     /// themselves (volfuse's PyTorch operators hand it to autograd as the BN's input).
-    std::span<const float> conv_output() const noexcept { return {conv_.kept_data(), conv_.kept_size()}; }
+    std::span<const T> conv_output() const noexcept { return {conv_.kept_data(), conv_.kept_size()}; }
 
 private:
     // NCDHW (or any non-NDHWC layout) pays one reorder each way: dY in, dX out; X is the
@@ -144,10 +147,10 @@ private:
         // shapes, the pairing with forward); only then are sizes derived and anything touched.
         std::array<index_t, 5> osz{};
         index_t n = 0;
-        float* z = nullptr;
-        float* dx = nullptr;
-        const float* x = nullptr;
-        const float* dy = nullptr;
+        T* z = nullptr;
+        T* dx = nullptr;
+        const T* x = nullptr;
+        const T* dy = nullptr;
         const bool empty = X.shape().numel() == 0;
         auto prepare = [&] {
             const auto dy_arg = detail::operand_of(dY, "grad_output");
@@ -171,7 +174,7 @@ private:
                 // record it as its input; nothing else changes in eval (no communication).
                 x = conv_.prepare_forward(X, detail::operand{z, n, n, osz, "output"});
                 if (n > 0) conv_.template run_forward<L>(X.sizes(), x, z, false);
-                bn_.forward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(dz_.data(), osz), relu);
+                bn_.forward(ndhwc_view(static_cast<const T*>(z), osz), ndhwc_view(dz_.data(), osz), relu);
             } else if (!empty) {
                 x = conv_.is_channels_last(X) || conv_.input_copy_stamp() != last_.x_stamp ? conv_.input_of(X)
                                                                                              : conv_.input_copy();
@@ -192,16 +195,16 @@ private:
                 failed = e.what();
                 if (failed.empty()) failed = "ConvBnReLU3d::backward failed";
             }
-            bn_.backward_agreed(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(dy, osz),
+            bn_.backward_agreed(ndhwc_view(static_cast<const T*>(z), osz), ndhwc_view(dy, osz),
                                 ndhwc_view(dz_.data(), osz), relu, failed);
         } else {
             prepare();
-            bn_.backward(ndhwc_view(static_cast<const float*>(z), osz), ndhwc_view(dy, osz),
+            bn_.backward(ndhwc_view(static_cast<const T*>(z), osz), ndhwc_view(dy, osz),
                          ndhwc_view(dz_.data(), osz), relu);
         }
         conv_.template backward_channels_last<L>(X.sizes(), x, dz_.data(), dx);
         if constexpr (want_dx && !direct)
-            if (!empty && dx != dX->data()) reorder(ndhwc_view(static_cast<const float*>(dx), X.sizes()), *dX);
+            if (!empty && dx != dX->data()) reorder(ndhwc_view(static_cast<const T*>(dx), X.sizes()), *dX);
     }
 
     struct last_forward {
@@ -213,12 +216,12 @@ private:
     conv_type conv_;
     bn_type bn_;
     last_forward last_;
-    std::vector<float> dz_, dy_; // workspaces: dL/dz, and dY or dz in the caller's layout
+    std::vector<T> dz_, dy_; // workspaces: dL/dz, and dY or dz in the caller's layout
 };
 
-template <conv_spec S, index_t C>
-ConvBnReLU3d(Conv3d<S>, BatchNorm3d<C>) -> ConvBnReLU3d<S, C>;
-template <conv_spec S, index_t C>
-ConvBnReLU3d(Conv3d<S>, SyncBatchNorm3d<C>) -> ConvBnReLU3d<S, C, SyncBatchNorm3d<C>>;
+template <conv_spec S, index_t C, class T>
+ConvBnReLU3d(Conv3d<S, T>, BatchNorm3d<C, T>) -> ConvBnReLU3d<S, C, BatchNorm3d<C, T>>;
+template <conv_spec S, index_t C, class T>
+ConvBnReLU3d(Conv3d<S, T>, SyncBatchNorm3d<C, T>) -> ConvBnReLU3d<S, C, SyncBatchNorm3d<C, T>>;
 
 } // namespace volfuse

@@ -86,39 +86,42 @@ struct key {
 /// The runtime-shaped geometry every entry is called with.
 using dynamic_geometry = conv_geometry<conv_spec{}>;
 
-/// A conv layer's kernels, called through pointers with the run-time geometry and schedule.
-/// A specialized entry rebuilds its compile-time geometry from it (the values are equal: the
-/// lookup key was), so every loop bound the spec fixes is a constant inside.
-struct conv_kernels {
+/// A conv layer's kernels on element type T, called through pointers with the run-time
+/// geometry and schedule.  A specialized entry rebuilds its compile-time geometry from it (the
+/// values are equal: the lookup key was), so every loop bound the spec fixes is a constant
+/// inside.  The registry holds float32 entries; float64 convs run the fallback's.
+template <class T>
+struct basic_conv_kernels {
     void (*forward)(const dynamic_geometry&, const conv_schedule&, index_t N, kernels::conv::extents3 in,
-                    kernels::conv::extents3 out, const float* x, const float* wp, const float* bias, float* y,
-                    bool relu, double* moments);
+                    kernels::conv::extents3 out, const T* x, const T* wp, const T* bias, T* y, bool relu,
+                    double* moments);
     void (*grad_input)(const dynamic_geometry&, const conv_schedule&, index_t N, kernels::conv::extents3 in,
-                       kernels::conv::extents3 out, const float* dy, const float* wt, float* dx);
+                       kernels::conv::extents3 out, const T* dy, const T* wt, T* dx);
     /// xp: the input with its padding made explicit (kernels::conv::pad_input).
     void (*grad_weight)(const dynamic_geometry&, const conv_schedule&, index_t N, kernels::conv::extents3 in,
-                        kernels::conv::extents3 out, const float* xp, const float* dy, float* gw);
+                        kernels::conv::extents3 out, const T* xp, const T* dy, T* gw);
 };
+using conv_kernels = basic_conv_kernels<float>;
 
 /// The kernels of one instantiation of the conv templates (S all dynamic: the fallback).
-template <conv_spec S>
-conv_kernels conv_kernels_for() noexcept
+template <conv_spec S, class T = float>
+basic_conv_kernels<T> conv_kernels_for() noexcept
 {
     using G = conv_geometry<S>;
     namespace kc = kernels::conv;
     return {
         [](const dynamic_geometry& g, const conv_schedule& s, index_t N, kc::extents3 in, kc::extents3 out,
-           const float* x, const float* wp, const float* bias, float* y, bool relu, double* moments) {
+           const T* x, const T* wp, const T* bias, T* y, bool relu, double* moments) {
             const G gs{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_};
             if (relu) kc::forward(gs, s, N, in, out, x, wp, bias, y, expr::relu_t{}, moments);
             else kc::forward(gs, s, N, in, out, x, wp, bias, y, expr::identity_t{}, moments);
         },
         [](const dynamic_geometry& g, const conv_schedule& s, index_t N, kc::extents3 in, kc::extents3 out,
-           const float* dy, const float* wt, float* dx) {
+           const T* dy, const T* wt, T* dx) {
             kc::grad_input(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, s, N, in, out, dy, wt, dx);
         },
         [](const dynamic_geometry& g, const conv_schedule& s, index_t N, kc::extents3 in, kc::extents3 out,
-           const float* xp, const float* dy, float* gw) {
+           const T* xp, const T* dy, T* gw) {
             kc::grad_weight(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, s, N, in, out, xp, dy, gw);
         },
     };

@@ -3,7 +3,7 @@
 // and an FMA that is a real fused multiply-add whenever the hardware has one.
 // Every primitive the kernels use exists per element type (vec<T>, T = float or double):
 // a kernel template is written once over T.  The float-only names (fvec, width, dacc) are
-// what the conv kernels, which are float32 only, still spell.
+// what float-only code (widening, the float halving sum) spells.
 #pragma once
 
 #include <array>
@@ -109,6 +109,15 @@ inline fvec fma_where(fmask on, fvec a, fvec b, fvec c) noexcept
     return xsimd::select(on, fma(a, b, c), c);
 #endif
 }
+/// The same for doubles.
+inline dvec fma_where(mask<double> on, dvec a, dvec b, dvec c) noexcept
+{
+#if XSIMD_WITH_AVX512F
+    return dvec(_mm512_mask3_fmadd_pd(a, b, c, static_cast<__mmask8>(on)));
+#else
+    return xsimd::select(on, fma(a, b, c), c);
+#endif
+}
 
 template <class T>
 inline vec<T> load(const T* p) noexcept { return vec<T>::load_unaligned(p); }
@@ -206,6 +215,16 @@ inline float halving_sum(fvec v) noexcept
         for (std::size_t i = 0; i < h; ++i) l[i] += l[i + h];
     return l[0];
 #endif
+}
+
+/// The same tree over a double vector's lanes.
+inline double halving_sum(dvec v) noexcept
+{
+    alignas(64) std::array<double, dvec::size> l;
+    v.store_aligned(l.data());
+    for (std::size_t h = dvec::size / 2; h >= 1; h /= 2)
+        for (std::size_t i = 0; i < h; ++i) l[i] += l[i + h];
+    return l[0];
 }
 
 /// v, rounded here: the compiler cannot see through the empty asm, so a product passed through
