@@ -143,6 +143,10 @@ class Float64(unittest.TestCase):
     """The same kernel templates in float64: gradcheck and gradgradcheck on every op, both
     layouts, and the fused block equal to PyTorch's modules in float64."""
 
+    def gradchecks(self, f, args):
+        self.assertTrue(torch.autograd.gradcheck(f, args))
+        self.assertTrue(torch.autograd.gradgradcheck(f, args))
+
     def test_conv3d_gradcheck(self):
         torch.manual_seed(10)
         for layout in ("contiguous", "channels_last"):
@@ -155,9 +159,7 @@ class Float64(unittest.TestCase):
                     def f(a, c, *e):
                         return ops.conv3d(as_layout(a, layout), c, e[0] if e else None, [1, 2, 1], [1, 1, 0],
                                           [2, 1, 1])
-                    args = (x, w, b) if bias else (x, w)
-                    self.assertTrue(torch.autograd.gradcheck(f, args))
-                    self.assertTrue(torch.autograd.gradgradcheck(f, args))
+                    self.gradchecks(f, (x, w, b) if bias else (x, w))
 
     def test_conv_bn_relu3d_gradcheck(self):
         torch.manual_seed(11)
@@ -174,8 +176,7 @@ class Float64(unittest.TestCase):
                     def f(a, ww, c, gg, bb):
                         return ops.conv_bn_relu3d(as_layout(a, layout), ww, c, gg, bb, rm.clone(), rv.clone(),
                                                   [1, 1, 1], [1, 1, 1], [1, 1, 1], training, 0.1, 1e-5)[0]
-                    self.assertTrue(torch.autograd.gradcheck(f, (x, w, cb, g, b)))
-                    self.assertTrue(torch.autograd.gradgradcheck(f, (x, w, cb, g, b)))
+                    self.gradchecks(f, (x, w, cb, g, b))
 
     def test_block_equals_pytorch(self):
         torch.manual_seed(12)
