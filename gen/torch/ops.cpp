@@ -645,7 +645,11 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_relu3d_cpu(const Tensor& input, const
     const auto osz = conv_output_sizes(x, weight, c);
     Tensor y = empty_output(osz, x, l), z, reserve;
     const bool batch_stats = training || !track;
-    if (batch_stats) reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
+    // Every output allocated before the module commits anything (running statistics).
+    if (batch_stats) {
+        reserve = at::zeros({vf::detail::saved_forward::rows, C}, x.options());
+        z = empty_output(osz, x, layout::ndhwc);
+    }
     by_dtype(x, [&]<class T>(T) {
         using bn_t = vf::BatchNorm3d<vf::dynamic, T>;
         using block_t = vf::ConvBnReLU3d<vf::conv_spec{}, vf::dynamic, bn_t>;
@@ -665,7 +669,6 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_relu3d_cpu(const Tensor& input, const
             // Committed: the forward ran.
             if (track && training) store_running(block.bn(), rm, rv, x.options());
             if (batch_stats) {
-                z = empty_output(osz, x, layout::ndhwc);
                 const auto kept = block.conv_output();
                 std::copy(kept.begin(), kept.end(), z.data_ptr<T>());
                 if (x.numel() > 0) vf::detail::saved_forward::save(block.bn(), span_of<T>(reserve), C);

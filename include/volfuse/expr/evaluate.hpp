@@ -329,7 +329,7 @@ std::string describe_conv(const VY& Y, const Conv& conv, const std::string& epi,
                 conv.repr() + (std::remove_cvref_t<decltype(g)>::spec == conv_spec{} ? " (runtime-shaped)" : " (spec: static where fixed)"));
     line(0, "kernels: " + choice.why);
     line(0, "schedule: " + std::string(simd::arch::name()) + ", vector " + std::to_string(width) +
-                " x f32, tile " + std::to_string(pixels) + " pixels x " + std::to_string(vectors) +
+                (std::is_same_v<typename Conv::value_type, float> ? " x f32" : " x f64") + ", tile " + std::to_string(pixels) + " pixels x " + std::to_string(vectors) +
                 " vectors in registers, threads " + std::to_string(get_num_threads()));
     line(1, choice.schedule.str() + ": " + choice.schedule.origin);
     if (std::string(VY::layout_name()) != "ndhwc") line(0, "reorder input to ndhwc (module buffer)");
