@@ -8,7 +8,12 @@ Stated tolerances, against PyTorch in float64 from the same start:
   PyTorch float32's own difference plus 1e-5 of the loss (the criterion of the C++ seed-training
   test, tests/golden/seed_training.py: both compute in float32 with different summation orders;
   a wrong term would cost orders of magnitude more); after the 20 steps the same for every
-  parameter and buffer (2-norms).
+  parameter and buffer (2-norms).  That holds while volfuse's ReLU decisions (signs of the
+  BatchNorm3d outputs, recorded by forward hooks) are float64's: BatchNorm3d's float32 output
+  rounds differently from PyTorch's, so a ReLU input within that rounding of 0 can switch, and
+  the trajectories part from the first switch (seen on a Zen 3 VM: one element of bn2 at step
+  10, the loss 4e-5 relative off by step 14, PyTorch float32 switching none).  From the first
+  switch on, the steps and the final state are held to the fused criterion below.
 - Conv3d -> BatchNorm3d -> ReLU fused as well (convert(model)): volfuse's convolution rounds
   differently from PyTorch's (both about 1e-6 relative in float32), and a ReLU whose input lies
   within that rounding of 0 can switch.  Batch norm's backward spreads one switched element over
@@ -48,8 +53,15 @@ def medical():
     return m, (2, 1, 12, 12, 12), 2
 
 
-def train(model, x, target, dtype):
+def train(model, x, target, dtype, decisions=None):
+    """20 SGD steps; with a list `decisions`, appends each step's ReLU decisions (the signs of
+    every BatchNorm3d output, in call order)."""
     model = model.to(dtype)
+    signs = []
+    if decisions is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.register_forward_hook(lambda mod, inp, out: signs.append(out.detach() > 0))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     model.train()
@@ -60,6 +72,9 @@ def train(model, x, target, dtype):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if decisions is not None:
+            decisions.append(signs[:])
+            signs.clear()
     return losses, {k: v.detach().double() for k, v in model.state_dict().items()}
 
 
@@ -90,13 +105,21 @@ class SeedNetworks(unittest.TestCase):
         self.assertEqual("forward" in vars(converted), fuse)
         if fuse:
             self.assertEqual(inspect.getsource(converted.forward).count("conv_bn_relu3d("), 2)
-        ref_losses, ref_state = train(copy.deepcopy(model), x, target, torch.float64)
+        ref_decisions, vol_decisions = [], []
+        ref_losses, ref_state = train(copy.deepcopy(model), x, target, torch.float64, ref_decisions)
         t32_losses, t32_state = train(copy.deepcopy(model), x, target, torch.float32)
-        vol_losses, vol_state = train(converted, x, target, torch.float32)
+        vol_losses, vol_state = train(converted, x, target, torch.float32, vol_decisions)
+        # The first step whose ReLU decisions differ from float64's (fused: the blocks' ReLUs
+        # cannot be hooked, and step 0 is the only one held strictly).
+        switch = 1 if fuse else next((s for s, (r, v) in enumerate(zip(ref_decisions, vol_decisions))
+                                      if len(r) != len(v) or any(not torch.equal(a, b) for a, b in zip(r, v))),
+                                     STEPS)
+        if not fuse:
+            self.assertEqual(len(vol_decisions[0]), 2)  # both BatchNorm3d outputs seen
         for step, (r, t, v) in enumerate(zip(ref_losses, t32_losses, vol_losses)):
             with self.subTest(step=step):
                 strict = 4 * abs(t - r) + 1e-5 * abs(r)
-                bound = strict if not fuse or step == 0 else 1e-3 * abs(r) + 1e-6
+                bound = strict if step < switch else 1e-3 * abs(r) + 1e-6
                 self.assertLessEqual(abs(v - r), bound,
                                      "step %d: volfuse %.9g, torch float32 %.9g, float64 %.9g" % (step, v, t, r))
         for k, r in ref_state.items():
@@ -105,7 +128,7 @@ class SeedNetworks(unittest.TestCase):
                     self.assertEqual(int(vol_state[k]), int(t32_state[k]))
                     continue
                 ev, et = (vol_state[k] - r).norm().item(), (t32_state[k] - r).norm().item()
-                bound = 2e-2 * r.norm().item() + 1e-6 if fuse else 4 * et + 1e-5 * r.norm().item()
+                bound = 2e-2 * r.norm().item() + 1e-6 if switch < STEPS else 4 * et + 1e-5 * r.norm().item()
                 self.assertLessEqual(ev, bound, k)
         # state_dicts round-trip both ways, and the models then compute the same
         plain = copy.deepcopy(model)
