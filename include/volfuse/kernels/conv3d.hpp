@@ -153,6 +153,14 @@ constexpr range valid_outputs(index_t in, index_t out, index_t s, index_t p, ind
 
 // --- forward -------------------------------------------------------------------------
 
+/// Zeros read by a border tile's pixels for the taps whose input lies in the padding along w:
+/// each such term is 0 * w, as PyTorch's zero padding defines it (finite weights: the sum is
+/// the one over the valid taps, bit for bit).  A reduction block spans at most
+/// max_block_channels input channels.
+inline constexpr index_t max_block_channels = 4096;
+template <class T>
+alignas(64) inline constexpr T zero_row[max_block_channels]{};
+
 /// Stores a forward tile: bias, epilogue, the store (partial at the channel tail), statistics.
 /// Inlined: the accumulators must stay in registers.
 template <int PB, int VB, bool Checked, class Epi, class Stats, class T>
@@ -247,12 +255,12 @@ struct row_taps {
 /// channels [oc0, oc0 + VB * width) (one tile of pack()'s blocked layout), taps [k0, k1) of the
 /// row's tap table, input channels [ic0, ic1) of each (ICN > 0: 1-4 channels fixed at compile
 /// time, whole taps).  Interior tiles (Border false: npix == PB, every tap inside along w) run
-/// the reduction unchecked; border tiles skip, per tap, the pixels whose input lies in the
-/// padding (or past npix).  `first`: the accumulators start at zero, else from the partial sums
-/// an earlier block stored in y; `last`: bias, epilogue, statistics and the final store, else
-/// the partial sums are stored as they are.  Float stores and loads are exact, so each output
-/// keeps one fma chain over its valid (kd, kh, kw, ic) in that order: the same bits whatever
-/// the tiling or blocking.  Not inlined: the blocked loop calls it from several places, and
+/// the reduction unchecked; in border tiles, the pixels whose input for a tap lies in the
+/// padding along w (or past npix) read zeros (zero_row).  `first`: the accumulators start at
+/// zero, else from the partial sums an earlier block stored in y; `last`: bias, epilogue,
+/// statistics and the final store, else the partial sums are stored as they are.  Float stores
+/// and loads are exact, so each output keeps one fma chain over its (kd, kh, kw, ic) inside the
+/// image along d and h, in that order: the same bits whatever the tiling or blocking.  Not inlined: the blocked loop calls it from several places, and
 /// inlined copies of every (PB, VB, epilogue, statistics) instantiation cost more compile time
 /// than a call per tile costs run time.
 template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats, class T>
@@ -289,27 +297,23 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats,
         // Border: the tile's pixels whose input for this tap is inside (a run: iw grows with p).
         const index_t plo = Border ? std::clamp<index_t>(t.lo[k] - ow0, 0, np) : 0;
         const index_t phi = Border ? std::clamp<index_t>(t.hi[k] - ow0, 0, np) : PB;
-        // Pixels outside [plo, phi) have their fmas masked (x read at a valid index instead): a
-        // branch per pixel in the channel loop would cost more than the fmas it skips.
+        // Pixels outside [plo, phi) read their x from a row of zeros (the padding's value): the
+        // same unmasked fmas as an interior tile.  Masked fmas cost a blend each without
+        // AVX-512, and a branch per pixel in the channel loop more than the fmas it skips.
         auto reduce = [&] {
-            constexpr bool Masked = Border;
-            [[maybe_unused]] index_t xo[PB];
-            [[maybe_unused]] simd::mask<T> on[PB];
-            if constexpr (Masked)
+            [[maybe_unused]] const T* xp[PB];
+            if constexpr (Border)
                 #pragma GCC unroll 32
-                for (int p = 0; p < PB; ++p) {
-                    const bool in = p >= plo && p < phi;
-                    on[p] = simd::mask<T>(in);
-                    xo[p] = in ? xk + p * step : 0;
-                }
+                for (int p = 0; p < PB; ++p) xp[p] = p >= plo && p < phi ? xn + xk + p * step + ic0 : zero_row<T>;
+            [[maybe_unused]] const simd::mask<T> none[PB]{};
             auto channel = [&](index_t ic) {
-                broadcast_fmas<PB, VB, Masked>(
+                broadcast_fmas<PB, VB, false>(
                     acc, wk + ic * cw,
                     [&](int p) {
-                        if constexpr (Masked) return xn[xo[p] + ic];
+                        if constexpr (Border) return xp[p][ic - ic0];
                         else return xn[xk + p * step + ic];
                     },
-                    on);
+                    none);
             };
             if constexpr (ICN > 0) {
                 // Not unrolled: unrolled, GCC hoisted every channel's weights (ICN x VB
@@ -504,7 +508,9 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
                         if (final_segment) run_block(0, 0, 0, 0, true); // bias and epilogue only, or the last store
                         continue;
                     }
-                    if (ICN > 0 || IC <= block_rows) { // blocks of whole taps
+                    // A block's channels stay within the zero row border tiles read.
+                    const index_t channel_block = std::min(block_rows, max_block_channels);
+                    if (ICN > 0 || IC <= channel_block) { // blocks of whole taps
                         const index_t per = std::max<index_t>(1, block_rows / IC);
                         for (index_t k0 = 0; k0 < taps.n; k0 += per) {
                             const index_t k1 = std::min(taps.n, k0 + per);
@@ -512,8 +518,8 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
                         }
                     } else { // blocks of channels within a tap
                         for (index_t k = 0; k < taps.n; ++k)
-                            for (index_t ic0 = 0; ic0 < IC; ic0 += block_rows) {
-                                const index_t ic1 = std::min(IC, ic0 + block_rows);
+                            for (index_t ic0 = 0; ic0 < IC; ic0 += channel_block) {
+                                const index_t ic1 = std::min(IC, ic0 + channel_block);
                                 run_block(k, k + 1, ic0, ic1, final_segment && k + 1 == taps.n && ic1 == IC);
                             }
                     }
