@@ -86,6 +86,28 @@ double max_abs(const std::vector<float>& v)
     return m;
 }
 
+/// Per channel of x (sizes s), in double: mean, M2 = sum (x - mean)^2, mean |x| and the first
+/// value (at n = d = h = w = 0, first in memory in every layout): what the float-sum error
+/// bounds below are relative to.
+struct channel_moments {
+    std::vector<double> mean, m2, mean_abs, first;
+};
+channel_moments moments_of(const sizes5& s, const std::vector<float>& x)
+{
+    const index_t C = s[1];
+    const double n = static_cast<double>(numel(s) / C);
+    channel_moments m{std::vector<double>(C), std::vector<double>(C), std::vector<double>(C), std::vector<double>(C)};
+    for_each_index(s, [&](index_t b, index_t c, index_t d, index_t h, index_t w, index_t i) {
+        m.mean[c] += x[i] / n;
+        m.mean_abs[c] += std::abs(x[i]) / n;
+        if (b == 0 && d == 0 && h == 0 && w == 0) m.first[c] = x[i];
+    });
+    for_each_index(s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
+        m.m2[c] += (x[i] - m.mean[c]) * (x[i] - m.mean[c]);
+    });
+    return m;
+}
+
 template <class L>
 void run(const golden_case& gc, vf::batch_stats_policy policy)
 {
@@ -108,6 +130,7 @@ void run(const golden_case& gc, vf::batch_stats_policy policy)
         const bool torch_contiguous = gc.layout == "ncdhw" && st.s[2] * st.s[3] * st.s[4] > 1;
         const auto rm = vec(bn.running_mean()), rv = vec(bn.running_var());
         bn_run<L> r(x, st.s);
+        const channel_moments mo = x.empty() ? channel_moments{} : moments_of(st.s, x);
         const auto y = r.forward(bn, gc.relu);
         const auto dx = r.backward(bn, st.t.at("dy"), gc.relu);
         if (x.empty()) {
@@ -121,12 +144,11 @@ void run(const golden_case& gc, vf::batch_stats_policy policy)
             // about log2(n) ulps of mean(|x|), on its channels-last and NC111 paths: SEMANTICS §4.2),
             // and its contiguous output x * alpha + (beta - mean * alpha) rounds |mean * alpha|.
             const double n = static_cast<double>(numel(st.s) / gc.C);
-            std::vector<double> mean_abs(gc.C, 0.0), dmu(gc.C, 0.0);
-            for_each_index(st.s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) { mean_abs[c] += std::abs(x[i]) / n; });
+            std::vector<double> dmu(gc.C, 0.0);
             for (index_t c = 0; c < gc.C; ++c)
                 dmu[c] = !batch_stats ? torch_rm_err[c] // eval: the running means differ by this much
                          : torch_contiguous ? 0.5 * eps_f * std::abs(ref.mean[c])
-                                            : (std::log2(n) + 1) * eps_f * mean_abs[c];
+                                            : (std::log2(n) + 1) * eps_f * mo.mean_abs[c];
             const auto& ty = st.t.at("y");
             for_each_index(st.s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
                 const double g = gc.affine ? std::abs(gc.weight[c]) : 1.0;
@@ -156,19 +178,11 @@ void run(const golden_case& gc, vf::batch_stats_policy policy)
             // A float sum's error is relative to sum(|x|), not to the (possibly tiny) mean.
             const double n = static_cast<double>(numel(st.s) / gc.C);
             const double m = gc.momentum ? *gc.momentum : 1.0 / static_cast<double>(st.nbt);
-            std::vector<double> mean_abs(gc.C, 0.0), mean(gc.C, 0.0), ss(gc.C, 0.0);
-            for_each_index(st.s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
-                mean_abs[c] += std::abs(x[i]) / n;
-                mean[c] += x[i] / n;
-            });
-            for_each_index(st.s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
-                ss[c] += (x[i] - mean[c]) * (x[i] - mean[c]);
-            });
             // Its variance is a float sum of (x - mean)^2 as well: the same relative error, of
             // the (nonnegative) sum itself, enters the unbiased estimate the running_var takes.
             for (index_t c = 0; c < gc.C; ++c) {
-                torch_rm_err[c] += m * (std::log2(n) + 1) * eps_f * mean_abs[c];
-                if (n > 1) torch_rv_err[c] += m * (std::log2(n) + 1) * eps_f * ss[c] / (n - 1);
+                torch_rm_err[c] += m * (std::log2(n) + 1) * eps_f * mo.mean_abs[c];
+                if (n > 1) torch_rv_err[c] += m * (std::log2(n) + 1) * eps_f * mo.m2[c] / (n - 1);
             }
         }
         if (gc.track && st.train && !x.empty() && !aten) {
@@ -177,19 +191,11 @@ void run(const golden_case& gc, vf::batch_stats_policy policy)
             // into M2 (docs/batchnorm.md), so relative to M2 it grows with ((s - mean) / std)^2.
             const double n = static_cast<double>(numel(st.s) / gc.C);
             const double m = gc.momentum ? *gc.momentum : 1.0 / static_cast<double>(st.nbt);
-            std::vector<double> mean(gc.C, 0.0), m2(gc.C, 0.0), first(gc.C, 0.0);
-            std::vector<bool> seen(gc.C, false);
-            for_each_index(st.s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
-                mean[c] += x[i] / n;
-                if (!seen[c]) first[c] = x[i], seen[c] = true;
-            });
-            for_each_index(st.s, [&](index_t, index_t c, index_t, index_t, index_t, index_t i) {
-                m2[c] += (x[i] - mean[c]) * (x[i] - mean[c]);
-            });
             const double runs = std::log2(std::min<double>(n, vf::kernels::stats_run)) + 1;
             for (index_t c = 0; c < gc.C; ++c)
                 if (n > 1)
-                    fast_rv_err[c] += m * runs * eps_f * (m2[c] + n * (mean[c] - first[c]) * (mean[c] - first[c])) / (n - 1);
+                    fast_rv_err[c] += m * runs * eps_f *
+                                      (mo.m2[c] + n * (mo.mean[c] - mo.first[c]) * (mo.mean[c] - mo.first[c])) / (n - 1);
         }
         if (gc.track) {
             REQUIRE(bn.num_batches_tracked() == st.nbt);

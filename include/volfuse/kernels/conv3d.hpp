@@ -184,11 +184,11 @@ template <int PB, int VB, bool Checked, class Epi, class Stats, class T>
 
 /// One reduction step of a broadcast tile: acc[p][j] += broadcast(scalar(p)) * w[j * width..]
 /// over its PB pixels and VB vectors; with Masked, pixel p's fmas only where on[p] (the scalar
-/// then read at a valid address).  The forward's step over one (tap, ic) and the gather's over
-/// one (tap, oc).
+/// then read at a valid address; `on` is not read otherwise).  The forward's step over one
+/// (tap, ic) and the gather's over one (tap, oc).
 template <int PB, int VB, bool Masked, class S, class T>
 [[gnu::always_inline]] inline void broadcast_fmas(simd::vec<T> (&acc)[PB][VB], const T* w, S&& scalar,
-                                                  const simd::mask<T> (&on)[PB]) noexcept
+                                                  const simd::mask<T>* on = nullptr) noexcept
 {
     using fvec = simd::vec<T>;
     constexpr index_t width = simd::lanes<T>;
@@ -203,6 +203,26 @@ template <int PB, int VB, bool Masked, class S, class T>
             acc[p][j] = Masked ? simd::fma_where(on[p], b, wv[j], acc[p][j]) : simd::fma(b, wv[j], acc[p][j]);
     }
 }
+
+/// How many tiles of PB pixels (the rest PBb wide) cover a row of w output pixels with the
+/// fewest pixel slots (a tile costs its width: slots past the row's end are wasted FMAs), then
+/// the fewest tiles: with 6- and 5-pixel tiles 16 = 6 + 5 + 5 and 32 = 2 x 6 + 4 x 5, no slot
+/// wasted (PBb: conv_narrow_tile_pixels).  Tiles near
+/// the padding are as wide as the others (their pixels read zeros there), so rows of 16-32
+/// pixels, most of whose tiles touch the padding, run at the interior's rate.
+constexpr index_t row_cover(index_t w, index_t PB, index_t PBb) noexcept
+{
+    index_t best = 0, best_slots = -1, best_tiles = 0;
+    for (index_t a = 0; a <= (w + PB - 1) / PB; ++a) {
+        const index_t rest = std::max<index_t>(0, w - a * PB), b = (rest + PBb - 1) / PBb;
+        const index_t slots = a * PB + b * PBb;
+        if (best_slots < 0 || slots < best_slots || (slots == best_slots && a + b < best_tiles))
+            best = a, best_slots = slots, best_tiles = a + b;
+    }
+    return best;
+}
+static_assert(row_cover(16, 6, 5) == 1 && row_cover(32, 6, 5) == 2 && row_cover(16, 6, 4) == 2 &&
+              row_cover(3, 6, 4) == 0 && row_cover(5, 6, 4) == 1 && row_cover(64, 6, 4) == 10);
 
 /// The taps of one output row (od, oh) whose input rows lie inside the image (every kw), in
 /// (kd, kh, kw) order: offsets of their input pixel from the row's first window origin (x:
@@ -254,16 +274,17 @@ struct row_taps {
 /// A forward tile over one block of its reduction: output pixels [ow0, ow0 + npix) of a row,
 /// channels [oc0, oc0 + VB * width) (one tile of pack()'s blocked layout), taps [k0, k1) of the
 /// row's tap table, input channels [ic0, ic1) of each (ICN > 0: 1-4 channels fixed at compile
-/// time, whole taps).  Interior tiles (Border false: npix == PB, every tap inside along w) run
-/// the reduction unchecked; in border tiles, the pixels whose input for a tap lies in the
-/// padding along w (or past npix) read zeros (zero_row).  `first`: the accumulators start at
+/// time, whole taps).  The pixels whose input for a tap lies in the padding along w (and those
+/// past npix) read zeros (zero_row): every tile runs the same unmasked fmas, wherever it lies
+/// in the row.  `first`: the accumulators start at
 /// zero, else from the partial sums an earlier block stored in y; `last`: bias, epilogue,
 /// statistics and the final store, else the partial sums are stored as they are.  Float stores
 /// and loads are exact, so each output keeps one fma chain over its (kd, kh, kw, ic) inside the
-/// image along d and h, in that order: the same bits whatever the tiling or blocking.  Not inlined: the blocked loop calls it from several places, and
-/// inlined copies of every (PB, VB, epilogue, statistics) instantiation cost more compile time
-/// than a call per tile costs run time.
-template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats, class T>
+/// image along d and h, in that order: the same bits whatever the tiling or blocking.  Not
+/// inlined: the blocked loop calls it from several places, and inlined copies of every (PB,
+/// VB, epilogue, statistics) instantiation cost more compile time than a call per tile costs
+/// run time.
+template <int PB, int VB, int ICN, class G, class Epi, class Stats, class T>
 [[gnu::noinline]] void forward_tile_taps(const G& g, const T* xn, const row_taps& t, index_t k0, index_t k1,
                                          index_t ic0, index_t ic1, bool first, bool last, index_t ow0, index_t npix,
                                          const T* wp, const T* bias, index_t oc0, T* yrow, Epi epi,
@@ -277,7 +298,7 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats,
     const index_t cw = std::min(pack_chunk, OCP - oc0 / pack_chunk * pack_chunk);
     const T* wc = wp + blocked_offset<T>(g.taps() * IC, OCP, 0, oc0); // this tile's block, row 0
     const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
-    const index_t np = Border ? npix : index_t{PB};
+    const index_t np = npix;
     // The loops over pixels and vectors are unrolled explicitly (here and below): without it
     // GCC kept the border tiles' accumulators in memory (in_channels = 1: 10-11 instead of
     // 7.6-7.8 ms for Conv3d(1,32,3)'s forward on Zen 5).
@@ -294,26 +315,25 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats,
     for (index_t k = k0; k < k1; ++k) {
         const T* wk = wc + t.w[k] * cw;
         const index_t xk = x0 + t.x[k];
-        // Border: the tile's pixels whose input for this tap is inside (a run: iw grows with p).
-        const index_t plo = Border ? std::clamp<index_t>(t.lo[k] - ow0, 0, np) : 0;
-        const index_t phi = Border ? std::clamp<index_t>(t.hi[k] - ow0, 0, np) : PB;
-        // Pixels outside [plo, phi) read their x from a row of zeros (the padding's value): the
-        // same unmasked fmas as an interior tile.  Masked fmas cost a blend each without
+        // The tile's pixels whose input for this tap is inside (a run: iw grows with p).
+        const index_t plo = std::clamp<index_t>(t.lo[k] - ow0, 0, np);
+        const index_t phi = std::clamp<index_t>(t.hi[k] - ow0, 0, np);
+        // Pixels outside [plo, phi) read their x from a row of zeros (the padding's value):
+        // the same unmasked fmas for every pixel.  Masked fmas cost a blend each without
         // AVX-512, and a branch per pixel in the channel loop more than the fmas it skips.
+        // Interior tiles cost the same with these pointers as with offsets from one (the
+        // pixels' stride is a run-time value either way).
         auto reduce = [&] {
-            [[maybe_unused]] const T* xp[PB];
-            if constexpr (Border)
+            const T* xp[PB];
+            const T* x1 = xn + xk + ic0;
+            if (plo == 0 && phi == PB) // the common case: no select per pixel
                 #pragma GCC unroll 32
-                for (int p = 0; p < PB; ++p) xp[p] = p >= plo && p < phi ? xn + xk + p * step + ic0 : zero_row<T>;
-            [[maybe_unused]] const simd::mask<T> none[PB]{};
+                for (int p = 0; p < PB; ++p) xp[p] = x1 + p * step;
+            else
+                #pragma GCC unroll 32
+                for (int p = 0; p < PB; ++p) xp[p] = p >= plo && p < phi ? x1 + p * step : zero_row<T>;
             auto channel = [&](index_t ic) {
-                broadcast_fmas<PB, VB, false>(
-                    acc, wk + ic * cw,
-                    [&](int p) {
-                        if constexpr (Border) return xp[p][ic - ic0];
-                        else return xn[xk + p * step + ic];
-                    },
-                    none);
+                broadcast_fmas<PB, VB, false>(acc, wk + ic * cw, [&](int p) { return xp[p][ic - ic0]; });
             };
             if constexpr (ICN > 0) {
                 // Not unrolled: unrolled, GCC hoisted every channel's weights (ICN x VB
@@ -331,11 +351,11 @@ template <int PB, int VB, int ICN, bool Border, class G, class Epi, class Stats,
         reduce();
     }
     if (last) {
-        store_forward_tile<PB, VB, Border>(acc, np, OC, bias, oc0, yrow, ow0, epi, stats);
+        store_forward_tile<PB, VB, true>(acc, np, OC, bias, oc0, yrow, ow0, epi, stats);
         return;
     }
     for (int p = 0; p < PB; ++p) {
-        if (Border && p >= np) break;
+        if (p >= np) break;
         for (int j = 0; j < VB; ++j) {
             T* o = yrow + (ow0 + p) * OC + oc0 + j * width;
             if (j + 1 < VB || last_lanes == width) simd::store(o, acc[p][j]);
@@ -455,11 +475,6 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
 {
     constexpr index_t width = simd::lanes<T>;
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
-    const range interior = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(), 0);
-    // Last ow whose widest tap still lands inside: ow*s - p + (KW-1)*dil <= W-1.
-    const range wide = valid_outputs(in.w, out.w, g.template s<2>(), g.template p<2>(),
-                                     (g.template k<2>() - 1) * g.template dil<2>());
-    const index_t ow_lo = interior.lo, ow_hi = wide.hi; // tiles inside [ow_lo, ow_hi) need no checks
     // Blocks of R output rows: the unit of threads and of statistics (fixed: the merge order
     // does not depend on the thread count); a block's rows share one tap table.
     const index_t rows = N * out.d * out.h, R = moment_rows, blocks = (rows + R - 1) / R;
@@ -470,33 +485,25 @@ void forward_tiles(const G& g, index_t vectors, index_t block_rows, conv_loop or
         T* yrow = y + row * out.w * OC;
         for_channel_chunks<T>(OC, vectors, [&]<int VB>(index_t oc0) {
             if (oc0 < c0 || oc0 >= c1) return;
-            constexpr int PB = pixels_for<VB>;
-            // Left to right (the statistics see the pixels in order): narrow border tiles of PBb
-            // pixels over the left padding's reach, whole interior tiles of PB pixels, narrow
-            // border tiles over the rest (the right padding's reach and the remainder).  Border
-            // tiles (some tap reaches into the padding along w for some pixel, or fewer pixels)
-            // are narrow so that their cost follows the pixels they hold, and only one width
-            // is instantiated for them.
-            constexpr int PBb = std::min(PB, 4);
-            const index_t start = std::min(out.w, ow_lo);
-            const index_t whole_end = start + std::max<index_t>(0, std::min(out.w, ow_hi) - start) / PB * PB;
+            constexpr int PB = pixels_for<VB>, PBb = conv_narrow_tile_pixels(VB);
+            // Left to right (the statistics see the pixels in order): `wide` tiles of PB pixels,
+            // then tiles of PBb (row_cover).  A tile costs its width whatever its pixels read.
+            const index_t wide = row_cover(out.w, PB, PBb);
             with_input_channels(g, [&]<int ICN>() {
                 bool first = true;
                 // The reduction in blocks of about block_rows (tap, ic) rows, each run over every
                 // tile of the row (the block's weights stay in L1 across them), over the row's
                 // valid taps in segments of the table's capacity.
                 auto run_block = [&](index_t k0, index_t k1, index_t ic0, index_t ic1, bool last) {
-                    auto narrow = [&](index_t from, index_t to) {
-                        for (index_t ow0 = from; ow0 < to; ow0 += PBb)
-                            forward_tile_taps<PBb, VB, ICN, true>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0,
-                                                                  std::min<index_t>(PBb, to - ow0), wp, bias, oc0,
-                                                                  yrow, epi, stats);
-                    };
-                    narrow(0, start);
-                    for (index_t ow0 = start; ow0 < whole_end; ow0 += PB)
-                        forward_tile_taps<PB, VB, ICN, false>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0, PB,
-                                                              wp, bias, oc0, yrow, epi, stats);
-                    narrow(whole_end, out.w);
+                    index_t ow0 = 0;
+                    for (index_t i = 0; i < wide; ++i, ow0 += PB)
+                        forward_tile_taps<PB, VB, ICN>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0,
+                                                       std::min<index_t>(PB, out.w - ow0), wp, bias, oc0, yrow,
+                                                       epi, stats);
+                    for (; ow0 < out.w; ow0 += PBb)
+                        forward_tile_taps<PBb, VB, ICN>(g, xn, taps, k0, k1, ic0, ic1, first, last, ow0,
+                                                        std::min<index_t>(PBb, out.w - ow0), wp, bias, oc0, yrow,
+                                                        epi, stats);
                     first = false;
                 };
                 const index_t taps_n = g.taps();

@@ -27,6 +27,14 @@ inline constexpr int conv_max_vectors = simd::width >= 16 ? 4 : 2;
 /// Pixels per forward / grad-input tile for V channel vectors (12 at most: past that the
 /// broadcasts, not the FMAs, limit a tile).
 constexpr int conv_tile_pixels(int V) noexcept { return std::min(12, conv_acc_registers / V); }
+/// Pixels of the narrower forward tiles that complete a row (kernels/conv3d.hpp row_cover):
+/// at least 10 accumulators where V allows (two FMA pipes of 4-cycle latency need 8 chains in
+/// flight; a 4 x 2 tile with 8 ran 1.55x slower per pixel than 6 x 2 on Zen 3, a 5 x 2 one
+/// near the 6 x 2 rate), at least 4 pixels, at most a wide tile's.
+constexpr int conv_narrow_tile_pixels(int V) noexcept
+{
+    return std::min(conv_tile_pixels(V), std::max(4, (10 + V - 1) / V));
+}
 /// (tap, ic) rows per grad-weight tile for V output-channel vectors.
 constexpr int conv_gw_max_rows(int V) noexcept { return std::min(8, conv_acc_registers / V); }
 
