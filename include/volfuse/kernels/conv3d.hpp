@@ -161,16 +161,16 @@ inline constexpr index_t max_block_channels = 4096;
 template <class T>
 alignas(64) inline constexpr T zero_row[max_block_channels]{};
 
-/// Stores a forward tile: bias, epilogue, the store (partial at the channel tail), statistics.
-/// Inlined: the accumulators must stay in registers.
-template <int PB, int VB, bool Checked, class Epi, class Stats, class T>
+/// Stores a forward tile's first npix pixels: bias, epilogue, the store (partial at the channel
+/// tail), statistics.  Inlined: the accumulators must stay in registers.
+template <int PB, int VB, class Epi, class Stats, class T>
 [[gnu::always_inline]] inline void store_forward_tile(simd::vec<T> (&acc)[PB][VB], index_t npix, index_t OC,
                                                       const T* bias, index_t oc0, T* yrow, index_t ow0, Epi epi,
                                                       Stats& stats) noexcept
 {
     constexpr index_t width = simd::lanes<T>;
     for (int p = 0; p < PB; ++p) {
-        if (Checked && p >= npix) break;
+        if (p >= npix) break;
         T* out = yrow + (ow0 + p) * OC + oc0;
         for (int j = 0; j < VB; ++j) {
             const index_t lanes = std::min<index_t>(width, OC - oc0 - j * width);
@@ -179,7 +179,7 @@ template <int PB, int VB, bool Checked, class Epi, class Stats, class T>
             else simd::store_partial(out + j * width, acc[p][j], lanes);
         }
     }
-    stats.template add_tile<PB, VB>(acc, Checked ? npix : index_t{PB}, oc0);
+    stats.template add_tile<PB, VB>(acc, npix, oc0);
 }
 
 /// One reduction step of a broadcast tile: acc[p][j] += broadcast(scalar(p)) * w[j * width..]
@@ -207,9 +207,9 @@ template <int PB, int VB, bool Masked, class S, class T>
 /// How many tiles of PB pixels (the rest PBb wide) cover a row of w output pixels with the
 /// fewest pixel slots (a tile costs its width: slots past the row's end are wasted FMAs), then
 /// the fewest tiles: with 6- and 5-pixel tiles 16 = 6 + 5 + 5 and 32 = 2 x 6 + 4 x 5, no slot
-/// wasted (PBb: conv_narrow_tile_pixels).  Tiles near
-/// the padding are as wide as the others (their pixels read zeros there), so rows of 16-32
-/// pixels, most of whose tiles touch the padding, run at the interior's rate.
+/// wasted (PBb: conv_narrow_tile_pixels).  Tiles near the padding are as wide as the others
+/// (their pixels read zeros there), so rows of 16-32 pixels, most of whose tiles touch the
+/// padding, run at the interior's rate.
 constexpr index_t row_cover(index_t w, index_t PB, index_t PBb) noexcept
 {
     index_t best = 0, best_slots = -1, best_tiles = 0;
@@ -276,9 +276,9 @@ struct row_taps {
 /// row's tap table, input channels [ic0, ic1) of each (ICN > 0: 1-4 channels fixed at compile
 /// time, whole taps).  The pixels whose input for a tap lies in the padding along w (and those
 /// past npix) read zeros (zero_row): every tile runs the same unmasked fmas, wherever it lies
-/// in the row.  `first`: the accumulators start at
-/// zero, else from the partial sums an earlier block stored in y; `last`: bias, epilogue,
-/// statistics and the final store, else the partial sums are stored as they are.  Float stores
+/// in the row.  `first`: the accumulators start at zero, else from the partial sums an earlier
+/// block stored in y; `last`: bias, epilogue, statistics and the final store, else the partial
+/// sums are stored as they are.  Float stores
 /// and loads are exact, so each output keeps one fma chain over its (kd, kh, kw, ic) inside the
 /// image along d and h, in that order: the same bits whatever the tiling or blocking.  Not
 /// inlined: the blocked loop calls it from several places, and inlined copies of every (PB,
@@ -298,7 +298,6 @@ template <int PB, int VB, int ICN, class G, class Epi, class Stats, class T>
     const index_t cw = std::min(pack_chunk, OCP - oc0 / pack_chunk * pack_chunk);
     const T* wc = wp + blocked_offset<T>(g.taps() * IC, OCP, 0, oc0); // this tile's block, row 0
     const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
-    const index_t np = npix;
     // The loops over pixels and vectors are unrolled explicitly (here and below): without it
     // GCC kept the border tiles' accumulators in memory (in_channels = 1: 10-11 instead of
     // 7.6-7.8 ms for Conv3d(1,32,3)'s forward on Zen 5).
@@ -308,7 +307,7 @@ template <int PB, int VB, int ICN, class G, class Epi, class Stats, class T>
         #pragma GCC unroll 32
         for (int j = 0; j < VB; ++j) {
             const T* o = yrow + (ow0 + p) * OC + oc0 + j * width;
-            acc[p][j] = first || p >= np                        ? fvec(T(0))
+            acc[p][j] = first || p >= npix                      ? fvec(T(0))
                         : j + 1 < VB || last_lanes == width ? simd::load(o)
                                                             : simd::load_partial(o, last_lanes);
         }
@@ -316,8 +315,8 @@ template <int PB, int VB, int ICN, class G, class Epi, class Stats, class T>
         const T* wk = wc + t.w[k] * cw;
         const index_t xk = x0 + t.x[k];
         // The tile's pixels whose input for this tap is inside (a run: iw grows with p).
-        const index_t plo = std::clamp<index_t>(t.lo[k] - ow0, 0, np);
-        const index_t phi = std::clamp<index_t>(t.hi[k] - ow0, 0, np);
+        const index_t plo = std::clamp<index_t>(t.lo[k] - ow0, 0, npix);
+        const index_t phi = std::clamp<index_t>(t.hi[k] - ow0, 0, npix);
         // Pixels outside [plo, phi) read their x from a row of zeros (the padding's value):
         // the same unmasked fmas for every pixel.  Masked fmas cost a blend each without
         // AVX-512, and a branch per pixel in the channel loop more than the fmas it skips.
@@ -351,11 +350,11 @@ template <int PB, int VB, int ICN, class G, class Epi, class Stats, class T>
         reduce();
     }
     if (last) {
-        store_forward_tile<PB, VB, true>(acc, np, OC, bias, oc0, yrow, ow0, epi, stats);
+        store_forward_tile<PB, VB>(acc, npix, OC, bias, oc0, yrow, ow0, epi, stats);
         return;
     }
     for (int p = 0; p < PB; ++p) {
-        if (p >= np) break;
+        if (p >= npix) break;
         for (int j = 0; j < VB; ++j) {
             T* o = yrow + (ow0 + p) * OC + oc0 + j * width;
             if (j + 1 < VB || last_lanes == width) simd::store(o, acc[p][j]);
