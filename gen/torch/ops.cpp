@@ -124,6 +124,14 @@ decltype(auto) by_layout(layout l, Fn&& fn)
     return fn(vf::ncdhw_t{});
 }
 
+/// fn(T{}) for the input's dtype (float32 or float64; checked before).
+template <class Fn>
+decltype(auto) by_dtype(const Tensor& x, Fn&& fn)
+{
+    if (x.scalar_type() == at::kDouble) return fn(double{});
+    return fn(float{});
+}
+
 /// t in layout l: t itself when it already is; from the other of the two layouts, volfuse's
 /// tiled transpose (vf::reorder) into pooled memory (ATen's strided copy took 7.4 ms for the
 /// video network's [4,64,8,32,32] gradient, NCDHW to channels-last, on the Zen 3 VM); any other
@@ -136,13 +144,11 @@ Tensor in_layout(const Tensor& t, layout l)
     const bool float_type = t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
     if (t.dim() != 5 || !float_type || !t.is_contiguous(format_of(other)) || t.numel() == 0) return t.contiguous(f);
     Tensor out = empty_output(t, l);
-    auto copy = [&]<class T>(T) {
+    by_dtype(t, [&]<class T>(T) {
         by_layout(other, [&](auto LF) {
             by_layout(l, [&](auto LT) { vf::reorder(view_of<T, decltype(LF)>(t).as_const(), view_of<T, decltype(LT)>(out)); });
         });
-    };
-    if (t.scalar_type() == at::kDouble) copy(double{});
-    else copy(float{});
+    });
     return out;
 }
 
@@ -551,14 +557,6 @@ conv_t<T>& conv_module(const Tensor& w, const optional<Tensor>& b, const conv_co
     if (b && b->defined()) load(conv.bias(), *b);
     else std::fill(conv.bias().begin(), conv.bias().end(), T(0));
     return conv;
-}
-
-/// fn(T{}) for the input's dtype (float32 or float64; checked before).
-template <class Fn>
-decltype(auto) by_dtype(const Tensor& x, Fn&& fn)
-{
-    if (x.scalar_type() == at::kDouble) return fn(double{});
-    return fn(float{});
 }
 
 /// PyTorch's output sizes of the conv (0 where the input is too small: the module then raises
