@@ -188,6 +188,59 @@ TEST_CASE("the block's backward without dX gives backward's grads and runs no gr
     }
 }
 
+TEST_CASE("forward(X, Y, Z) keeps the conv output in Z: forward(X, Y)'s bits, and backward reads Z", "[block][semantics]")
+{
+    // What PyTorch's fused operator does (it returns z for autograd): Z holds the conv output
+    // conv_output() holds after forward(X, Y), Y and every grad are the same bits, and the
+    // backward after forward(X, Y, Z) reads z from Z (changing Z changes the grads).  With
+    // running statistics Z is not written.  Both layouts of X.
+    std::mt19937 g(37);
+    const sizes5 xs{2, 3, 5, 6, 7};
+    const auto x = randn(numel(xs), g);
+    auto run = [&]<class L>(L, bool train) {
+        INFO(L::name << " train " << train);
+        vf::ConvBnReLU3d<> own(vf::Conv3d<>(3, 20, 3, 1, 1), vf::BatchNorm3d<>(20));
+        vf::ConvBnReLU3d<> into = own;
+        const sizes5 ys = own.output_sizes(xs);
+        const auto dy = randn(numel(ys), g);
+        auto xm = to_layout<L>(x, xs), dym = to_layout<L>(dy, ys);
+        std::vector<float> y1(static_cast<std::size_t>(numel(ys))), y2 = y1, z(y1.size(), 3.f), dx1(xm.size()),
+            dx2 = dx1;
+        for (auto* b : {&own, &into}) b->train(train);
+        const auto X = view_of<L>(xm.data(), xs);
+        own.forward(X, view_of<L>(y1.data(), ys));
+        into.forward(X, view_of<L>(y2.data(), ys), vf::ndhwc_view(z.data(), ys[0], ys[1], ys[2], ys[3], ys[4]));
+        REQUIRE(same_bits(y1, y2));
+        if (!train) {
+            for (float v : z) REQUIRE(v == 3.f);
+            REQUIRE(into.conv_output().data() != z.data());
+        } else {
+            REQUIRE(same_bits(std::vector<float>(own.conv_output().begin(), own.conv_output().end()), z));
+            REQUIRE(into.conv_output().data() == z.data());
+        }
+        own.backward(X, view_of<L>(dym.data(), ys), view_of<L>(dx1.data(), xs));
+        into.backward(X, view_of<L>(dym.data(), ys), view_of<L>(dx2.data(), xs));
+        REQUIRE(same_bits(dx1, dx2));
+        REQUIRE(same_bits(vec(own.conv().weight_grad()), vec(into.conv().weight_grad())));
+        REQUIRE(same_bits(vec(own.bn().weight_grad()), vec(into.bn().weight_grad())));
+        if (train) {
+            // The kept z is Z's memory: another z gives other grads.
+            for (float& v : z) v = -v;
+            into.backward(X, view_of<L>(dym.data(), ys), view_of<L>(dx2.data(), xs));
+            REQUIRE_FALSE(same_bits(dx1, dx2));
+        } else {
+            for (float v : z) REQUIRE(v == 3.f); // eval's backward recomputes z in its own buffer
+        }
+        // A later forward(X, Y) keeps z in the module again.
+        into.forward(X, view_of<L>(y2.data(), ys));
+        REQUIRE(into.conv_output().data() != z.data());
+    };
+    for (bool train : {true, false}) {
+        run(vf::ndhwc_t{}, train);
+        run(vf::ncdhw_t{}, train);
+    }
+}
+
 TEST_CASE("one input channel: NCDHW runs on the caller's memory, with NDHWC's bits", "[block][layout]")
 {
     // [N, 1, D, H, W] is the same memory in both layouts: no reorder of X nor of dX, and the

@@ -108,6 +108,49 @@ TEST_CASE("ConvBnReLU3d errors change nothing", "[block][errors]")
     for (float v : block.bn().weight_grad()) REQUIRE(v == 0.f);
 }
 
+TEST_CASE("ConvBnReLU3d::forward(X, Y, Z) checks Z and changes nothing when it is wrong", "[block][errors]")
+{
+    vf::ConvBnReLU3d<> block(vf::Conv3d<>(3, 8, 3, 1, 1), vf::BatchNorm3d<>(8));
+    std::vector<float> x(2 * 3 * 3 * 3 * 3, 1.f), y(2 * 8 * 3 * 3 * 3, 7.f), z(y.size(), 9.f);
+    x[5] = 2.f;
+    const auto X = vf::ncdhw_view(x.data(), 2, 3, 3, 3, 3);
+    const auto Y = vf::ncdhw_view(y.data(), 2, 8, 3, 3, 3);
+    auto unchanged = [&] {
+        for (float v : y) REQUIRE(v == 7.f);
+        for (float v : z) REQUIRE(v == 9.f);
+        REQUIRE(block.bn().num_batches_tracked() == 0);
+        for (float v : block.bn().running_mean()) REQUIRE(v == 0.f);
+    };
+    REQUIRE_THROWS_WITH(block.forward(X, Y, vf::ndhwc_view(z.data(), 2, 8, 3, 3, 2)),
+                        Equals("conv_output has shape [2, 8, 3, 3, 2] but ConvBnReLU3d expects [2, 8, 3, 3, 3] for "
+                               "input [2, 3, 3, 3, 3]"));
+    unchanged();
+    REQUIRE_THROWS_WITH(block.forward(X, Y, vf::ndhwc_view(y.data(), 2, 8, 3, 3, 3)), Equals("conv_output overlaps output"));
+    unchanged();
+    std::vector<float> big(x.size() + z.size(), 9.f);
+    const auto Xb = vf::ncdhw_view(big.data(), 2, 3, 3, 3, 3);
+    REQUIRE_THROWS_WITH(block.forward(Xb, Y, vf::ndhwc_view(big.data() + 10, 2, 8, 3, 3, 3)),
+                        Equals("conv_output overlaps input"));
+    unchanged();
+    // X's own error comes first, as forward(X, Y) reports it.
+    std::vector<float> x4(2 * 4 * 3 * 3 * 3, 1.f);
+    REQUIRE_THROWS_WITH(block.forward(vf::ncdhw_view(x4.data(), 2, 4, 3, 3, 3), Y, vf::ndhwc_view(z.data(), 1, 1, 1, 1, 1)),
+                        Equals("Given groups=1, weight of size [8, 3, 3, 3, 3], expected input[2, 4, 3, 3, 3] to have "
+                               "3 channels, but got 4 channels instead"));
+    unchanged();
+    // An error inside forward (Y of the wrong shape) leaves the block keeping z where it did:
+    // the backward of the earlier forward(X, Y) still reads the module's own z.
+    std::vector<float> y1(y.size()), dy(y.size(), 1.f), dx1(x.size()), dx2(x.size());
+    block.forward(X, vf::ncdhw_view(y1.data(), 2, 8, 3, 3, 3));
+    block.backward(X, vf::ncdhw_view(dy.data(), 2, 8, 3, 3, 3), vf::ncdhw_view(dx1.data(), 2, 3, 3, 3, 3));
+    std::vector<float> ybad(2 * 8 * 3 * 3 * 2);
+    REQUIRE_THROWS(block.forward(X, vf::ncdhw_view(ybad.data(), 2, 8, 3, 3, 2), vf::ndhwc_view(z.data(), 2, 8, 3, 3, 3)));
+    for (float v : z) REQUIRE(v == 9.f);
+    REQUIRE(block.conv_output().data() != z.data());
+    block.backward(X, vf::ncdhw_view(dy.data(), 2, 8, 3, 3, 3), vf::ncdhw_view(dx2.data(), 2, 3, 3, 3, 3));
+    REQUIRE(dx1 == dx2);
+}
+
 TEST_CASE("ConvBnReLU3d::backward checks every argument before any grad changes", "[block][errors]")
 {
     // A bad dX (null, overlapping dY) is found before the BatchNorm3d's grads are accumulated:

@@ -684,15 +684,14 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_relu3d_cpu(const Tensor& input, const
             load_state(block.bn(), w, b, rm, rv);
             block.train(training);
             by_layout(l, [&](auto L) {
-                block.forward(view_of<T, decltype(L)>(x).as_const(), view_of<T, decltype(L)>(y));
+                const auto xv = view_of<T, decltype(L)>(x).as_const();
+                // Batch statistics: the conv keeps its output z straight in the returned tensor.
+                if (batch_stats) block.forward(xv, view_of<T, decltype(L)>(y), view_of<T, vf::ndhwc_t>(z));
+                else block.forward(xv, view_of<T, decltype(L)>(y));
             });
             // Committed: the forward ran.
             if (track && training) store_running(block.bn(), rm, rv, x.options());
-            if (batch_stats) {
-                const auto kept = block.conv_output();
-                std::copy(kept.begin(), kept.end(), z.data_ptr<T>());
-                if (x.numel() > 0) vf::detail::saved_forward::save(block.bn(), span_of<T>(reserve), C);
-            }
+            if (batch_stats && x.numel() > 0) vf::detail::saved_forward::save(block.bn(), span_of<T>(reserve), C);
         });
     });
     if (!z.defined()) z = at::empty({0}, x.options()), reserve = at::empty({0}, x.options());

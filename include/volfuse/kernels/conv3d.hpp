@@ -1158,7 +1158,7 @@ void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, ext
     auto row_offsets = [&](index_t m0, index_t nm, index_t* off, int MB) {
         index_t ic = m0 % IC, t = m0 / IC, kw = t % KW, kh = t / KW % KH, kd = t / (KH * KW);
         for (int m = 0; m < MB; ++m) {
-            off[m] = m >= nm ? off[0]
+            off[m] = m > 0 && m >= nm ? off[0]
                              : ((kd * g.template dil<0>() * e.h + kh * g.template dil<1>()) * e.w +
                                 kw * g.template dil<2>()) * IC + ic;
             if (++ic == IC && (ic = 0, ++kw == KW) && (kw = 0, ++kh == KH)) kh = 0, ++kd;

@@ -420,15 +420,24 @@ private:
         folded_ = false;
         if (y != Y.data() && Y.shape().numel() > 0) reorder(ndhwc_view(y, Y.sizes()), Y);
     }
-    /// The conv output a fused forward keeps for backward (NDHWC), and workspace for the
-    /// statistics of the kernel's epilogue.
-    T* kept_output(index_t n)
+    /// Where a fused forward keeps its conv output for backward (n elements, NDHWC): the
+    /// caller's memory named by keep_output_in, else the module's buffer; kept_buffer is always
+    /// the module's (scratch for a recomputed output).  And workspace for the statistics of the
+    /// kernel's epilogue.
+    T* kept_output(index_t n) { return kept_at_ ? kept_at_ : kept_buffer(n); }
+    T* kept_buffer(index_t n)
     {
         kept_.resize(static_cast<std::size_t>(n));
         return kept_.data();
     }
-    const T* kept_data() const noexcept { return kept_.data(); }
-    std::size_t kept_size() const noexcept { return kept_.size(); }
+    /// The next fused forwards keep their output at z (n elements, sized and disjoint from
+    /// their operands as the caller checked) instead of the module's buffer; nullptr: the buffer.
+    void keep_output_in(T* z, index_t n) noexcept { kept_at_ = z, kept_at_n_ = z ? n : 0; }
+    const T* kept_data() const noexcept { return kept_at_ ? kept_at_ : kept_.data(); }
+    std::size_t kept_size() const noexcept
+    {
+        return kept_at_ ? static_cast<std::size_t>(kept_at_n_) : kept_.size();
+    }
     double* moments(index_t rows)
     {
         moments_.resize(static_cast<std::size_t>(kernels::conv::moments_workspace<T>(rows, g_.out())));
@@ -608,6 +617,8 @@ private:
     // accumulators, NDHWC copies of NCDHW operands, the input with its padding made explicit
     // (grad weight), bias-grad sums.
     std::vector<T> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_, kept_, xpad_;
+    T* kept_at_ = nullptr; // the caller's memory for the kept output (keep_output_in)
+    index_t kept_at_n_ = 0;
     std::vector<double> work_, moments_;
     std::uint64_t input_copy_stamp_ = 0;
     bool folded_ = false; // packed_/bias_padded_ hold a BatchNorm3d folded in (until finish_output)

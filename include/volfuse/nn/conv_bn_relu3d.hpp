@@ -99,9 +99,28 @@ public:
     template <class VX, class VY>
     void forward(const VX& X, const VY& Y)
     {
-        evaluate(Y, relu(bn_(conv_(X))));
-        const bool batch_stats = bn_.training() || !bn_.track_running_stats();
-        last_ = {batch_stats, X.data(), X.sizes(), conv_.input_copy_stamp()};
+        run_forward(X, Y, nullptr, 0);
+    }
+    /// The same, with the conv output z that batch statistics keep for backward written to Z
+    /// (NDHWC, output_sizes(X.sizes()), disjoint from X and Y) instead of the module's own
+    /// buffer: for callers that hand z on, as PyTorch's fused operators return what their
+    /// backward saves, without a copy.  backward then reads z from Z: keep it alive and
+    /// unchanged until backward has run.  With running statistics nothing is kept and Z is not
+    /// written.
+    template <class VX, class VY, class VZ>
+    void forward(const VX& X, const VY& Y, const VZ& Z)
+    {
+        static_assert(is_view_v<VZ> && std::is_same_v<typename VZ::layout_type, ndhwc_t> &&
+                          std::is_same_v<typename VZ::value_type, T>,
+                      "ConvBnReLU3d::forward: Z must be a writable NDHWC view of the block's element type");
+        // X's own errors first, as forward(X, Y) reports them; then Z against X's output sizes.
+        const auto x = detail::operand_of(X, "input");
+        conv_.check_input(x);
+        const auto z = detail::operand_of(Z, "conv_output");
+        detail::check_sizes(z, output_sizes(x.sizes), "ConvBnReLU3d", x.sizes);
+        detail::check_disjoint(z, x);
+        detail::check_disjoint(z, detail::operand_of(Y, "output"));
+        run_forward(X, Y, Z.data(), z.numel);
     }
 
     /// Gradients through ReLU, BatchNorm3d and Conv3d for dY: writes dX, accumulates the
@@ -128,6 +147,25 @@ public:
     std::span<const T> conv_output() const noexcept { return {conv_.kept_data(), conv_.kept_size()}; }
 
 private:
+    /// forward keeping a batch-statistics conv output at z (the caller's) or, for nullptr, in
+    /// the module's buffer; with running statistics nothing is kept and the record of the last
+    /// kept z stays.  A forward that throws changed nothing, where z is kept included.
+    template <class VX, class VY>
+    void run_forward(const VX& X, const VY& Y, T* z, index_t n)
+    {
+        const bool batch_stats = bn_.training() || !bn_.track_running_stats();
+        T* const before = conv_.kept_at_;
+        const index_t before_n = conv_.kept_at_n_;
+        if (batch_stats) conv_.keep_output_in(z, n);
+        try {
+            evaluate(Y, relu(bn_(conv_(X))));
+        } catch (...) {
+            conv_.keep_output_in(before, before_n);
+            throw;
+        }
+        last_ = {batch_stats, X.data(), X.sizes(), conv_.input_copy_stamp()};
+    }
+
     // NCDHW (or any non-NDHWC layout) pays one reorder each way: dY in, dX out; X is the
     // forward's own NDHWC copy when the conv still holds it, and dz stays NDHWC throughout.
     struct no_grad_input {};
@@ -167,7 +205,9 @@ private:
             dz_.resize(static_cast<std::size_t>(n));
             if constexpr (!direct) dy_.resize(static_cast<std::size_t>(n));
             conv_.reserve_backward(X.sizes());
-            z = conv_.kept_output(n); // the batch-statistics forward's conv output, kept
+            // The batch-statistics forward's conv output, kept; else scratch for its recompute
+            // (never the caller's memory a batch-statistics forward kept z in).
+            z = batch_stats ? conv_.kept_output(n) : conv_.kept_buffer(n);
             if constexpr (want_dx) dx = conv_.grad_input_for(*dX);
             if (!batch_stats) {
                 // Running statistics: recompute the conv output (unfolded) and let the BN
