@@ -1074,21 +1074,21 @@ void pad_input(const G& g, index_t N, extents3 in, const T* x, T* xp) noexcept
     });
 }
 
-/// One grad-weight tile: rows [m0, m0 + nm) x output channels [oc0, oc0 + VB * width) of gw
-/// (o: its first element), summed over output rows [r0, r1).  off[m]: row m's input element
-/// from the output pixel's window origin in xp (PerTap: rows are consecutive channels of one
-/// tap, off[m] = off[0] + m; rows past nm read, never stored).  Not inlined: one copy per
+/// One grad-weight tile: rows [m0, m0 + nm) x VB output-channel vectors of gw (o: its first
+/// element), summed over output rows [r0, r1).  dyc: those channels' dY of the block's pixels
+/// in order, `stride` floats apart (pack_dy_block).  off[m]: row m's input element from the
+/// output pixel's window origin in xp (PerTap: rows are consecutive channels of one tap,
+/// off[m] = off[0] + m; rows past nm read, never stored).  Not inlined: one copy per
 /// instantiation, its accumulators in registers.
 template <int VB, bool PerTap, class G, class T>
-[[gnu::noinline]] void grad_weight_tile(const G& g, extents3 e, extents3 out, const T* xp, const T* dy,
-                                        const index_t* off, index_t nm, index_t oc0, index_t r0, index_t r1,
+[[gnu::noinline]] void grad_weight_tile(const G& g, extents3 e, extents3 out, const T* xp, const T* dyc,
+                                        index_t stride, const index_t* off, index_t nm, index_t r0, index_t r1,
                                         T* o) noexcept
 {
     using fvec = simd::vec<T>;
     constexpr index_t width = simd::lanes<T>;
     constexpr int MB = inputs_for<VB>;
-    const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width);
-    const index_t last_lanes = std::min<index_t>(width, OC - oc0 - (VB - 1) * width); // of the last vector
+    const index_t IC = g.in(), OCP = round_up(g.out(), width);
     const index_t first = off[0];
     fvec acc[MB][VB]; // rows past nm start from row 0's (any value: never stored)
     #pragma GCC unroll 32
@@ -1101,14 +1101,12 @@ template <int VB, bool PerTap, class G, class T>
     for (index_t row = r0; row < r1; ++row) {
         if (row > r0 && ++oh == out.h && (oh = 0, ++od == out.d)) od = 0, ++n;
         const T* base = xp + ((n * e.d + od * g.template s<0>()) * e.h + oh * g.template s<1>()) * e.w * IC;
-        const T* dyrow = dy + row * out.w * OC + oc0;
+        const T* dyrow = dyc + (row - r0) * out.w * stride;
         for (index_t ow = 0; ow < out.w; ++ow) {
             const T* bp = base + ow * g.template s<2>() * IC;
             fvec d[VB];
             #pragma GCC unroll 32
-            for (int j = 0; j < VB; ++j)
-                d[j] = j + 1 < VB || last_lanes == width ? simd::load(dyrow + ow * OC + j * width)
-                                                         : simd::load_partial(dyrow + ow * OC + j * width, last_lanes);
+            for (int j = 0; j < VB; ++j) d[j] = simd::load(dyrow + ow * stride + j * width);
             #pragma GCC unroll 32
             for (int m = 0; m < MB; ++m) {
                 const fvec b(PerTap ? bp[first + m] : bp[off[m]]);
@@ -1124,6 +1122,52 @@ template <int VB, bool PerTap, class G, class T>
             for (int j = 0; j < VB; ++j) simd::store(o + m * OCP + j * width, acc[m][j]);
 }
 
+/// grad_weight's blocking of dY: output channels in chunks of `chunk` floats (the tile's
+/// vectors), output rows in blocks of `rows` (s.gw_block_pixels at least).
+struct gw_blocking {
+    index_t chunk, chunks, rows;
+    /// Floats of one block of dY packed chunk-major (pack_dy_block).
+    index_t block_floats(index_t w) const noexcept { return chunks * rows * w * chunk; }
+};
+template <class T, class G>
+gw_blocking gw_blocking_of(const G& g, const conv_schedule& s, extents3 out) noexcept
+{
+    constexpr index_t width = simd::lanes<T>;
+    const index_t OC = g.out();
+    // Vectors per tile: the schedule's, or all of OC's if fewer.
+    const index_t chunk = std::min<index_t>(s.gw_vectors, (OC + width - 1) / width) * width;
+    return {chunk, (OC + chunk - 1) / chunk, std::max<index_t>(1, (s.gw_block_pixels + out.w - 1) / out.w)};
+}
+
+/// Floats of grad_weight's workspace for its calls with up to `threads` threads: each thread
+/// packs the dY of its block there.
+template <class T, class G>
+index_t grad_weight_workspace(const G& g, const conv_schedule& s, extents3 out, int threads) noexcept
+{
+    return std::max(threads, 1) * gw_blocking_of<T>(g, s, out).block_floats(out.w);
+}
+
+/// dY's output rows [r0, r1) (NDHWC, OC channels) into p chunk-major: chunk c's channels of
+/// pixel i at p[(c * pixels + i) * chunk], the last chunk's lanes past OC zero.  A tile then
+/// reads its chunk's dY consecutively: in NDHWC each pixel's chunk lies OC floats after the
+/// last, and at OC = 128 (512 bytes) a block's 128+ pixels of one chunk map to 8 of L1's 64
+/// sets, which hold 64 lines: every tile missed L1 on every pixel (25 % of Conv3d(64,128,3)'s
+/// grad weight on Zen 3).
+template <class T>
+void pack_dy_block(const T* dy, index_t OC, const gw_blocking& b, index_t w, index_t r0, index_t r1, T* p) noexcept
+{
+    const index_t pixels = (r1 - r0) * w;
+    for (index_t i = 0; i < pixels; ++i) {
+        const T* src = dy + (r0 * w + i) * OC;
+        for (index_t c = 0; c < b.chunks; ++c) {
+            const index_t c0 = c * b.chunk, c1 = std::min(OC, c0 + b.chunk);
+            T* dst = p + (c * pixels + i) * b.chunk;
+            std::copy(src + c0, src + c1, dst);
+            std::fill(dst + (c1 - c0), dst + b.chunk, T(0));
+        }
+    }
+}
+
 /// gw[tap][ic][OCP] += the GEMM above (NDHWC dy; xp from pad_input; gw in pack()'s forward_rows
 /// layout, accumulated into), in tiles of inputs_for<V> (tap, ic) rows x V = s.gw_vectors
 /// output-channel vectors.  Cache blocking: each thread takes a fixed range of tiles and runs all of them
@@ -1133,17 +1177,17 @@ template <int VB, bool PerTap, class G, class T>
 /// same order whatever the split or the schedule.
 template <class G, class T>
 void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const T* xp, const T* dy,
-                 T* gw) noexcept
+                 T* gw, T* work, index_t work_floats) noexcept
 {
     constexpr index_t width = simd::lanes<T>;
     const index_t IC = g.in(), OC = g.out(), OCP = round_up(OC, width), M = g.taps() * IC;
     const index_t KH = g.template k<1>(), KW = g.template k<2>();
     const extents3 e = padded_extents(g, in);
-    // Vectors per tile: the schedule's, or all of OC's if fewer.  Rows per tile: as many as
-    // that tile has registers for (a narrower tail chunk has registers for at least as many).
-    const int vectors = static_cast<int>(std::min<index_t>(s.gw_vectors, (OC + width - 1) / width));
-    const index_t chunk = vectors * width, oc_chunks = (OC + chunk - 1) / chunk;
-    const index_t MB_max = conv_gw_max_rows(vectors);
+    // Rows per tile: as many as the tile's vectors leave registers for (a narrower tail chunk
+    // has registers for at least as many).
+    const gw_blocking b = gw_blocking_of<T>(g, s, out);
+    const index_t chunk = b.chunk, oc_chunks = b.chunks;
+    const index_t MB_max = conv_gw_max_rows(static_cast<int>(chunk / width));
     // Row blocks: within one tap when its channels fill whole tiles but for at most 1/16 of
     // them (a tile's input elements are then consecutive: one address per pixel, no offset
     // per row), else across taps (no tile runs short; small in_channels still fill a tile).
@@ -1151,7 +1195,7 @@ void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, ext
     const bool per_tap = IC >= MB_max && 16 * (per_tap_blocks * MB_max - IC) <= IC;
     const index_t m_blocks = per_tap ? g.taps() * per_tap_blocks : (M + MB_max - 1) / MB_max;
     const index_t tiles = m_blocks * oc_chunks;
-    const index_t rows = N * out.d * out.h, rb = std::max<index_t>(1, (s.gw_block_pixels + out.w - 1) / out.w);
+    const index_t rows = N * out.d * out.h, rb = b.rows;
     // Offsets in xp of rows [m0, m0 + nm) 's input elements from the output pixel's window
     // origin, into off[0, MB) (rows past nm: row m0's).  Decoded once per tile and block, then
     // stepped: a division per row per block cost ~10 % of Conv3d(64,128,3)'s grad weight.
@@ -1169,7 +1213,7 @@ void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, ext
     // major (each thread every output-channel chunk of its rows), or channel chunks major (each
     // thread as few chunks as possible: it reads only those chunks' dY).
     const bool chunks_major = s.gw_split == conv_split::channels;
-    auto tile = [&](index_t task, index_t r0, index_t r1) {
+    auto tile = [&](index_t task, index_t r0, index_t r1, const T* packed) {
         const index_t mb = chunks_major ? task % m_blocks : task / oc_chunks;
         const index_t oc0 = (chunks_major ? task / m_blocks : task % oc_chunks) * chunk;
         const index_t m0 = per_tap ? mb / per_tap_blocks * IC + mb % per_tap_blocks * MB_max : mb * MB_max;
@@ -1180,15 +1224,23 @@ void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, ext
             index_t off[MB];
             row_offsets(m0, nm, off, MB);
             T* o = gw + m0 * OCP + oc0;
-            if (per_tap) grad_weight_tile<VB, true>(g, e, out, xp, dy, off, nm, oc0, r0, r1, o);
-            else grad_weight_tile<VB, false>(g, e, out, xp, dy, off, nm, oc0, r0, r1, o);
+            const T* dyc = packed + oc0 / chunk * (r1 - r0) * out.w * chunk;
+            if (per_tap) grad_weight_tile<VB, true>(g, e, out, xp, dyc, chunk, off, nm, r0, r1, o);
+            else grad_weight_tile<VB, false>(g, e, out, xp, dyc, chunk, off, nm, r0, r1, o);
         });
     };
-    const index_t parts = std::min<index_t>(tiles, get_num_threads());
+    // Each part packs its block's dY into its slice of the workspace (as many parts as the
+    // workspace has slices for, if the thread count grew since it was sized).
+    const index_t per_part = b.block_floats(out.w);
+    const index_t parts = std::max<index_t>(1, std::min({tiles, index_t{get_num_threads()}, work_floats / per_part}));
     parallel::parallel_for(parts, N * out.d * out.h * out.w * OC * M, [&](index_t part) {
         const index_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
-        for (index_t r0 = 0; r0 < rows; r0 += rb)
-            for (index_t task = t0; task < t1; ++task) tile(task, r0, std::min(rows, r0 + rb));
+        T* packed = work + part * per_part;
+        for (index_t r0 = 0; r0 < rows; r0 += rb) {
+            const index_t r1 = std::min(rows, r0 + rb);
+            pack_dy_block(dy, OC, b, out.w, r0, r1, packed);
+            for (index_t task = t0; task < t1; ++task) tile(task, r0, r1, packed);
+        }
     });
 }
 

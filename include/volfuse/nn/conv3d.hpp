@@ -455,14 +455,15 @@ private:
         index_t n_in = 1, n_out = 1;
         for (int i = 0; i < 5; ++i) n_in *= sz[i], n_out *= osz[i];
         // Workspaces first (the steps that may allocate), then no state changes until all is computed.
-        reserve_backward(sz);
+        reserve_backward<Layout>(sz);
         std::fill(gw_.begin(), gw_.end(), T(0));
         if (n_in == 0) return;
         if (dx) grad_input_channels_last<Layout>(sz, dy, dx);
         if (n_out == 0) return;
         kernels::conv::pad_input(g_, N, in, x, xpad_.data());
         const auto& k = kernels_for<Layout>();
-        k.grad_weight(dynamic_geom(), choice_.schedule, N, in, out, xpad_.data(), dy, gw_.data());
+        k.grad_weight(dynamic_geom(), choice_.schedule, N, in, out, xpad_.data(), dy, gw_.data(), gwork_.data(),
+                      static_cast<index_t>(gwork_.size()));
         // Bias: per-channel sums of dY in double (kernels::reduce_channels over an NDHWC form).
         if (has_bias_) {
             const auto f = ndhwc_view(dy, osz).form();
@@ -479,14 +480,18 @@ private:
                     weight_grad_[(oc * IC + ic) * taps + t] += gw_[(t * IC + ic) * ocp() + oc];
     }
 
-    /// Allocates every workspace backward_channels_last needs for input sizes sz (so that a
-    /// caller can allocate before it commits anything).
+    /// Allocates every workspace backward_channels_last<Layout> needs for input sizes sz (so
+    /// that a caller can allocate before it commits anything).
+    template <class Layout>
     void reserve_backward(const std::array<index_t, 5>& sz)
     {
         const index_t nw = g_.taps() * g_.in() * ocp();
         packed_.resize(static_cast<std::size_t>(std::max(nw, g_.taps() * g_.out() * icp())));
         gw_.resize(static_cast<std::size_t>(nw));
         xpad_.resize(static_cast<std::size_t>(kernels::conv::padded_size(g_, sz[0], extents(sz))));
+        kernels_for<Layout>(); // the schedule grad weight's workspace depends on
+        gwork_.resize(static_cast<std::size_t>(
+            kernels::conv::grad_weight_workspace<T>(g_, choice_.schedule, extents(output_sizes(sz)), get_num_threads())));
         if (has_bias_)
             work_.resize(static_cast<std::size_t>(
                 kernels::reduce_workspace(ndhwc_view(static_cast<const T*>(nullptr), output_sizes(sz)).form(), 1)));
@@ -616,7 +621,7 @@ private:
     // Workspaces, reused across calls: packed weights, padded bias, grad-weight
     // accumulators, NDHWC copies of NCDHW operands, the input with its padding made explicit
     // (grad weight), bias-grad sums.
-    std::vector<T> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_, kept_, xpad_;
+    std::vector<T> packed_, bias_padded_, gw_, xbuf_, ybuf_, dybuf_, xgbuf_, kept_, xpad_, gwork_;
     T* kept_at_ = nullptr; // the caller's memory for the kept output (keep_output_in)
     index_t kept_at_n_ = 0;
     std::vector<double> work_, moments_;

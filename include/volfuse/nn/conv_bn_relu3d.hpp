@@ -204,7 +204,7 @@ private:
             // Then every allocation.
             dz_.resize(static_cast<std::size_t>(n));
             if constexpr (!direct) dy_.resize(static_cast<std::size_t>(n));
-            conv_.reserve_backward(X.sizes());
+            conv_.template reserve_backward<L>(X.sizes());
             // The batch-statistics forward's conv output, kept; else scratch for its recompute
             // (never the caller's memory a batch-statistics forward kept z in).
             z = batch_stats ? conv_.kept_output(n) : conv_.kept_buffer(n);

@@ -97,9 +97,10 @@ struct basic_conv_kernels {
                     double* moments);
     void (*grad_input)(const dynamic_geometry&, const conv_schedule&, index_t N, kernels::conv::extents3 in,
                        kernels::conv::extents3 out, const T* dy, const T* wt, T* dx);
-    /// xp: the input with its padding made explicit (kernels::conv::pad_input).
+    /// xp: the input with its padding made explicit (kernels::conv::pad_input); work: floats
+    /// of kernels::conv::grad_weight_workspace.
     void (*grad_weight)(const dynamic_geometry&, const conv_schedule&, index_t N, kernels::conv::extents3 in,
-                        kernels::conv::extents3 out, const T* xp, const T* dy, T* gw);
+                        kernels::conv::extents3 out, const T* xp, const T* dy, T* gw, T* work, index_t work_floats);
 };
 using conv_kernels = basic_conv_kernels<float>;
 
@@ -121,8 +122,8 @@ basic_conv_kernels<T> conv_kernels_for() noexcept
             kc::grad_input(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, s, N, in, out, dy, wt, dx);
         },
         [](const dynamic_geometry& g, const conv_schedule& s, index_t N, kc::extents3 in, kc::extents3 out,
-           const T* xp, const T* dy, T* gw) {
-            kc::grad_weight(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, s, N, in, out, xp, dy, gw);
+           const T* xp, const T* dy, T* gw, T* work, index_t work_floats) {
+            kc::grad_weight(G{g.in_, g.out_, g.k_, g.s_, g.p_, g.dil_}, s, N, in, out, xp, dy, gw, work, work_floats);
         },
     };
 }

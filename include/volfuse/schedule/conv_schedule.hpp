@@ -149,12 +149,13 @@ inline std::string schedule_target(uarch u) { return std::string(uarch_name(u)) 
 ///  - Zen 4: 512-bit ops as two halves halve the FMA rate (4 accumulators hide the latency),
 ///    so the same tiles only become less load-bound; 32 KB L1D: 64-row forward blocks (16 KB);
 ///    1 MB L2: the same grad-weight blocks.
-///  - AVX2 / baseline: 16 registers: 6x2 tiles (the most that fit); 128-pixel grad-weight
-///    blocks (client cores' 256-512 KB L2).  AVX2 (measured on a Zen 3 EPYC VM, family 25
-///    model 1): the forward is not blocked, as on Zen 5 (unblocked ran 6-8 % faster than
-///    128-row blocks on Conv3d(64,128,3) and Conv3d(32,64,3), 1 and 2 threads: a 6x2 tile's
-///    weights stream from L2 at 64 bytes per 12 FMAs, the partial sums of blocks go through y).
-///    Baseline (not measured): 32 KB L1D, 128-row forward blocks (2 vectors: 16 KB).
+///  - AVX2 / baseline: 16 registers: 6x2 tiles (the most that fit).  AVX2 (measured on a Zen 3
+///    EPYC VM, family 25 model 1): the forward is not blocked, as on Zen 5 (unblocked ran 6-8 %
+///    faster than 128-row blocks on Conv3d(64,128,3) and Conv3d(32,64,3), 1 and 2 threads: a
+///    6x2 tile's weights stream from L2 at 64 bytes per 12 FMAs, the partial sums of blocks go
+///    through y); 256-pixel grad-weight blocks (with dY packed per block, 0-8 % faster than
+///    128).  Baseline (not measured): 32 KB L1D, 128-row forward blocks (2 vectors: 16 KB),
+///    128-pixel grad-weight blocks (client cores' 256-512 KB L2).
 inline conv_schedule conv_schedule_defaults(uarch u)
 {
     conv_schedule s;
@@ -166,10 +167,7 @@ inline conv_schedule conv_schedule_defaults(uarch u)
         s.gw_block_pixels = 512;
         break;
     case uarch::zen4: s.forward_block_rows = 64; break;
-    case uarch::avx2:
-        s.forward_block_rows = 4096;
-        s.gw_block_pixels = 128;
-        break;
+    case uarch::avx2: s.forward_block_rows = 4096; break;
     case uarch::baseline:
         s.forward_block_rows = 128;
         s.gw_block_pixels = 128;
