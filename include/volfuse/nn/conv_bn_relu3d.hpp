@@ -106,8 +106,10 @@ public:
     /// buffer: for callers that hand z on, as PyTorch's fused operators return what their
     /// backward saves, without a copy.  backward then reads z from Z: keep it alive and
     /// unchanged until backward has run.  With running statistics nothing is kept and Z is not
-    /// written.
+    /// written.  Not for a SyncBatchNorm3d block: its checks would have to join the BN's
+    /// collective agreement (a process throwing alone would leave the others waiting).
     template <class VX, class VY, class VZ>
+        requires(!sync)
     void forward(const VX& X, const VY& Y, const VZ& Z)
     {
         static_assert(is_view_v<VZ> && std::is_same_v<typename VZ::layout_type, ndhwc_t> &&
