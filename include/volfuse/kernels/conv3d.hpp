@@ -1174,7 +1174,9 @@ void pack_dy_block(const T* dy, index_t OC, const gw_blocking& b, index_t w, ind
 /// over one block of output rows (s.gw_block_pixels at least) before the next block, so the
 /// block's dy and x are read from cache by every tile; a tile's accumulators go through gw
 /// between blocks (exactly: float stores and loads), so each gw element sums the pixels in the
-/// same order whatever the split or the schedule.
+/// same order whatever the split or the schedule.  work: work_floats >=
+/// grad_weight_workspace(g, s, out, 1) floats (each thread's packed block of dy; the threads
+/// are as many as it has room for).
 template <class G, class T>
 void grad_weight(const G& g, const conv_schedule& s, index_t N, extents3 in, extents3 out, const T* xp, const T* dy,
                  T* gw, T* work, index_t work_floats) noexcept
